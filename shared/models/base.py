@@ -1,0 +1,267 @@
+"""A model family adapter, and a part of a model: a contiguous layer slice with its own cache.
+
+A family adapter knows, for one family of transformers models, the forward recipe in the model's
+own order (embed, positions, masks, rotary, layers, norm, head) and which weight names belong to
+which part. The modules themselves are transformers' own (``LlamaDecoderLayer``, ``GPT2Block``...),
+so a part computes exactly what the same layers compute inside the full model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from ..cache import PartCache, layer_types
+from ..errors import ContextExhausted, InvalidStep, PositionError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from .source import ModelSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """Which pieces of a model a part holds.
+
+    Attributes:
+        start, end: the decoder layers ``[start, end)``.
+        embed: the part takes token ids and embeds them (the bottom, or the full model).
+        head: the part ends with final norm and LM head and returns logits (the top, or full).
+    """
+
+    start: int
+    end: int
+    embed: bool
+    head: bool
+
+    @property
+    def name(self) -> str:
+        if self.embed and self.head:
+            return "full"
+        return "bottom" if self.embed else "top" if self.head else "trunk"
+
+    @classmethod
+    def bottom(cls, start: int) -> PartSpec:
+        return cls(0, start, embed=True, head=False)
+
+    @classmethod
+    def trunk(cls, start: int, end: int) -> PartSpec:
+        return cls(start, end, embed=False, head=False)
+
+    @classmethod
+    def top(cls, end: int, num_layers: int) -> PartSpec:
+        return cls(end, num_layers, embed=False, head=True)
+
+    @classmethod
+    def full(cls, num_layers: int) -> PartSpec:
+        return cls(0, num_layers, embed=True, head=True)
+
+
+class Family(ABC):
+    """One family of models: how to run a slice of it, and which weights each part owns."""
+
+    name: ClassVar[str]
+    """Short family name shown in plans: ``gpt2``, ``llama``, ``gemma``."""
+    model_types: ClassVar[tuple[str, ...]]
+    """transformers ``model_type`` values this adapter runs."""
+    embed_names: ClassVar[tuple[str, ...]]
+    """Weight names of the embedding (and, for GPT-2, position embedding)."""
+    layer_prefix: ClassVar[str]
+    """Prefix of layer ``i``'s weights, followed by ``f"{i}."``."""
+    head_names: ClassVar[tuple[str, ...]]
+    """Weight names of the final norm and the LM head."""
+    lm_head_name: ClassVar[str] = "lm_head.weight"
+    """The LM head weight; tied models take it from the first of ``embed_names``."""
+
+    def owns(self, name: str, spec: PartSpec, tied: bool) -> bool:
+        """Whether weight ``name`` belongs to the part ``spec``."""
+        if name.startswith(self.layer_prefix):
+            idx = int(name[len(self.layer_prefix) :].split(".", 1)[0])
+            return spec.start <= idx < spec.end
+        if name in self.embed_names:
+            return spec.embed or (spec.head and tied and name == self.embed_names[0])
+        if name in self.head_names:
+            return spec.head and not (tied and name == self.lm_head_name)
+        return False
+
+    @abstractmethod
+    def embed(self, model: nn.Module, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(1, t)`` to the hidden states entering layer 0, ``(1, t, H)``."""
+
+    @abstractmethod
+    def run_layers(
+        self, model: nn.Module, h: torch.Tensor, position_ids: torch.Tensor, cache: PartCache
+    ) -> torch.Tensor:
+        """Layers ``[cache.start, cache.end)`` over ``h`` ``(1, t, H)``, updating ``cache``."""
+
+    @abstractmethod
+    def head(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: ``(1, t, H)`` to logits ``(1, t, V)``."""
+
+
+class Part:
+    """A contiguous slice of a model, ready to run steps against caches it makes.
+
+    One ``Part`` serves any number of sessions: the weights are shared, each session owns a
+    ``PartCache`` from ``new_cache``. Not thread-safe: one thread runs a part's steps at a time.
+    """
+
+    def __init__(
+        self,
+        source: ModelSource,
+        family: Family,
+        spec: PartSpec,
+        model: nn.Module,
+        config: PretrainedConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.source = source
+        self.family = family
+        self.spec = spec
+        self.model = model
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        self.hidden_size = int(config.hidden_size)
+        self.num_layers = int(config.num_hidden_layers)
+        self.layer_types = layer_types(config)
+
+    def new_cache(self) -> PartCache:
+        return PartCache(self.config, self.spec.start, self.spec.end)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``InvalidStep`` unless ``x`` is what this part takes."""
+        if self.spec.embed:
+            if x.dtype != torch.long or x.dim() != 2 or x.shape[0] != 1 or x.shape[1] == 0:
+                raise InvalidStep(f"the {self.spec.name} takes token ids of shape (1, t>0), got {tuple(x.shape)}")
+            return
+        if x.dim() != 3 or x.shape[0] != 1 or x.shape[1] == 0 or x.shape[2] != self.hidden_size:
+            raise InvalidStep(
+                f"hidden states must have shape (1, t>0, {self.hidden_size}), got {tuple(x.shape)}"
+            )
+
+    @torch.inference_mode()
+    def forward(
+        self, x: torch.Tensor, position: int, cache: PartCache, max_context: int | None = None
+    ) -> torch.Tensor:
+        """Run positions ``[position, position + t)``; roll ``cache`` back first if needed.
+
+        Args:
+            x: token ids ``(1, t)`` for a part with the embedding, else hidden states ``(1, t, H)``.
+            position: the first position of ``x``; at most ``cache.length``.
+            cache: this session's cache (from ``new_cache``).
+            max_context: refuse to grow the cache past this many positions.
+
+        Returns:
+            Hidden states ``(1, t, H)``, or for a part with the head the logits of the last
+            position, ``(1, 1, V)``.
+
+        Raises:
+            InvalidStep, PositionError, ContextExhausted: the step does not fit; nothing changed.
+        """
+        self.check_input(x)
+        t = int(x.shape[1])
+        if position > cache.length:
+            raise PositionError(
+                f"step at position {position} leaves a gap: the session has {cache.length} positions cached"
+            )
+        if max_context is not None and position + t > max_context:
+            raise ContextExhausted(
+                f"positions up to {position + t} exceed the context limit of {max_context} tokens per session"
+            )
+        cache.truncate(position)
+        position_ids = torch.arange(position, position + t, device=self.device).unsqueeze(0)  # (1, t)
+        if self.spec.embed:
+            h = self.family.embed(self.model, x.to(self.device), position_ids)
+        else:
+            h = x.to(device=self.device, dtype=self.dtype)
+        h = self.family.run_layers(self.model, h, position_ids, cache)
+        cache.length = position + t
+        if self.spec.head:
+            return self.family.head(self.model, h[:, -1:, :])  # (1, 1, V)
+        return h
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        from ..errors import UsageError
+
+        raise UsageError(f"--device {device}: no CUDA device is available here (torch sees none)")
+    return d
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is float32 on the CPU, bfloat16 on a GPU that has it, else float16."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        from ..errors import UsageError
+
+        raise UsageError(f"--dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
+    return table[dtype]
+
+
+def build_part(
+    source: ModelSource, family: Family, spec: PartSpec, dtype: torch.dtype, device: torch.device
+) -> Part:
+    """Build a part, materialising only the weights it owns.
+
+    The model is first built on the ``meta`` device (buffers such as rotary frequencies are
+    computed for real); then only the part's tensors are read, converted and assigned.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    config = source.config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    names = set(model.state_dict().keys())
+    wanted = {n for n in names if family.owns(n, spec, tied)}
+    if spec.head and family.lm_head_name not in wanted:
+        wanted.add(family.embed_names[0])  # tied head: the embedding matrix is the head
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in source.iter_tensors(lambda n: n in wanted, model, dtype):
+        state[name] = tensor.to(device)
+    if spec.head and family.lm_head_name not in state:
+        if family.embed_names[0] not in state:
+            raise ValueError(f"{source.spec}: no LM head and no embedding to tie it to")
+        tied = True
+    missing = wanted - state.keys() - ({family.lm_head_name} if tied else set())
+    if missing:
+        raise ValueError(f"{source.spec}: weights missing for the {spec.name}: {sorted(missing)[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if spec.head and tied:
+        head = model.get_output_embeddings()
+        head.weight = model.get_input_embeddings().weight
+    for buf_name, buf in list(model.named_buffers()):
+        if buf.device != device and buf.device.type != "meta":
+            module_name, _, attr = buf_name.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            module._buffers[attr] = buf.to(device)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    log.info(
+        "loaded %s of %s: layers [%d, %d), %d tensors, %.1f MiB, %s on %s, %.2f s",
+        spec.name, source.spec, spec.start, spec.end, len(state), nbytes / 2**20,
+        str(dtype).removeprefix("torch."), device, time.perf_counter() - t0,
+    )
+    return Part(source, family, spec, model, config, dtype, device)

