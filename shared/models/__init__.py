@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import UnsupportedModel
-from .base import Family, Part, PartSpec, build_part, resolve_device, resolve_dtype
+from .base import Family, Part, PartSpec, build_part, build_parts, resolve_device, resolve_dtype
 from .gemma import GemmaFamily
 from .gpt2 import GPT2Family
 from .llama import LlamaFamily
@@ -37,6 +37,7 @@ __all__ = [
     "Part",
     "PartSpec",
     "build_part",
+    "build_parts",
     "family_for",
     "resolve",
     "resolve_device",

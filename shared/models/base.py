@@ -221,47 +221,62 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def build_part(
     source: ModelSource, family: Family, spec: PartSpec, dtype: torch.dtype, device: torch.device
 ) -> Part:
-    """Build a part, materialising only the weights it owns.
+    """One part; see ``build_parts``."""
+    return build_parts(source, family, [spec], dtype, device)[0]
 
-    The model is first built on the ``meta`` device (buffers such as rotary frequencies are
-    computed for real); then only the part's tensors are read, converted and assigned.
+
+def build_parts(
+    source: ModelSource, family: Family, specs: list[PartSpec], dtype: torch.dtype, device: torch.device
+) -> list[Part]:
+    """Build parts of one model, materialising only the weights they own, each read once.
+
+    Each part's model is built on the ``meta`` device (buffers such as rotary frequencies are
+    computed for real); then the union of the parts' tensors is read in one pass (a GGUF tensor
+    is dequantised only when some part owns it) and each part is assigned its own. Parts built
+    together share tensors: a client's bottom and top hold one embedding matrix between them when
+    the head is tied to it.
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
     config = source.config
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
-    model.eval()
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    names = set(model.state_dict().keys())
-    wanted = {n for n in names if family.owns(n, spec, tied)}
-    if spec.head and family.lm_head_name not in wanted:
-        wanted.add(family.embed_names[0])  # tied head: the embedding matrix is the head
+    skeletons, wanted_by = [], []
+    for spec in specs:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+        model.eval()
+        names = set(model.state_dict().keys())
+        wanted = {n for n in names if family.owns(n, spec, tied)}
+        if spec.head and family.lm_head_name not in wanted:
+            wanted.add(family.embed_names[0])  # tied head: the embedding matrix is the head
+        skeletons.append(model)
+        wanted_by.append(wanted)
+    union = set().union(*wanted_by)
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in source.iter_tensors(lambda n: n in wanted, model, dtype):
+    for name, tensor in source.iter_tensors(lambda n: n in union, skeletons[0], dtype):
         state[name] = tensor.to(device)
-    if spec.head and family.lm_head_name not in state:
-        if family.embed_names[0] not in state:
-            raise ValueError(f"{source.spec}: no LM head and no embedding to tie it to")
-        tied = True
-    missing = wanted - state.keys() - ({family.lm_head_name} if tied else set())
-    if missing:
-        raise ValueError(f"{source.spec}: weights missing for the {spec.name}: {sorted(missing)[:5]}")
-    model.load_state_dict(state, strict=False, assign=True)
-    if spec.head and tied:
-        head = model.get_output_embeddings()
-        head.weight = model.get_input_embeddings().weight
-    for buf_name, buf in list(model.named_buffers()):
-        if buf.device != device and buf.device.type != "meta":
-            module_name, _, attr = buf_name.rpartition(".")
-            module = model.get_submodule(module_name) if module_name else model
-            module._buffers[attr] = buf.to(device)
+    parts = []
+    for spec, model, wanted in zip(specs, skeletons, wanted_by):
+        own = {n: state[n] for n in wanted if n in state}
+        head_tied = spec.head and family.lm_head_name not in own
+        missing = wanted - own.keys() - ({family.lm_head_name} if head_tied else set())
+        if missing:
+            raise ValueError(f"{source.spec}: weights missing for the {spec.name}: {sorted(missing)[:5]}")
+        model.load_state_dict(own, strict=False, assign=True)
+        if head_tied:
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        for buf_name, buf in list(model.named_buffers()):
+            if buf.device != device and buf.device.type != "meta":
+                module_name, _, attr = buf_name.rpartition(".")
+                module = model.get_submodule(module_name) if module_name else model
+                module._buffers[attr] = buf.to(device)
+        parts.append(Part(source, family, spec, model, config, dtype, device))
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     log.info(
-        "loaded %s of %s: layers [%d, %d), %d tensors, %.1f MiB, %s on %s, %.2f s",
-        spec.name, source.spec, spec.start, spec.end, len(state), nbytes / 2**20,
-        str(dtype).removeprefix("torch."), device, time.perf_counter() - t0,
+        "loaded %s of %s: %d tensors, %.1f MiB, %s on %s, %.2f s",
+        "+".join(f"{s.name} [{s.start}, {s.end})" for s in specs), source.spec, len(state),
+        nbytes / 2**20, str(dtype).removeprefix("torch."), device, time.perf_counter() - t0,
     )
-    return Part(source, family, spec, model, config, dtype, device)
+    return parts

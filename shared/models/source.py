@@ -180,34 +180,49 @@ def _iter_gguf(
     import numpy as np
     import torch
     from gguf import GGUFReader, dequantize
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-        load_gguf_checkpoint,
-        read_field,
-    )
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
 
-    parsed = load_gguf_checkpoint(str(path), return_tensors=False)
     reader = GGUFReader(str(path))
     architecture = read_field(reader, "general.architecture")[0]
-    processor_obj = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
-    mapping = get_gguf_hf_weights_map(skeleton, processor_obj)
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
+    mapping = _gguf_name_map(skeleton, processor, config)
     for tensor in reader.tensors:
-        # the name this tensor gets, decided before the costly dequantisation
+        # decide on the name before the costly dequantisation
         probe = mapping.get(tensor.name)
         if probe is not None and not wanted(probe):
             continue
         weights = dequantize(tensor.data, tensor.tensor_type)
-        result = processor_obj.process(
-            weights=weights, name=tensor.name, tensor_key_mapping=mapping, parsed_parameters=parsed
-        )
-        if result.name not in mapping:
-            continue
-        hf_name = mapping[result.name]
-        if not wanted(hf_name):
+        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=mapping, parsed_parameters={})
+        hf_name = mapping.get(result.name)
+        if hf_name is None or not wanted(hf_name):
             continue
         yield hf_name, torch.from_numpy(np.copy(result.weights)).to(dtype)
+
+
+def _gguf_name_map(skeleton: torch.nn.Module, processor: Any, config: Any) -> dict[str, str]:
+    """GGUF tensor name -> transformers name, built with one name table.
+
+    transformers' ``get_gguf_hf_weights_map`` rebuilds gguf-py's table once per submodule (seconds
+    for a small model); one table over the full names gives the same mapping for the families
+    here, and the recursive original is the fallback for anything it leaves out.
+    """
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    model_type = {"gemma3_text": "gemma3"}.get(config.model_type, config.model_type)
+    arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == model_type), None)
+    names = list(skeleton.state_dict().keys())
+    mapping: dict[str, str] = {}
+    if arch is not None:
+        table = get_tensor_name_map(arch, config.num_hidden_layers)
+        for hf_name in names:
+            base, dot, suffix = processor.preprocess_name(hf_name).rpartition(".")
+            gguf_name = table.get_name(base) if suffix in ("weight", "bias") else None
+            if gguf_name is not None:
+                mapping[f"{gguf_name}.{suffix}"] = hf_name
+    if len(set(mapping.values())) < len(names) - 1:  # all but a tied head should be found
+        mapping = get_gguf_hf_weights_map(skeleton, processor)
+    return mapping
 
 
 def resolve(spec: str | None) -> ModelSource:

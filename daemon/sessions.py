@@ -1,0 +1,77 @@
+"""The session table: who has a trunk cache, capped, and freed however a stream ends."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from ..shared.cache import PartCache
+from .status import SessionRefused
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrunkSession:
+    """One session's state in the daemon.
+
+    Attributes:
+        session_id: random id, for logs.
+        cache: this session's trunk KV cache.
+        wire_dtype: dtype of hidden states in both directions.
+        last_step_id: the highest step id applied (a replayed step is never applied twice).
+    """
+
+    session_id: str
+    cache: PartCache
+    wire_dtype: torch.dtype
+    client: str
+    opened_at: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    last_step_id: int = 0
+    steps: int = 0
+
+
+class SessionStore:
+    """Sessions by id, at most ``max_sessions`` at once. Used from the event loop only."""
+
+    def __init__(self, max_sessions: int) -> None:
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, TrunkSession] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def cache_bytes(self) -> int:
+        return sum(s.cache.nbytes() for s in self._sessions.values())
+
+    @contextlib.asynccontextmanager
+    async def open(self, cache: PartCache, wire_dtype: torch.dtype, client: str) -> AsyncIterator[TrunkSession]:
+        """Hold a session for the body of the ``async with``; freed in ``finally``.
+
+        Raises:
+            SessionRefused: RESOURCE_EXHAUSTED when the table is full.
+        """
+        if len(self._sessions) >= self.max_sessions:
+            raise SessionRefused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the daemon is at its limit of {self.max_sessions} sessions (--max-sessions); try again later",
+            )
+        s = TrunkSession(uuid.uuid4().hex[:12], cache, wire_dtype, client)
+        self._sessions[s.session_id] = s
+        log.info("session %s opened by %r (%d open)", s.session_id, client, len(self._sessions))
+        try:
+            yield s
+        finally:
+            self._sessions.pop(s.session_id, None)
+            log.info(
+                "session %s closed after %d steps, %d positions (%d open)",
+                s.session_id, s.steps, s.cache.length, len(self._sessions),
+            )

@@ -1,0 +1,1 @@
+"""Generated code lives below; see protos/generate.py."""

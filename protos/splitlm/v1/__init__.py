@@ -1,0 +1,1 @@
+"""Generated from trunk.proto by protos/generate.py; do not edit."""

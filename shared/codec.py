@@ -1,0 +1,68 @@
+"""Tensors to and from the wire: raw little-endian bytes with dtype and shape.
+
+Encoding takes one copy (the contiguous tensor's buffer into the message); decoding none: the
+tensor is a view of the message's bytes. Every length and shape is checked before use, so a
+malformed message is an ``InvalidStep``, never a crash.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import torch
+
+from ..protos import trunk_pb2 as pb
+from .errors import InvalidStep
+
+TORCH_OF: dict[int, torch.dtype] = {
+    pb.FLOAT32: torch.float32,
+    pb.FLOAT16: torch.float16,
+    pb.BFLOAT16: torch.bfloat16,
+}
+PB_OF: dict[torch.dtype, int] = {v: k for k, v in TORCH_OF.items()}
+NAMES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    raise ImportError("splitlm's wire format assumes a little-endian host")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def encode(t: torch.Tensor, dtype: torch.dtype | None = None, out: pb.Tensor | None = None) -> pb.Tensor:
+    """A tensor as a ``splitlm.v1.Tensor`` (cast to ``dtype`` first when given)."""
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    t = t.detach().to("cpu").contiguous()
+    msg = out if out is not None else pb.Tensor()
+    msg.dtype = PB_OF[t.dtype]
+    msg.shape[:] = t.shape
+    msg.data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return msg
+
+
+def decode(msg: pb.Tensor) -> torch.Tensor:
+    """A ``splitlm.v1.Tensor`` as a tensor viewing the message's bytes.
+
+    Raises:
+        InvalidStep: unknown dtype, or byte length different from shape x itemsize.
+    """
+    dtype = TORCH_OF.get(msg.dtype)
+    if dtype is None:
+        raise InvalidStep(f"tensor dtype {msg.dtype} is not one of float32, float16, bfloat16")
+    shape = tuple(int(s) for s in msg.shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    want = math.prod(shape) * itemsize
+    if len(msg.data) != want:
+        raise InvalidStep(
+            f"tensor of shape {shape} and dtype {dtype_name(dtype)} needs {want} bytes, got {len(msg.data)}"
+        )
+    if want == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: the tensor is never written
+        flat = torch.frombuffer(msg.data, dtype=torch.uint8)
+    return flat.view(dtype).view(shape)

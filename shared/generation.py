@@ -1,0 +1,292 @@
+"""The one generation loop: used by the split path and the full path alike, by every front end.
+
+A *pipeline* turns token ids at positions ``[p, p + t)`` into the logits of the last position:
+``LocalPipeline`` runs the whole model here, ``SplitPipeline`` runs bottom here, trunk in the
+daemon, top here. The loop tokenizes, steps the pipeline, samples, detokenizes incrementally and
+reports every token to a callback with its timings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from .sampling import Sampler, SamplingSettings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .client import TrunkSession
+    from .models import Part
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one pipeline step returns.
+
+    Attributes:
+        logits: the last position's logits ``(V,)``.
+        client_s: compute time spent on this machine (bottom, top).
+        trunk_s: the daemon's own compute time for the step (0 for a local pipeline).
+    """
+
+    logits: torch.Tensor
+    client_s: float
+    trunk_s: float = 0.0
+
+
+class Pipeline(Protocol):
+    """Runs a model's steps for one session; ``position`` below the cached length rolls back."""
+
+    def step(self, ids: Sequence[int], position: int) -> StepOutput: ...
+
+    @property
+    def bytes_sent(self) -> int: ...
+
+    @property
+    def bytes_received(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class LocalPipeline:
+    """The whole model in this process (``--full``)."""
+
+    def __init__(self, full: Part) -> None:
+        self.part = full
+        self.cache = full.new_cache()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def step(self, ids: Sequence[int], position: int) -> StepOutput:
+        t0 = time.perf_counter()
+        logits = self.part.forward(torch.tensor([list(ids)]), position, self.cache)
+        return StepOutput(logits[0, -1], time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.cache = self.part.new_cache()
+
+
+class SplitPipeline:
+    """Bottom and top here, trunk in the daemon; only hidden states cross the wire."""
+
+    def __init__(self, bottom: Part, session: TrunkSession, top: Part) -> None:
+        self.bottom, self.session, self.top = bottom, session, top
+        self.bottom_cache = bottom.new_cache()
+        self.top_cache = top.new_cache()
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.session.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.session.bytes_received
+
+    def step(self, ids: Sequence[int], position: int) -> StepOutput:
+        t0 = time.perf_counter()
+        h = self.bottom.forward(torch.tensor([list(ids)]), position, self.bottom_cache)
+        t1 = time.perf_counter()
+        h2, trunk_s = self.session.step(h, position)
+        t2 = time.perf_counter()
+        logits = self.top.forward(h2, position, self.top_cache)
+        t3 = time.perf_counter()
+        return StepOutput(logits[0, -1], (t1 - t0) + (t3 - t2), trunk_s)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What to generate.
+
+    Attributes:
+        max_new_tokens: at most this many tokens (the end token counts).
+        stop: stop strings; the text ends before the first one found.
+        sampling: how each token is chosen.
+    """
+
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+    def __post_init__(self) -> None:
+        from .errors import UsageError
+
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token, as the callback sees it.
+
+    Attributes:
+        index: 0 for the first generated token.
+        token_id: the token.
+        delta: text that became final with this token (may be empty).
+        latency_s: time since the previous token (for the first: since the start, the TTFT).
+        client_s, trunk_s: compute here and in the daemon for the step that produced it.
+    """
+
+    index: int
+    token_id: int
+    delta: str
+    latency_s: float
+    client_s: float
+    trunk_s: float
+
+
+@dataclass
+class GenerationResult:
+    """A finished generation, with what the CLI's ``--json`` prints."""
+
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+    ttft_s: float = 0.0
+    per_token_s: list[float] = field(default_factory=list)
+    client_compute_s: list[float] = field(default_factory=list)
+    trunk_compute_s: list[float] = field(default_factory=list)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> list[int]:
+    """Token ids of a one-turn prompt: the chat template when ``chat`` and the model has one,
+    else the raw text with the tokenizer's default special tokens."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return [int(i) for i in out]
+    return [int(i) for i in tokenizer(prompt)["input_ids"]]
+
+
+class _Detokenizer:
+    """Incremental text: a delta becomes final once no stop string could still begin in it and
+    it does not end in a partial UTF-8 character."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.emitted = ""
+
+    def text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, ids: list[int]) -> tuple[str, bool]:
+        """The new final text after ``ids``, and whether a stop string was reached."""
+        full = self.text(ids)
+        for s in self.stop:
+            at = full.find(s)
+            if s and at >= 0:
+                return self._emit(full[:at]), True
+        if full.endswith("\ufffd"):
+            return "", False
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(full)), 0, -1):
+                if full.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return self._emit(full[: len(full) - hold]), False
+
+    def _emit(self, upto: str) -> str:
+        if not upto.startswith(self.emitted):  # the tokenizer re-spelled earlier text: no retraction
+            return ""
+        delta = upto[len(self.emitted) :]
+        self.emitted = upto
+        return delta
+
+    def finish(self, ids: list[int], stopped: bool) -> str:
+        """The final text."""
+        return self.emitted if stopped else self.text(ids)
+
+
+def generate(
+    pipeline: Pipeline,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: list[int],
+    settings: GenerationSettings,
+    eos_ids: Sequence[int],
+    on_token: Callable[[TokenEvent], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    start_position: int = 0,
+    history: Sequence[int] = (),
+) -> GenerationResult:
+    """Generate a reply to ``ids``.
+
+    Args:
+        pipeline: local or split; its caches hold ``history`` at positions ``[0, start_position)``.
+        tokenizer: for the streamed text.
+        ids: the new prompt tokens, placed at ``start_position``.
+        settings: length, stop strings, sampling.
+        eos_ids: tokens that end the reply (kept in ``token_ids``, not in the text).
+        on_token: called for every generated token, in order, on the calling thread.
+        should_stop: polled between tokens; True ends the reply with ``finish_reason="cancelled"``.
+        start_position: where ``ids`` go; below the pipeline's cached length rolls it back.
+        history: the tokens before ``start_position`` (for context only; not re-sent).
+
+    Returns:
+        The result, with per-token timings and wire bytes.
+    """
+    del history  # the pipeline's caches already hold it; kept in the signature for failover
+    result = GenerationResult(prompt_ids=list(ids))
+    sampler = Sampler(settings.sampling)
+    detok = _Detokenizer(tokenizer, settings.stop)
+    eos = set(eos_ids)
+    bytes0 = (pipeline.bytes_sent, pipeline.bytes_received)
+    t_start = t_prev = time.perf_counter()
+    step_ids: Sequence[int] = ids
+    position = start_position
+    stopped = False
+    while len(result.token_ids) < settings.max_new_tokens:
+        if should_stop is not None and should_stop():
+            result.finish_reason = "cancelled"
+            break
+        out = pipeline.step(step_ids, position)
+        t0 = time.perf_counter()
+        token = sampler(out.logits)
+        client_s = out.client_s + (time.perf_counter() - t0)
+        now = time.perf_counter()
+        latency = now - t_prev
+        t_prev = now
+        if not result.token_ids:
+            result.ttft_s = now - t_start
+        else:
+            result.per_token_s.append(latency)
+        result.client_compute_s.append(client_s)
+        result.trunk_compute_s.append(out.trunk_s)
+        result.token_ids.append(token)
+        position += len(step_ids)
+        step_ids = [token]
+        if token in eos:
+            result.finish_reason = "eos"
+            delta = ""
+        else:
+            delta, stopped = detok.push(result.token_ids)
+        if on_token is not None:
+            on_token(TokenEvent(len(result.token_ids) - 1, token, delta, latency, client_s, out.trunk_s))
+        if token in eos:
+            break
+        if stopped:
+            result.finish_reason = "stop"
+            break
+    # text still held back (a partial stop string or character at the very end) is in
+    # ``result.text``; a streaming front end prints ``result.text[len(streamed):]`` last
+    result.text = detok.finish(result.token_ids, stopped)
+    result.bytes_sent = pipeline.bytes_sent - bytes0[0]
+    result.bytes_received = pipeline.bytes_received - bytes0[1]
+    return result

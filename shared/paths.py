@@ -1,0 +1,54 @@
+"""Where things live: the daemon's default socket, and how addresses are written and read."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP = "splitlm"
+
+
+def runtime_dir() -> Path:
+    """``$RUNTIME_DIRECTORY`` under systemd (``/run/splitlm``), else the user's runtime dir."""
+    under_systemd = os.environ.get("RUNTIME_DIRECTORY")
+    if under_systemd:
+        return Path(under_systemd.split(":")[0])
+    return Path(platformdirs.user_runtime_dir(APP))
+
+
+def default_address() -> str:
+    """The daemon's default listen address and the client's default target."""
+    return f"unix:{runtime_dir() / 'trunk.sock'}"
+
+
+def client_target() -> tuple[str, str]:
+    """The address the client tries when ``--trunk`` is absent, and where it came from."""
+    env = os.environ.get("SPLITLM_TRUNK")
+    if env:
+        return env, "SPLITLM_TRUNK"
+    return default_address(), "the default socket"
+
+
+def unix_path(address: str) -> Path | None:
+    """The socket path of a ``unix:`` address, else None."""
+    if address.startswith("unix://"):
+        return Path(address[len("unix://") :])
+    if address.startswith("unix:"):
+        return Path(address[len("unix:") :])
+    return None
+
+
+def is_loopback(address: str) -> bool:
+    """``unix:``, 127.0.0.0/8, ``::1`` and ``localhost`` are loopback."""
+    if unix_path(address) is not None:
+        return True
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

