@@ -144,9 +144,8 @@ class TrunkService(pb_grpc.TrunkServicer):
         return pb.SessionReply(
             result=pb.StepResult(
                 step_id=step.step_id,
-                position=step.position,
                 hidden=msg,
-                compute_ns=ns,
+                compute_us=min(ns // 1000, 2**32 - 1),
                 cached_length=s.cache.length,
             )
         )

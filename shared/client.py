@@ -118,7 +118,7 @@ class TrunkSession:
         self.wire_dtype = wire_dtype
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(1)  # step ids; a fixed32 on the wire
         self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._closed = threading.Event()
         open_msg = pb.SessionRequest(
@@ -177,7 +177,7 @@ class TrunkSession:
         result = reply.result
         if result.step_id != step_id:
             raise TrunkError("INTERNAL", f"reply for step {result.step_id}, expected {step_id}")
-        return codec.decode(result.hidden), result.compute_ns / 1e9
+        return codec.decode(result.hidden), result.compute_us / 1e6
 
     def close(self) -> None:
         if not self._closed.is_set():

@@ -114,11 +114,22 @@ class ModelSource:
         return sorted(self.path.glob("*.safetensors"))
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The model's tokenizer.
+
+        Raises:
+            ModelNotFound: the model ships none (a weights-only directory).
+        """
         from transformers import AutoTokenizer
 
-        if self.kind == "gguf":
-            return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        return AutoTokenizer.from_pretrained(str(self.path))
+        try:
+            if self.kind == "gguf":
+                return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            return AutoTokenizer.from_pretrained(str(self.path))
+        except (OSError, ValueError, TypeError) as e:
+            raise ModelNotFound(
+                f"{self.spec} has no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "a client needs the model's tokenizer files beside its weights"
+            ) from None
 
     def generation_eos(self) -> list[int]:
         """End-of-sequence ids, as transformers' ``generate`` would use them for this model."""

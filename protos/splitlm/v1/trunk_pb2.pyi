@@ -127,18 +127,16 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "position", "hidden", "compute_ns", "cached_length")
+    __slots__ = ("step_id", "hidden", "compute_us", "cached_length")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
-    POSITION_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
-    COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
     CACHED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     step_id: int
-    position: int
     hidden: Tensor
-    compute_ns: int
+    compute_us: int
     cached_length: int
-    def __init__(self, step_id: _Optional[int] = ..., position: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., compute_ns: _Optional[int] = ..., cached_length: _Optional[int] = ...) -> None: ...
+    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., compute_us: _Optional[int] = ..., cached_length: _Optional[int] = ...) -> None: ...
 
 class SessionReply(_message.Message):
     __slots__ = ("opened", "result")
