@@ -102,10 +102,12 @@ def run(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
     )
     service = TrunkService(part, fingerprint, limits, make_executor())
+    import psutil
+
     log.info(
-        "trunk of %s (%s, %d layers): layers %s on %s/%s, fingerprint %s, %d torch threads",
+        "trunk of %s (%s, %d layers): layers %s on %s/%s, fingerprint %s, %d torch threads, RSS %.0f MiB",
         source.spec, family.name, num_layers, plan, device, str(dtype).removeprefix("torch."),
-        fingerprint.digest, torch.get_num_threads(),
+        fingerprint.digest, torch.get_num_threads(), psutil.Process().memory_info().rss / 2**20,
     )
     asyncio.run(serve(service, listen))
     return ExitCode.OK
