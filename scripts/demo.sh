@@ -1,20 +1,39 @@
 #!/usr/bin/env bash
 # make demo: start the trunk daemon on the bundled SmolLM2 on a private unix socket, wait until it
-# answers, run one split generation through it, stop the daemon.
+# answers (at most 180 s), run one split generation through it, stop the daemon.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-tmp=$(mktemp -d)
-sock="unix:$tmp/trunk.sock"
-"$VENV/bin/splitlm-trunkd" --model smollm2 --listen "$sock" >"$tmp/trunkd.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$tmp"' EXIT
-echo "starting splitlm-trunkd (log: $tmp/trunkd.log) ..."
-for _ in $(seq 1 360); do
-  "$VENV/bin/splitlm" info --trunk "$sock" >/dev/null 2>&1 && break
-  kill -0 $pid 2>/dev/null || { echo "the daemon exited:"; tail -n 20 "$tmp/trunkd.log"; exit 1; }
+TMP=$(mktemp -d)
+SOCK="unix:$TMP/trunk.sock"
+LOG="$TMP/trunkd.log"
+
+"$VENV/bin/splitlm-trunkd" --model smollm2 --listen "$SOCK" >"$LOG" 2>&1 &
+PID=$!
+cleanup() {
+  kill "$PID" 2>/dev/null || true
+  wait "$PID" 2>/dev/null || true
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+echo "starting splitlm-trunkd on $SOCK (log: $LOG) ..."
+deadline=$((SECONDS + 180))
+until "$VENV/bin/splitlm" info --trunk "$SOCK" >/dev/null 2>&1; do
+  if ! kill -0 "$PID" 2>/dev/null; then
+    echo "splitlm-trunkd exited before answering; its log:" >&2
+    tail -n 30 "$LOG" >&2
+    exit 1
+  fi
+  if ((SECONDS >= deadline)); then
+    echo "splitlm-trunkd did not answer within 180 s; its log:" >&2
+    tail -n 30 "$LOG" >&2
+    exit 1
+  fi
   sleep 0.5
 done
-"$VENV/bin/splitlm" info --trunk "$sock"
+
+"$VENV/bin/splitlm" info --trunk "$SOCK"
 echo
-echo '$ splitlm generate "Why is the sky blue?"'
-"$VENV/bin/splitlm" generate --trunk "$sock" --max-new-tokens 64 "Why is the sky blue?"
+echo '$ splitlm generate --max-new-tokens 48 "Why is the sky blue?"'
+"$VENV/bin/splitlm" generate --trunk "$SOCK" --max-new-tokens 48 "Why is the sky blue?"

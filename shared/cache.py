@@ -11,7 +11,12 @@ position (regenerate, edit, replay).
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    Cache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    get_layer_types_and_kwargs,
+)
 from transformers.configuration_utils import PreTrainedConfig
 
 from .errors import PositionError

@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
 from typing import TYPE_CHECKING, Any
 

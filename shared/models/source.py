@@ -191,7 +191,11 @@ def _iter_gguf(
     import numpy as np
     import torch
     from gguf import GGUFReader, dequantize
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        read_field,
+    )
 
     reader = GGUFReader(str(path))
     architecture = read_field(reader, "general.architecture")[0]
