@@ -14,9 +14,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..protos import trunk_pb2 as pb
-from ..protos import trunk_pb2_grpc as pb_grpc
 from ..shared.client import channel_options
 from ..shared.paths import unix_path
+from .handlers import add_trunk_service
 from .service import TrunkService
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def prepare_unix_socket(address: str) -> Path | None:
 async def serve(service: TrunkService, listen: list[str], grace_s: float = 10.0) -> None:
     """Serve until SIGTERM or SIGINT, then let in-flight steps finish within ``grace_s``."""
     server = grpc.aio.server(options=channel_options(service.limits.max_message_bytes))
-    pb_grpc.add_TrunkServicer_to_server(service, server)
+    add_trunk_service(service, server)  # undecodable messages -> INVALID_ARGUMENT
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
