@@ -1,7 +1,9 @@
 """``splitlm-trunkd``: load the trunk of a model and serve it.
 
-Cheap checks (arguments, the plan's range) come before heavy imports; logging is set up before
-the server is imported, so import errors are logged too.
+Cheap checks (arguments, the configuration, who may connect, the plan's range) come before heavy
+imports; logging is set up before the server is imported, so import errors are logged too.
+Settings are layered: flags > ``SPLITLM_*`` environment > TOML file > defaults
+(``splitlm.shared.config``); ``--print-config`` shows the result and where each value came from.
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from ..shared.errors import ExitCode, SplitlmError, UsageError
+from ..shared.errors import ExitCode, SplitlmError
+
+if TYPE_CHECKING:
+    from ..shared.config import DaemonSettings, Loaded
 
 log = logging.getLogger("splitlm.daemon")
 
@@ -19,23 +25,47 @@ log = logging.getLogger("splitlm.daemon")
 def build_parser() -> argparse.ArgumentParser:
     from ..shared.paths import default_address
 
+    # every default is None: the layered loader tells "given" from "not given" and fills defaults
     p = argparse.ArgumentParser(
         prog="splitlm-trunkd",
         description="Serve the trunk (middle layers) of a language model over gRPC. "
         "Clients run the bottom and top themselves; only hidden states cross the wire.",
+        epilog="Each option KEY can also come from the environment (SPLITLM_KEY, e.g. SPLITLM_MAX_SESSIONS) "
+        "or the TOML config file (key = value, e.g. max_sessions = 8); flags win over the environment, the "
+        "environment over the file. --print-config shows the effective values and where each came from.",
     )
-    p.add_argument("--model", default=None, help="smollm2 (default), a .gguf file, a directory, or a hub id [env SPLITLM_MODEL]")
+    p.add_argument("--config", default=None, metavar="PATH",
+                   help="TOML config file (default: ~/.config/splitlm/trunkd.toml; under systemd "
+                   "/etc/splitlm/trunkd.toml)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective settings and their sources, then exit")
+    p.add_argument("--model", default=None, help="smollm2 (default), a .gguf file, a directory, or a hub id")
     p.add_argument("--split", default=None, metavar="A:B", help="trunk layers [A, B), 0 < A < B < L (default: family's)")
     p.add_argument("--listen", action="append", default=None, metavar="ADDR",
                    help=f"unix:/path or host:port; repeatable (default: {default_address()})")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (auto: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--max-sessions", type=int, default=64, help="sessions open at once (default 64)")
-    p.add_argument("--max-context", type=int, default=None, help="positions per session (default: the model's)")
-    p.add_argument("--max-message-bytes", type=int, default=None, help="gRPC message limit (default 256 MiB)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads [env SPLITLM_THREADS]")
-    p.add_argument("--log-level", default=os.environ.get("SPLITLM_LOG_LEVEL", "INFO"))
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (auto, the default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--max-sessions", default=None, metavar="N", help="sessions open at once (default 64)")
+    p.add_argument("--max-context", default=None, metavar="N", help="positions per session (default: the model's)")
+    p.add_argument("--max-cache-bytes", default=None, metavar="SIZE",
+                   help="trunk KV cache of all sessions together, e.g. 8GiB (default auto: 90%% of free GPU "
+                   "memory after loading, half the available RAM on a CPU)")
+    p.add_argument("--max-message-bytes", default=None, metavar="SIZE", help="gRPC message limit (default 256MiB)")
+    p.add_argument("--idle-timeout", default=None, metavar="DURATION",
+                   help="close sessions idle this long, e.g. 30m (default 30m; 0: never)")
+    p.add_argument("--shutdown-grace", default=None, metavar="DURATION",
+                   help="on SIGTERM, time in-flight steps get to finish (default 10s)")
+    p.add_argument("--keepalive", default=None, metavar="DURATION",
+                   help="ping idle connections this often and drop peers that do not answer (default 30s)")
+    p.add_argument("--threads", default=None, metavar="N", help="torch intra-op threads")
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve TCP addresses over TLS with this certificate")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--token-file", default=None, metavar="PATH",
+                   help="require this bearer token on every RPC but health")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow a non-loopback TCP address without TLS and a token (logged as a warning)")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 
@@ -50,12 +80,25 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return ExitCode.OK
+    from ..shared import config
+
+    try:
+        loaded = config.load(
+            config.DaemonSettings, config.flags_from(args, config.DaemonSettings),
+            config=args.config, file_name="trunkd", system=True,
+        )
+    except SplitlmError as e:
+        print(f"splitlm-trunkd: error: {e}", file=sys.stderr)
+        return e.exit_code
+    if args.print_config:
+        print(config.render(loaded, "splitlm-trunkd effective configuration"))
+        return ExitCode.OK
     logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stdout,
+        level=loaded.settings.log_level, stream=sys.stdout,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return run(args)
+        return run(loaded)
     except SplitlmError as e:
         print(f"splitlm-trunkd: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -63,18 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.OK
 
 
-def run(args: argparse.Namespace) -> int:
+def run(loaded: Loaded[DaemonSettings]) -> int:
     import asyncio
 
-    from ..shared.client import DEFAULT_MAX_MESSAGE_BYTES
-    from ..shared.paths import default_address
     from ..shared.plan import Fingerprint, SplitPlan, default_split
+    from .auth import check_exposure
+    from .notify import Notifier
 
-    for n, name in ((args.max_sessions, "--max-sessions"), (args.max_context, "--max-context"),
-                    (args.max_message_bytes, "--max-message-bytes"), (args.threads, "--threads")):
-        if n is not None and n < 1:
-            raise UsageError(f"{name} must be >= 1, got {n}")
-    listen = args.listen or [default_address()]
+    args = loaded.settings
+    security = check_exposure(args, loaded.sources)  # before any weights load: refusals are immediate
+    listen = list(args.listen)
+    notifier = Notifier()
 
     from ..shared.models import (
         PartSpec,
@@ -92,21 +134,27 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .server import env_threads, make_executor, serve
+    from .budget import auto_budget
+    from .server import make_executor, serve
     from .service import Limits, TrunkService
 
-    threads = args.threads or env_threads()
+    threads = args.threads
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    part = build_part(source, family, PartSpec.trunk(plan.start, plan.end), dtype, device)
-    fingerprint = Fingerprint(source.config_digest(), source.weights_digest(), plan.start, plan.end)
+    with notifier.extending(f"loading {source.spec} trunk layers {plan} on {device}"):
+        part = build_part(source, family, PartSpec.trunk(plan.start, plan.end), dtype, device)
+        fingerprint = Fingerprint(source.config_digest(), source.weights_digest(), plan.start, plan.end)
     model_context = int(getattr(source.config, "max_position_embeddings", 0) or 0) or 8192
     limits = Limits(
         max_sessions=args.max_sessions,
         max_context=args.max_context or model_context,
-        max_message_bytes=args.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes=args.max_message_bytes,
+        max_cache_bytes=(
+            auto_budget(device) if args.max_cache_bytes == "auto" else int(args.max_cache_bytes)
+        ),
+        idle_timeout_s=args.idle_timeout,
     )
     service = TrunkService(part, fingerprint, limits, make_executor())
     import psutil
@@ -116,7 +164,16 @@ def run(args: argparse.Namespace) -> int:
         source.spec, family.name, num_layers, plan, device, str(dtype).removeprefix("torch."),
         fingerprint.digest, torch.get_num_threads(), psutil.Process().memory_info().rss / 2**20,
     )
-    asyncio.run(serve(service, listen))
+    log.info(
+        "limits: %d sessions, %d positions each, %s, idle timeout %s",
+        limits.max_sessions, limits.max_context, service.budget.describe(),
+        f"{limits.idle_timeout_s:g} s" if limits.idle_timeout_s else "none",
+    )
+    try:
+        asyncio.run(serve(service, listen, args.shutdown_grace, security=security, notifier=notifier,
+                          keepalive_s=args.keepalive))
+    finally:
+        notifier.close()
     return ExitCode.OK
 
 

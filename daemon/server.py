@@ -15,8 +15,11 @@ from grpc_reflection.v1alpha import reflection
 
 from ..protos import trunk_pb2 as pb
 from ..shared.client import channel_options
+from ..shared.errors import SplitlmError
 from ..shared.paths import unix_path
+from .auth import Security
 from .handlers import add_trunk_service
+from .notify import Notifier, heartbeat
 from .service import TrunkService
 
 log = logging.getLogger(__name__)
@@ -35,9 +38,58 @@ def prepare_unix_socket(address: str) -> Path | None:
     return path
 
 
-async def serve(service: TrunkService, listen: list[str], grace_s: float = 10.0) -> None:
-    """Serve until SIGTERM or SIGINT, then let in-flight steps finish within ``grace_s``."""
-    server = grpc.aio.server(options=channel_options(service.limits.max_message_bytes))
+def server_options(max_message_bytes: int, keepalive_s: float) -> list[tuple[str, int]]:
+    """Message limits, and keepalive: the server pings connections every ``keepalive_s`` and
+    drops a peer that does not answer within half that (at most 20 s), so a client that froze or
+    lost its network frees its session (tests/integration/test_lifecycle.py).
+    """
+    timeout_ms = int(max(1.0, min(20.0, keepalive_s / 2)) * 1000)
+    opts = dict(channel_options(max_message_bytes))
+    opts.update({
+        "grpc.keepalive_time_ms": int(keepalive_s * 1000),
+        "grpc.keepalive_timeout_ms": timeout_ms,
+        # any unanswered ping (a flow-control BDP ping may be the one in flight) ends the connection
+        # as fast as a keepalive would; grpc's default waits a minute
+        "grpc.http2.ping_timeout_ms": timeout_ms,
+        "grpc.keepalive_permit_without_calls": 1,
+    })
+    return list(opts.items())
+
+
+def session_status(service: TrunkService, listen: list[str]) -> str:
+    """The ``STATUS=`` line systemd shows: model, plan, sessions."""
+    p = service.plan
+    return (
+        f"serving {p.model_id} layers {p.trunk_start}:{p.trunk_end} of {p.num_layers} on {p.device}; "
+        f"{len(service.sessions)} sessions; {', '.join(listen)}"
+    )
+
+
+async def serve(
+    service: TrunkService,
+    listen: list[str],
+    grace_s: float = 10.0,
+    *,
+    security: Security | None = None,
+    notifier: Notifier | None = None,
+    keepalive_s: float = 30.0,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then let in-flight steps finish within ``grace_s``.
+
+    Args:
+        security: TLS for TCP addresses and the token interceptor (``check_exposure`` made it).
+        notifier: systemd notifications: READY=1 once listening, WATCHDOG=1 from this loop,
+            STATUS= lines, STOPPING=1 at shutdown.
+
+    Raises:
+        SplitlmError: an address cannot be bound (in use, no permission).
+    """
+    security = security or Security()
+    notifier = notifier or Notifier({})
+    server = grpc.aio.server(
+        options=server_options(service.limits.max_message_bytes, keepalive_s),
+        interceptors=security.interceptors(),
+    )
     add_trunk_service(service, server)  # undecodable messages -> INVALID_ARGUMENT
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -50,11 +102,24 @@ async def serve(service: TrunkService, listen: list[str], grace_s: float = 10.0)
         sock = prepare_unix_socket(address)
         if sock is not None:
             sockets.append(sock)
-        server.add_insecure_port(address)
+        try:
+            bound = security.add_port(server, address)
+        except RuntimeError as e:
+            bound, why = 0, str(e)
+        else:
+            why = "address in use or not permitted"
+        if not bound:
+            raise SplitlmError(f"cannot listen on {address}: {why}")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s", service.plan.model_id, ", ".join(listen))
+    log.info(
+        "serving %s on %s (%s)", service.plan.model_id, ", ".join(listen),
+        ", ".join(w for w, on in (("TLS on TCP", security.tls), ("token required", security.token)) if on)
+        or "no TLS, no token",
+    )
+    notifier.ready(session_status(service, listen))
+    beat = asyncio.create_task(heartbeat(notifier, lambda: session_status(service, listen)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -63,8 +128,14 @@ async def serve(service: TrunkService, listen: list[str], grace_s: float = 10.0)
         await stop.wait()
     finally:
         log.info("stopping: %d sessions open, grace %.0f s", len(service.sessions), grace_s)
+        beat.cancel()  # systemd stops watching once STOPPING=1 arrives
+        notifier.stopping(
+            f"stopping: {len(service.sessions)} sessions get up to {grace_s:g} s to finish their step"
+        )
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        service.begin_shutdown()
+        await service.monitor.close()  # monitor streams never end by themselves: end them first
         await server.stop(grace_s)
         for sock in sockets:
             if sock.is_socket():

@@ -22,6 +22,9 @@ from ..shared.errors import InvalidStep, SplitlmError
 from ..shared.models import Part
 from ..shared.plan import Fingerprint
 from ..shared.version import __version__
+from .budget import CacheBudget, bytes_per_position
+from .metrics import StepRecorder
+from .monitor import HostProbe, MonitorHub, TrunkState, requested_interval
 from .sessions import SessionStore, TrunkSession
 from .status import SessionRefused, code_for
 
@@ -36,11 +39,36 @@ class Limits:
         max_sessions: sessions open at once.
         max_context: positions per session.
         max_message_bytes: gRPC message size in both directions.
+        max_cache_bytes: trunk KV cache of all sessions together (None: no cap).
+        idle_timeout_s: close a session that sends no step for this long (0: never).
     """
 
     max_sessions: int
     max_context: int
     max_message_bytes: int
+    max_cache_bytes: int | None = None
+    idle_timeout_s: float = 0.0
+
+
+def check_step_id(step_id: int, last: int) -> None:
+    """The step-id rule: within one session ids start at 1 and strictly increase, so a step
+    sent twice (a replay on the same stream, a duplicated message) is refused, never applied
+    twice. A new session starts again from 1: its cache is new too.
+
+    Raises:
+        SessionRefused: INVALID_ARGUMENT for id 0 (unset), ALREADY_EXISTS for an id at or below
+            the last one applied.
+    """
+    if step_id == 0:
+        raise SessionRefused(
+            grpc.StatusCode.INVALID_ARGUMENT, "step_id is 0 (unset): a session's step ids are 1, 2, 3, ..."
+        )
+    if step_id <= last:
+        raise SessionRefused(
+            grpc.StatusCode.ALREADY_EXISTS,
+            f"step {step_id} is not above {last}, the last step applied on this session: a step is "
+            "applied once; ids increase within a session and start at 1 on a new one",
+        )
 
 
 class TrunkService(pb_grpc.TrunkServicer):
@@ -51,7 +79,11 @@ class TrunkService(pb_grpc.TrunkServicer):
         self.fingerprint = fingerprint
         self.limits = limits
         self.executor = executor
-        self.sessions = SessionStore(limits.max_sessions)
+        self.budget = CacheBudget(limits.max_cache_bytes or 2**62, bytes_per_position(part))
+        self.sessions = SessionStore(limits.max_sessions, self.budget)
+        self._stopping: asyncio.Future[None] | None = None
+        self.metrics = StepRecorder()
+        self.monitor = MonitorHub(HostProbe(), self.metrics, self._trunk_state)
         src = part.source
         self.plan = pb.Plan(
             model_id=src.model_id,
@@ -79,6 +111,20 @@ class TrunkService(pb_grpc.TrunkServicer):
             server_version=__version__,
             sessions_open=len(self.sessions),
         )
+
+    def _trunk_state(self) -> TrunkState:
+        return TrunkState(len(self.sessions), self.sessions.cache_bytes())
+
+    async def Monitor(
+        self, request: pb.MonitorRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.MonitorSample]:
+        try:
+            interval = requested_interval(request.interval_s)
+            async with self.monitor.subscribe(interval) as samples:
+                async for sample in samples:
+                    yield sample.to_pb()
+        except SplitlmError as e:
+            await context.abort(code_for(e), str(e))
 
     def _check_open(self, req: pb.OpenSession) -> torch.dtype:
         theirs = Fingerprint(req.config_digest, req.weights_digest, req.trunk_start, req.trunk_end)
@@ -120,15 +166,63 @@ class TrunkService(pb_grpc.TrunkServicer):
             wire = self._check_open(first.open)
             async with self.sessions.open(self.part.new_cache(), wire, first.open.client) as s:
                 yield pb.SessionReply(opened=pb.SessionOpened(session_id=s.session_id, plan=self.plan))
-                async for req in requests:
+                while (req := await self._next_request(requests)) is not None:
                     yield await self._step(s, req)
         except SplitlmError as e:
             await context.abort(code_for(e), str(e))
+
+    def _stop_signal(self) -> asyncio.Future[None]:
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_future()
+        return self._stopping
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping is not None and self._stopping.done()
+
+    def begin_shutdown(self) -> None:
+        """On the loop, at SIGTERM: sessions waiting for their next step end now, sessions in a
+        step end right after its reply, each with UNAVAILABLE "daemon shutting down"."""
+        if not self._stop_signal().done():
+            self._stop_signal().set_result(None)
+
+    async def _next_request(self, requests: AsyncIterator[pb.SessionRequest]) -> pb.SessionRequest | None:
+        """The session's next message, None when the client closed the stream.
+
+        Raises:
+            SessionRefused: UNAVAILABLE when the daemon is shutting down; ABORTED when no
+                message came within the idle timeout (the cache is freed; a client may reopen).
+        """
+        stop = self._stop_signal()
+        if not stop.done():
+            nxt = asyncio.ensure_future(requests.__anext__())
+            timeout = self.limits.idle_timeout_s or None
+            try:
+                await asyncio.wait((nxt, stop), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not nxt.done():
+                    nxt.cancel()
+            if nxt.done() and not nxt.cancelled():
+                try:
+                    return nxt.result()
+                except StopAsyncIteration:
+                    return None
+            if not stop.done():
+                raise SessionRefused(
+                    grpc.StatusCode.ABORTED,
+                    f"session closed after {timeout:g} s without a step (--idle-timeout); its trunk "
+                    "cache is freed: open a new session (the client rebuilds it from its tokens)",
+                )
+        raise SessionRefused(
+            grpc.StatusCode.UNAVAILABLE,
+            "daemon shutting down: the session is closed; reconnect when it is back",
+        )
 
     async def _step(self, s: TrunkSession, req: pb.SessionRequest) -> pb.SessionReply:
         if not req.HasField("step"):
             raise SessionRefused(grpc.StatusCode.INVALID_ARGUMENT, "this session is already open; send steps")
         step = req.step
+        check_step_id(step.step_id, s.last_step_id)
         h = codec.decode(step.hidden)
         if h.dtype != s.wire_dtype:
             raise InvalidStep(
@@ -136,9 +230,17 @@ class TrunkService(pb_grpc.TrunkServicer):
                 f"{codec.dtype_name(s.wire_dtype)}"
             )
         self.part.check_input(h)
-        loop = asyncio.get_running_loop()
-        msg, ns = await loop.run_in_executor(self.executor, self._run_step, s, h, int(step.position))
-        s.last_step_id = max(s.last_step_id, step.step_id)
+        position = int(step.position)
+        if position <= s.cache.length and position + h.shape[1] <= self.limits.max_context:
+            # reserve before anything is allocated; a gap or an overlong step fails in forward
+            wanted = max(s.reserved, position + h.shape[1])
+            s.reserved = self.budget.reserve(s.reserved, wanted, len(self.sessions))
+        try:
+            msg, ns = await self.metrics.queue.run(self.executor, self._run_step, s, h, position)
+            self.metrics.record(h.shape[1], ns / 1e9)
+        finally:
+            s.reserved = self.budget.reserve(s.reserved, s.cache.length, len(self.sessions))
+        s.last_step_id = step.step_id
         s.steps += 1
         s.last_used = time.monotonic()
         return pb.SessionReply(

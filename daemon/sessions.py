@@ -8,12 +8,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
 
 from ..shared.cache import PartCache
 from .status import SessionRefused
+
+if TYPE_CHECKING:
+    from .budget import CacheBudget
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +31,7 @@ class TrunkSession:
         cache: this session's trunk KV cache.
         wire_dtype: dtype of hidden states in both directions.
         last_step_id: the highest step id applied (a replayed step is never applied twice).
+        reserved: positions this session holds in the daemon's cache budget.
     """
 
     session_id: str
@@ -37,13 +42,15 @@ class TrunkSession:
     last_used: float = field(default_factory=time.monotonic)
     last_step_id: int = 0
     steps: int = 0
+    reserved: int = 0
 
 
 class SessionStore:
     """Sessions by id, at most ``max_sessions`` at once. Used from the event loop only."""
 
-    def __init__(self, max_sessions: int) -> None:
+    def __init__(self, max_sessions: int, budget: CacheBudget | None = None) -> None:
         self.max_sessions = max_sessions
+        self.budget = budget
         self._sessions: dict[str, TrunkSession] = {}
 
     def __len__(self) -> int:
@@ -71,6 +78,9 @@ class SessionStore:
             yield s
         finally:
             self._sessions.pop(s.session_id, None)
+            if self.budget is not None:
+                self.budget.release(s.reserved)
+                s.reserved = 0
             log.info(
                 "session %s closed after %d steps, %d positions (%d open)",
                 s.session_id, s.steps, s.cache.length, len(self._sessions),

@@ -22,8 +22,11 @@ from .errors import DaemonUnreachable, TrunkError
 from .version import __version__
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
+    from .config import ClientSettings
+    from .failover import FailoverSession, OnReconnect, RetryPolicy
+    from .monitor import MonitorSample
     from .plan import Fingerprint
 
 log = logging.getLogger(__name__)
@@ -38,8 +41,11 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        # a daemon that stops answering (host gone, network dropped) is noticed within ~40 s,
+        # even when the unanswered ping is a flow-control one (grpc's own default waits a minute)
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.ping_timeout_ms", 10_000),
     ]
 
 
@@ -57,6 +63,8 @@ class TrunkClient:
         source: where the address came from, for error messages ("--trunk", "SPLITLM_TRUNK"...).
         max_message_bytes: limit for messages in both directions.
         connect_timeout_s: how long ``info`` waits for the daemon to answer.
+        token: bearer token sent with every call (the daemon's ``--token-file``).
+        tls_ca: PEM certificate(s) to verify the daemon with; TCP addresses then use TLS.
     """
 
     def __init__(
@@ -66,16 +74,51 @@ class TrunkClient:
         source: str = "--trunk",
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         connect_timeout_s: float = 5.0,
+        token: str | None = None,
+        tls_ca: bytes | None = None,
     ) -> None:
+        from .auth import BearerToken
+        from .paths import unix_path
+
         self.address = address
         self.source = source
         self.connect_timeout_s = connect_timeout_s
-        self.channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self.tls = tls_ca is not None and unix_path(address) is None
+        options = channel_options(max_message_bytes)
+        if self.tls:
+            creds = grpc.ssl_channel_credentials(root_certificates=tls_ca)
+            self.channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        if token:
+            self.channel = grpc.intercept_channel(self.channel, BearerToken(token))
         self.stub = pb_grpc.TrunkStub(self.channel)
 
+    @classmethod
+    def from_settings(cls, settings: ClientSettings, source: str = "--trunk", **kwargs: float) -> TrunkClient:
+        """A client for ``settings.trunk`` with its token file and CA read.
+
+        Raises:
+            UsageError: the token file or the CA file cannot be read.
+        """
+        from .auth import read_pem, read_token
+
+        token = read_token(settings.token_file) if settings.token_file else None
+        ca = read_pem(settings.tls_ca, "tls_ca") if settings.tls_ca else None
+        return cls(settings.trunk, source=source, token=token, tls_ca=ca, **kwargs)  # type: ignore[arg-type]
+
     def unreachable(self, detail: str) -> DaemonUnreachable:
+        from .paths import unix_path
+
+        tls_hint = ""
+        if unix_path(self.address) is None:
+            tls_hint = (
+                "  it may serve TLS: pass its certificate with --tls-ca (or SPLITLM_TLS_CA)\n" if not self.tls
+                else "  check that it serves TLS with a certificate that --tls-ca vouches for\n"
+            )
         return DaemonUnreachable(
             f"no trunk daemon answers at {self.address} (from {self.source}): {detail}\n"
+            f"{tls_hint}"
             f"  start one:  splitlm-trunkd --model smollm2 --listen {self.address}\n"
             "  or point the client at one: --trunk ADDR or SPLITLM_TRUNK=ADDR\n"
             "  or run the whole model here without a daemon: --full"
@@ -94,17 +137,77 @@ class TrunkClient:
                 raise self.unreachable(e.details() or e.code().name) from None
             raise _trunk_error(e) from None
 
-    def open_session(self, fingerprint: Fingerprint, wire_dtype: torch.dtype) -> TrunkSession:
+    def monitor(self, interval_s: float = 1.0) -> MonitorStream:
+        """Subscribe to the daemon's monitor: one sample per ``interval_s`` (0.25-10 s).
+
+        Nothing is sent until the stream is iterated; errors surface from the iteration.
+        """
+        return MonitorStream(self, interval_s)
+
+    def open_session(
+        self,
+        fingerprint: Fingerprint,
+        wire_dtype: torch.dtype,
+        retry: RetryPolicy | None = None,
+        on_reconnect: OnReconnect | None = None,
+    ) -> TrunkSession | FailoverSession:
         """Open a session for the plan ``fingerprint``.
+
+        With an enabled ``retry`` policy the session survives a broken stream (daemon killed or
+        restarted, connection reset): see ``splitlm.shared.failover``. The first open is not
+        retried: no daemon at all is an error at once.
 
         Raises:
             TrunkError: the daemon refused (FAILED_PRECONDITION for a plan mismatch,
                 RESOURCE_EXHAUSTED for a full session table).
         """
-        return TrunkSession(self, fingerprint, wire_dtype)
+        session = TrunkSession(self, fingerprint, wire_dtype)
+        if retry is None or not retry.enabled:
+            return session
+        from .failover import FailoverSession
+
+        return FailoverSession(
+            session, lambda: TrunkSession(self, fingerprint, wire_dtype), retry, on_reconnect
+        )
 
     def close(self) -> None:
         self.channel.close()
+
+
+class MonitorStream:
+    """The daemon's monitor samples, blocking, one per interval, for as long as it is iterated.
+
+    ``cancel()`` may be called from any thread; the iteration then ends quietly.
+
+    Raises (from the iteration):
+        DaemonUnreachable: no daemon answers, it went away, or it is shutting down.
+        TrunkError: any other status, e.g. INVALID_ARGUMENT for an interval out of range.
+    """
+
+    def __init__(self, client: TrunkClient, interval_s: float) -> None:
+        self.client = client
+        self.interval_s = interval_s
+        self._cancelled = threading.Event()
+        self._call = client.stub.Monitor(pb.MonitorRequest(interval_s=interval_s), wait_for_ready=False)
+
+    def __iter__(self) -> Iterator[MonitorSample]:
+        from .monitor import MonitorSample
+
+        try:
+            for msg in self._call:
+                yield MonitorSample.from_pb(msg)
+        except grpc.RpcError as e:
+            if self._cancelled.is_set() and e.code() == grpc.StatusCode.CANCELLED:
+                return
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise self.client.unreachable(e.details() or "connection lost") from None
+            raise _trunk_error(e) from None
+        if not self._cancelled.is_set():
+            raise self.client.unreachable("the daemon ended the monitor stream")
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._call.cancel()
 
 
 class TrunkSession:
@@ -115,12 +218,14 @@ class TrunkSession:
 
     def __init__(self, client: TrunkClient, fingerprint: Fingerprint, wire_dtype: torch.dtype) -> None:
         self.client = client
+        self.fingerprint = fingerprint
         self.wire_dtype = wire_dtype
         self.bytes_sent = 0
         self.bytes_received = 0
         self._ids = itertools.count(1)  # step ids; a fixed32 on the wire
         self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._closed = threading.Event()
+        self._close_sent = False
         open_msg = pb.SessionRequest(
             open=pb.OpenSession(
                 fingerprint=fingerprint.digest,
@@ -147,17 +252,23 @@ class TrunkSession:
             yield item  # type: ignore[misc]
 
     def _exchange(self, req: pb.SessionRequest) -> pb.SessionReply:
+        self._send(req)
+        return self._receive()
+
+    def _send(self, req: pb.SessionRequest) -> None:
         self.bytes_sent += req.ByteSize()
         self._requests.put(req)
+
+    def _receive(self) -> pb.SessionReply:
         try:
             reply = next(self._responses)
         except grpc.RpcError as e:
-            self._closed.set()
+            self.close()
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 raise self.client.unreachable(e.details() or "connection lost") from None
             raise _trunk_error(e) from None
         except StopIteration:
-            self._closed.set()
+            self.close()
             raise TrunkError("UNAVAILABLE", "the daemon ended the session") from None
         self.bytes_received += reply.ByteSize()
         return reply
@@ -173,13 +284,38 @@ class TrunkSession:
         req.step.step_id = step_id
         req.step.position = position
         codec.encode(hidden, self.wire_dtype, out=req.step.hidden)
-        reply = self._exchange(req)
-        result = reply.result
-        if result.step_id != step_id:
-            raise TrunkError("INTERNAL", f"reply for step {result.step_id}, expected {step_id}")
+        self._send(req)
+        result = self._result(step_id)
         return codec.decode(result.hidden), result.compute_us / 1e6
 
+    def step_tensor(self, hidden: pb.Tensor, position: int) -> pb.StepResult:
+        """``step`` for hidden states already encoded in the wire dtype."""
+        return self.replay([(hidden, position)])[0]
+
+    def replay(self, steps: Sequence[tuple[pb.Tensor, int]]) -> list[pb.StepResult]:
+        """Send ``(hidden, position)`` steps pipelined: all of them first, then read the replies.
+
+        Costs the daemon's compute plus one round trip, not one round trip per step.
+        """
+        ids = []
+        for hidden, position in steps:
+            req = pb.SessionRequest()
+            req.step.step_id = next(self._ids)
+            req.step.position = position
+            req.step.hidden.CopyFrom(hidden)
+            self._send(req)
+            ids.append(req.step.step_id)
+        return [self._result(step_id) for step_id in ids]
+
+    def _result(self, step_id: int) -> pb.StepResult:
+        reply = self._receive()
+        if not reply.HasField("result") or reply.result.step_id != step_id:
+            raise TrunkError("INTERNAL", f"reply for step {reply.result.step_id}, expected {step_id}")
+        return reply.result
+
     def close(self) -> None:
-        if not self._closed.is_set():
-            self._closed.set()
+        """End the stream (the daemon frees the cache); also ends the thread feeding requests."""
+        self._closed.set()
+        if not self._close_sent:
+            self._close_sent = True
             self._requests.put(_CLOSE)

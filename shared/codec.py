@@ -60,8 +60,11 @@ def decode(msg: pb.Tensor) -> torch.Tensor:
         raise InvalidStep(
             f"tensor of shape {shape} and dtype {dtype_name(dtype)} needs {want} bytes, got {len(msg.data)}"
         )
-    if want == 0:
-        return torch.empty(shape, dtype=dtype)
+    if want == 0:  # a zero in the shape: other dimensions may still be absurd (2**32 - 1, ...)
+        try:
+            return torch.empty(shape, dtype=dtype)
+        except RuntimeError:
+            raise InvalidStep(f"tensor shape {shape} is not a valid shape") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only buffer: the tensor is never written
         flat = torch.frombuffer(msg.data, dtype=torch.uint8)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from .client import TrunkSession
+    from .failover import FailoverSession
     from .models import Part
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,13 @@ class LocalPipeline:
 
 
 class SplitPipeline:
-    """Bottom and top here, trunk in the daemon; only hidden states cross the wire."""
+    """Bottom and top here, trunk in the daemon; only hidden states cross the wire.
 
-    def __init__(self, bottom: Part, session: TrunkSession, top: Part) -> None:
+    With a ``FailoverSession`` a broken stream costs a pause inside ``step`` (reconnect, replay of
+    the recorded steps), not the conversation; the bottom and top caches here are not touched.
+    """
+
+    def __init__(self, bottom: Part, session: TrunkSession | FailoverSession, top: Part) -> None:
         self.bottom, self.session, self.top = bottom, session, top
         self.bottom_cache = bottom.new_cache()
         self.top_cache = top.new_cache()

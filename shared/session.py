@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from ..protos import trunk_pb2 as pb
     from .client import TrunkClient
+    from .failover import OnReconnect, RetryPolicy
     from .generation import LocalPipeline, SplitPipeline
     from .models import Family, ModelSource, Part
 
@@ -132,8 +133,24 @@ def split_parts(
     return SplitParts(plan, fp, parts[0], parts[1], codec.TORCH_OF[p.dtype], parts[2] if with_full else None)
 
 
-def split_pipeline(parts: SplitParts, client: TrunkClient, wire_dtype: torch.dtype | None = None) -> SplitPipeline:
+def split_pipeline(
+    parts: SplitParts,
+    client: TrunkClient,
+    wire_dtype: torch.dtype | None = None,
+    retry: RetryPolicy | None = None,
+    on_reconnect: OnReconnect | None = None,
+) -> SplitPipeline:
+    """A split pipeline on a new session.
+
+    Args:
+        retry: failover policy (default ``RetryPolicy()``: reconnect for up to 180 s and rebuild
+            the trunk cache; ``NO_FAILOVER`` turns it off).
+        on_reconnect: told of each reconnect attempt and of the resume, on the stepping thread.
+    """
+    from .failover import RetryPolicy
     from .generation import SplitPipeline
 
-    session = client.open_session(parts.fingerprint, wire_dtype or parts.trunk_dtype)
+    session = client.open_session(
+        parts.fingerprint, wire_dtype or parts.trunk_dtype, retry or RetryPolicy(), on_reconnect
+    )
     return SplitPipeline(parts.bottom, session, parts.top)

@@ -1,5 +1,5 @@
-"""``splitlm``: the client. ``generate``, ``compare`` and ``info`` run headless on the shared
-engine; ``chat`` opens the Textual app (issue: the chat client).
+"""``splitlm``: the client. ``generate``, ``compare``, ``info`` and ``monitor`` run headless on
+the shared engine; ``chat`` opens the Textual app (issue: the chat client).
 
 Cheap flags are answered before torch or transformers are imported.
 """
@@ -23,6 +23,22 @@ log = logging.getLogger("splitlm.client")
 
 def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trunk", default=None, metavar="ADDR", help="the daemon: unix:/path or host:port [env SPLITLM_TRUNK]")
+    p.add_argument("--token-file", default=None, metavar="PATH",
+                   help="file with the daemon's bearer token [env SPLITLM_TOKEN_FILE]")
+    p.add_argument("--tls-ca", default=None, metavar="PEM",
+                   help="certificate to verify a TLS daemon with; TCP then uses TLS [env SPLITLM_TLS_CA]")
+    p.add_argument("--config", default=None, metavar="PATH",
+                   help="client TOML config (default: ~/.config/splitlm/client.toml); flags > SPLITLM_* > file")
+
+
+def _add_failover(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retry-deadline", type=float, default=180.0, metavar="S",
+                   help="when the daemon goes away mid-session, keep reconnecting this long, then "
+                   "rebuild its cache and continue (default 180; 0: fail at once)")
+    p.add_argument("--retry-initial", type=float, default=0.25, metavar="S",
+                   help="first wait before reconnecting; doubles per attempt (default 0.25)")
+    p.add_argument("--retry-max-delay", type=float, default=2.0, metavar="S",
+                   help="longest wait between two attempts (default 2)")
 
 
 def _add_generation(p: argparse.ArgumentParser, greedy_default: bool = True) -> None:
@@ -34,9 +50,9 @@ def _add_generation(p: argparse.ArgumentParser, greedy_default: bool = True) -> 
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--stop", action="append", default=[], metavar="S", help="stop string; repeatable")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype of the local parts")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype of the local parts (default auto) [env SPLITLM_DTYPE]")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N [env SPLITLM_DEVICE]")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("prompt", help="the prompt; - reads standard input")
 
@@ -48,18 +64,30 @@ def build_parser() -> argparse.ArgumentParser:
         "splitlm-trunkd daemon; hidden states (not text, not logits) cross the wire.",
     )
     p.add_argument("--version", action="store_true", help="print the version and exit")
-    p.add_argument("--log-level", default=os.environ.get("SPLITLM_LOG_LEVEL", "WARNING"))
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default), ERROR [env SPLITLM_LOG_LEVEL]")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     g = sub.add_parser("generate", help="generate a reply (split through the daemon, or --full locally)")
     _add_target(g)
     g.add_argument("--full", action="store_true", help="run the whole model here; no daemon needed")
+    _add_failover(g)
     _add_generation(g)
     c = sub.add_parser("compare", help="the same prompt full and split in one run: agreement and ratios")
     _add_target(c)
+    _add_failover(c)
     _add_generation(c)
     i = sub.add_parser("info", help="what the daemon serves")
     _add_target(i)
     i.add_argument("--json", action="store_true")
+    m = sub.add_parser("monitor", help="the daemon's CPU, memory, GPUs and trunk load, one sample per interval")
+    _add_target(m)
+    m.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between samples, 0.25-10 (default 1)")
+    m.add_argument("--json", action="store_true", help="one JSON object per line instead of one text line")
+    ch = sub.add_parser("chat", help="the terminal chat app (what bare `splitlm` opens)")
+    _add_target(ch)
+    _add_failover(ch)
+    from .app.launch import add_chat_arguments  # no Textual import: the flags only
+
+    add_chat_arguments(ch)
     return p
 
 
@@ -75,12 +103,17 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return ExitCode.OK
-    if args.command is None:
-        parser.print_help()
-        return ExitCode.USAGE
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:  # bare `splitlm` (global flags only) opens the chat app
+        args = parser.parse_args([*(sys.argv[1:] if argv is None else argv), "chat"])
     try:
-        handler = {"generate": cmd_generate, "compare": cmd_compare, "info": cmd_info}[args.command]
+        _apply_config(args)
+    except SplitlmError as e:
+        print(f"splitlm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        handler = {"generate": cmd_generate, "compare": cmd_compare, "info": cmd_info, "monitor": cmd_monitor,
+                   "chat": cmd_chat}[args.command]
         return handler(args)
     except SplitlmError as e:
         print(f"splitlm: error: {e}", file=sys.stderr)
@@ -92,14 +125,33 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.FAILURE
 
 
+def _apply_config(args: argparse.Namespace) -> None:
+    """Layer flags > ``SPLITLM_*`` > client.toml > defaults (``shared.config``), and put the
+    effective values back on ``args`` (``args.trunk``, ``args.model``, ...); the whole result,
+    with sources, is ``args.client_config``.
+
+    Raises:
+        ConfigError: a bad value, naming the key, its source and what is allowed.
+    """
+    from ..shared import config
+
+    loaded = config.load(
+        config.ClientSettings, config.flags_from(args, config.ClientSettings),
+        config=getattr(args, "config", None), file_name="client",
+    )
+    for key in ("trunk", "model", "dtype", "device", "token_file", "tls_ca", "log_level"):
+        if hasattr(args, key):
+            setattr(args, key, getattr(loaded.settings, key))
+    args.client_config = loaded
+
+
 def _client(args: argparse.Namespace) -> Any:
     from ..shared.client import TrunkClient
-    from ..shared.paths import client_target
 
-    if args.trunk:
-        return TrunkClient(args.trunk, source="--trunk")
-    address, source = client_target()
-    return TrunkClient(address, source=source)
+    loaded = args.client_config
+    source = loaded.source("trunk")
+    source = "the default socket" if source == "default" else source
+    return TrunkClient.from_settings(loaded.settings, source=source)
 
 
 def _settings(args: argparse.Namespace) -> GenerationSettings:
@@ -108,6 +160,33 @@ def _settings(args: argparse.Namespace) -> GenerationSettings:
 
     sampling = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     return GenerationSettings(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), sampling=sampling)
+
+
+def _retry(args: argparse.Namespace) -> Any:
+    from ..shared.failover import RetryPolicy
+
+    return RetryPolicy(
+        initial_delay_s=args.retry_initial, max_delay_s=args.retry_max_delay, deadline_s=args.retry_deadline
+    )
+
+
+def _reconnect_notice(event: Any) -> None:
+    """Failover notices on stderr; the reply itself keeps streaming to stdout."""
+    from ..shared.failover import Reconnecting
+
+    if isinstance(event, Reconnecting):
+        print(
+            f"splitlm: lost the trunk daemon ({event.error}); reconnecting in {event.delay_s:.1f} s "
+            f"(attempt {event.attempt}, {event.elapsed_s:.0f}/{event.deadline_s:.0f} s)",
+            file=sys.stderr, flush=True,
+        )
+    else:
+        print(
+            f"splitlm: reconnected after {event.downtime_s:.1f} s; rebuilt the trunk cache "
+            f"({event.replayed_positions} positions in {event.replayed_steps} steps, "
+            f"{event.replay_s * 1e3:.0f} ms); continuing",
+            file=sys.stderr, flush=True,
+        )
 
 
 def _prompt(args: argparse.Namespace) -> str:
@@ -169,6 +248,7 @@ def _run(pipeline: Any, model: Any, ids: list[int], settings: GenerationSettings
 
 def cmd_generate(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    retry = _retry(args)
     prompt = _prompt(args)
     from ..shared import session as ss
     from ..shared.generation import prompt_ids
@@ -186,7 +266,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         device, dtype = _device_dtype(args)
         model = ss.load_model(ss.client_model_spec(args.model, info))
         parts = ss.split_parts(model, info, dtype, device)
-        pipeline = ss.split_pipeline(parts, client)
+        pipeline = ss.split_pipeline(parts, client, retry=retry, on_reconnect=_reconnect_notice)
         plan = ss.plan_dict(model, parts.plan.split, parts.fingerprint.digest)
     ids = prompt_ids(model.tokenizer, prompt, chat=not args.no_chat)
     try:
@@ -223,6 +303,7 @@ def _summary(res: GenerationResult) -> dict[str, float]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    retry = _retry(args)
     prompt = _prompt(args)
     from ..shared import session as ss
     from ..shared.generation import GenerationSettings, LocalPipeline, generate, prompt_ids
@@ -235,7 +316,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     parts = ss.split_parts(model, info, dtype, device, with_full=True)
     assert parts.full is not None
     full = LocalPipeline(parts.full)
-    split = ss.split_pipeline(parts, client)
+    split = ss.split_pipeline(parts, client, retry=retry, on_reconnect=_reconnect_notice)
     ids = prompt_ids(model.tokenizer, prompt, chat=not args.no_chat)
     warm = GenerationSettings(max_new_tokens=2, sampling=settings.sampling)
     for pipe in (full, split):  # first calls pay one-off costs (allocator, kernels): not measured
@@ -288,6 +369,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    """The Textual app (``splitlm.tui.app``); it logs to a file, never to the terminal it owns."""
+    from .app.launch import run_chat
+
+    source = args.client_config.source("trunk")
+    return run_chat(args, lambda: _client(args), "the default socket" if source == "default" else source)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
@@ -306,6 +395,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"limits      {lim.max_sessions} sessions, {lim.max_context} tokens each, {lim.max_message_bytes} B messages")
     print(f"sessions    {info.sessions_open} open")
     return ExitCode.OK
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """Print the daemon's monitor stream until Ctrl-C (exit 0) or the reader goes away."""
+    from ..shared.monitor import check_interval, format_line
+
+    interval = check_interval(args.interval)
+    client = _client(args)
+    stream = client.monitor(interval)
+    try:
+        for sample in stream:
+            sys.stdout.write((json.dumps(sample.to_dict()) if args.json else format_line(sample)) + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return ExitCode.OK
+    except BrokenPipeError:  # `splitlm monitor | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.OK
+    finally:
+        stream.cancel()
+        client.close()
+    return ExitCode.FAILURE  # unreachable: the stream ends with an error or by cancel
 
 
 if __name__ == "__main__":

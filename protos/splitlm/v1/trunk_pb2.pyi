@@ -145,3 +145,67 @@ class SessionReply(_message.Message):
     opened: SessionOpened
     result: StepResult
     def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., result: _Optional[_Union[StepResult, _Mapping]] = ...) -> None: ...
+
+class MonitorRequest(_message.Message):
+    __slots__ = ("interval_s",)
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    interval_s: float
+    def __init__(self, interval_s: _Optional[float] = ...) -> None: ...
+
+class GpuSample(_message.Message):
+    __slots__ = ("index", "name", "utilization_percent", "memory_used_bytes", "memory_total_bytes", "temperature_c", "power_w")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_C_FIELD_NUMBER: _ClassVar[int]
+    POWER_W_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    name: str
+    utilization_percent: float
+    memory_used_bytes: int
+    memory_total_bytes: int
+    temperature_c: float
+    power_w: float
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., utilization_percent: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., temperature_c: _Optional[float] = ..., power_w: _Optional[float] = ...) -> None: ...
+
+class MonitorSample(_message.Message):
+    __slots__ = ("time", "interval_s", "cpu_percent", "load_1m", "load_5m", "load_15m", "mem_used_bytes", "mem_total_bytes", "daemon_rss_bytes", "gpus", "gpu_status", "sessions_open", "steps_queued", "steps", "tokens_per_s", "step_p50_ms", "step_p95_ms", "trunk_cache_bytes")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_1M_FIELD_NUMBER: _ClassVar[int]
+    LOAD_5M_FIELD_NUMBER: _ClassVar[int]
+    LOAD_15M_FIELD_NUMBER: _ClassVar[int]
+    MEM_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEM_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DAEMON_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    GPU_STATUS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_OPEN_FIELD_NUMBER: _ClassVar[int]
+    STEPS_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    STEP_P95_MS_FIELD_NUMBER: _ClassVar[int]
+    TRUNK_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    time: float
+    interval_s: float
+    cpu_percent: float
+    load_1m: float
+    load_5m: float
+    load_15m: float
+    mem_used_bytes: int
+    mem_total_bytes: int
+    daemon_rss_bytes: int
+    gpus: _containers.RepeatedCompositeFieldContainer[GpuSample]
+    gpu_status: str
+    sessions_open: int
+    steps_queued: int
+    steps: int
+    tokens_per_s: float
+    step_p50_ms: float
+    step_p95_ms: float
+    trunk_cache_bytes: int
+    def __init__(self, time: _Optional[float] = ..., interval_s: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., load_1m: _Optional[float] = ..., load_5m: _Optional[float] = ..., load_15m: _Optional[float] = ..., mem_used_bytes: _Optional[int] = ..., mem_total_bytes: _Optional[int] = ..., daemon_rss_bytes: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[GpuSample, _Mapping]]] = ..., gpu_status: _Optional[str] = ..., sessions_open: _Optional[int] = ..., steps_queued: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., step_p50_ms: _Optional[float] = ..., step_p95_ms: _Optional[float] = ..., trunk_cache_bytes: _Optional[int] = ...) -> None: ...

@@ -45,6 +45,11 @@ class TrunkStub:
                 request_serializer=splitlm_dot_v1_dot_trunk__pb2.SessionRequest.SerializeToString,
                 response_deserializer=splitlm_dot_v1_dot_trunk__pb2.SessionReply.FromString,
                 _registered_method=True)
+        self.Monitor = channel.unary_stream(
+                '/splitlm.v1.Trunk/Monitor',
+                request_serializer=splitlm_dot_v1_dot_trunk__pb2.MonitorRequest.SerializeToString,
+                response_deserializer=splitlm_dot_v1_dot_trunk__pb2.MonitorSample.FromString,
+                _registered_method=True)
 
 
 class TrunkServicer:
@@ -67,6 +72,15 @@ class TrunkServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Monitor(self, request, context):
+        """Host and trunk figures, one sample per interval for as long as the client listens. The daemon
+        samples once per interval however many clients listen at that interval.
+        INVALID_ARGUMENT for an interval outside 0.25-10 s; UNAVAILABLE when the daemon shuts down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrunkServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +93,11 @@ def add_TrunkServicer_to_server(servicer, server):
                     servicer.Session,
                     request_deserializer=splitlm_dot_v1_dot_trunk__pb2.SessionRequest.FromString,
                     response_serializer=splitlm_dot_v1_dot_trunk__pb2.SessionReply.SerializeToString,
+            ),
+            'Monitor': grpc.unary_stream_rpc_method_handler(
+                    servicer.Monitor,
+                    request_deserializer=splitlm_dot_v1_dot_trunk__pb2.MonitorRequest.FromString,
+                    response_serializer=splitlm_dot_v1_dot_trunk__pb2.MonitorSample.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +155,33 @@ class Trunk:
             '/splitlm.v1.Trunk/Session',
             splitlm_dot_v1_dot_trunk__pb2.SessionRequest.SerializeToString,
             splitlm_dot_v1_dot_trunk__pb2.SessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Monitor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitlm.v1.Trunk/Monitor',
+            splitlm_dot_v1_dot_trunk__pb2.MonitorRequest.SerializeToString,
+            splitlm_dot_v1_dot_trunk__pb2.MonitorSample.FromString,
             options,
             channel_credentials,
             insecure,
