@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make demo: start the trunk daemon on the bundled SmolLM2 on a private unix socket, wait until it
-# answers (at most 180 s), run one split generation through it, stop the daemon.
+# answers (at most 180 s), run one split generation through it, then (at a terminal) open the chat
+# app on it; stop the daemon.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -37,3 +38,11 @@ done
 echo
 echo '$ splitlm generate --max-new-tokens 48 "Why is the sky blue?"'
 "$VENV/bin/splitlm" generate --trunk "$SOCK" --max-new-tokens 48 "Why is the sky blue?"
+
+# at a terminal, the chat app opens on the same daemon (ctrl+q quits, and the daemon stops);
+# without one (CI, a pipe) the headless reply above is the whole demo
+if [ -t 0 ] && [ -t 1 ]; then
+  echo
+  echo '$ splitlm chat   (ctrl+q quits)'
+  "$VENV/bin/splitlm" chat --trunk "$SOCK"
+fi

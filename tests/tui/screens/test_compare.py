@@ -1,0 +1,34 @@
+"""Full vs split on the same prompt: 100% agreement on greedy."""
+
+from __future__ import annotations
+
+from textual.widgets import Input, Label
+
+from splitlm.tui.app.app import SplitlmApp
+from splitlm.tui.app.config import ChatSettings
+from splitlm.tui.app.widgets.compare_table import CompareTable
+from tests.tui.conftest import wait_loaded, wait_until
+
+
+async def test_compare_agrees_on_greedy(chat_daemon, make_config) -> None:  # type: ignore[no-untyped-def]
+    app = SplitlmApp(make_config(chat_daemon.address, settings=ChatSettings(max_new_tokens=20)))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_loaded(pilot, app)
+        await pilot.press("ctrl+f")
+        await wait_until(pilot, lambda: app.screen.id == "compare-screen", what="the compare screen")
+        screen = app.screen
+        prompt = screen.query_one("#compare-prompt", Input)
+        assert prompt.value  # a prompt is offered
+        prompt.value = "why is the sky blue"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: screen.report is not None, timeout=90, what="the comparison")
+        r = screen.report
+        assert r.agreement.identical and r.agreement.full_tokens == 20
+        assert r.full_text == r.split_text
+        assert "100%" in str(screen.query_one("#compare-agreement", Label).render())
+        rows = {row[0]: row for row in screen.query_one(CompareTable).rows}
+        assert rows["tokens"][1:3] == ("20", "20") and rows["TTFT"][3].endswith("×")
+        loaded = app.comparer.full
+        await pilot.press("enter")  # a second run reuses the full model
+        await wait_until(pilot, lambda: not screen.running, timeout=90, what="the second comparison")
+        assert app.comparer.full is loaded and screen.report.agreement.identical

@@ -1,0 +1,76 @@
+"""A real terminal: tmux runs ``splitlm chat`` at 80x24 with TERM=xterm-256color and no COLORTERM
+(as over SSH); keys go in with send-keys, the screen comes back with capture-pane."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (CI installs it: .ci/run)")
+
+
+class Tmux:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run(self, *args: str) -> str:
+        return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True, timeout=30).stdout
+
+    def screen(self) -> str:
+        return self.run("capture-pane", "-p", "-t", self.name)
+
+    def keys(self, *keys: str) -> None:
+        self.run("send-keys", "-t", self.name, *keys)
+
+    def wait_for(self, predicate: Callable[[str], bool], what: str, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.screen()
+            if predicate(text):
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; the screen:\n{text}")
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def tmux(tmp_path) -> Iterator[Tmux]:  # type: ignore[no-untyped-def]
+    t = Tmux(f"splitlm-test-{uuid.uuid4().hex[:8]}")
+    yield t
+    subprocess.run(["tmux", "kill-session", "-t", t.name], capture_output=True, timeout=30)
+
+
+def test_chat_in_tmux_80x24(tmux, chat_daemon, chat_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cmd = shlex.join([
+        sys.executable, "-m", "splitlm.tui.cli", "chat", "--trunk", chat_daemon.address,
+        "--model", str(chat_model), "--max-new-tokens", "24", "--data-dir", str(tmp_path / "data"),
+    ])
+    env = {k: v for k, v in os.environ.items() if k != "COLORTERM"}
+    env.update(TERM="xterm-256color", XDG_STATE_HOME=str(tmp_path / "state"), OMP_NUM_THREADS="1")
+    env_args = ["env", "-u", "COLORTERM", *[f"{k}={v}" for k, v in env.items() if k in
+                                             ("TERM", "XDG_STATE_HOME", "OMP_NUM_THREADS", "PATH", "HOME")]]
+    tmux.run("new-session", "-d", "-s", tmux.name, "-x", "80", "-y", "24",
+             shlex.join(env_args) + f" {cmd}; echo EXITED $?; sleep 60")
+    tmux.wait_for(lambda s: "connected" in s and "Type a prompt" in s, "the app to connect")
+    tmux.keys("why is the sky blue", "Enter")
+    screen = tmux.wait_for(lambda s: "24 tok" in s and "TTFT" in s and "^n New" in s, "the reply")
+    lines = screen.splitlines()
+    assert len(lines) <= 24 and max(len(x) for x in lines) <= 80
+    assert any(line.strip() == "why is the sky blue" for line in lines)  # the prompt
+    assert any("assistant" in line and "tok/s" in line for line in lines)  # the reply's figures
+    assert any(line.lstrip().startswith("latency") and "p50" in line for line in lines)  # live line
+    tmux.keys("C-l")
+    screen = tmux.wait_for(lambda s: "p95 / token" in s, "the latency screen")
+    assert "own machine" in screen and "trunk" in screen and "wire" in screen and "bytes/token" in screen
+    tmux.keys("C-q")
+    tmux.wait_for(lambda s: "EXITED 0" in s, "a clean exit", timeout=30)
+    assert "Traceback" not in tmux.screen()
+    assert (tmp_path / "state" / "splitlm" / "log" / "chat.log").exists()  # logs went to the file

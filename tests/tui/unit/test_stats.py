@@ -1,0 +1,66 @@
+"""Latency figures and agreement: pure helpers."""
+
+from __future__ import annotations
+
+import math
+
+from splitlm.shared.generation import GenerationResult
+from splitlm.tui.app.stats import (
+    Agreement,
+    ReplyStats,
+    TokenTiming,
+    fmt_bytes,
+    fmt_ms,
+    percentile,
+    ratio,
+)
+
+
+def result() -> GenerationResult:
+    return GenerationResult(
+        prompt_ids=[1, 2], token_ids=[5, 6, 7, 8], ttft_s=0.2, per_token_s=[0.05, 0.1, 0.05],
+        client_compute_s=[0.1, 0.01, 0.02, 0.01], trunk_compute_s=[0.05, 0.02, 0.03, 0.02],
+        bytes_sent=400, bytes_received=400,
+    )
+
+
+def test_percentile_is_nearest_rank() -> None:
+    assert percentile([3, 1, 2], 0.5) == 2
+    assert percentile([1, 2, 3, 4], 0.95) == 4
+    assert math.isnan(percentile([], 0.5))
+
+
+def test_reply_stats_split_each_token_three_ways() -> None:
+    s = ReplyStats.of(result())
+    assert s.tokens == 4 and s.ttft_s == 0.2
+    assert s.per_token_s == [0.05, 0.1, 0.05]
+    assert s.p50_s == 0.05 and s.p95_s == 0.1
+    assert math.isclose(s.tokens_per_s, 3 / 0.2)
+    assert s.bytes_per_token == 200
+    own, trunk, wire = s.mean_split_s()
+    assert math.isclose(own, (0.01 + 0.02 + 0.01) / 3)
+    assert math.isclose(trunk, (0.02 + 0.03 + 0.02) / 3)
+    assert math.isclose(own + trunk + wire, sum(s.per_token_s) / 3)
+    assert TokenTiming(0.01, 0.02, 0.0).wire_s == 0.0  # clocks disagree by a hair: never negative
+
+
+def test_one_token_has_no_decode_speed() -> None:
+    r = GenerationResult(prompt_ids=[1], token_ids=[2], ttft_s=0.1, client_compute_s=[0.05], trunk_compute_s=[0.02])
+    s = ReplyStats.of(r)
+    assert s.tokens == 1 and math.isnan(s.tokens_per_s) and math.isnan(s.p50_s)
+    assert all(math.isnan(x) for x in s.mean_split_s())
+
+
+def test_agreement() -> None:
+    same = Agreement.of([1, 2, 3], [1, 2, 3])
+    assert same.identical and same.first_difference is None and same.percent == 100
+    diff = Agreement.of([1, 2, 3, 4], [1, 2, 9, 4])
+    assert not diff.identical and diff.first_difference == 2 and diff.matching_prefix == 2 and diff.percent == 50
+    shorter = Agreement.of([1, 2, 3], [1, 2])
+    assert not shorter.identical and shorter.first_difference == 2
+
+
+def test_formatting() -> None:
+    assert fmt_ms(0.0123) == "12.3 ms" and fmt_ms(math.nan) == "—"
+    assert fmt_bytes(512) == "512 B" and fmt_bytes(2048) == "2.0 KiB"
+    assert math.isnan(ratio(1.0, 0.0)) and ratio(1.0, 2.0) == 0.5

@@ -1,0 +1,290 @@
+"""The app: screens, keys, workers' messages routed to state. Wiring only; the work is in
+``engine``, ``comparison``, ``monitor_feed`` and ``store``, the drawing in ``screens``/``widgets``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.reactive import reactive
+from textual.screen import Screen
+
+from ...shared.errors import SplitlmError
+from .comparison import Comparer
+from .config import AppConfig, ChatSettings
+from .engine import ChatEngine, PlanInfo, ReplyOutcome
+from .messages import ConnectionChanged, MonitorSampled, MonitorUnavailable
+from .monitor_feed import CONNECTED, DOWN, RECONNECTING, MonitorFeed
+from .monitor_history import MonitorHistory
+from .screens.chat import ChatScreen
+from .screens.compare import CompareScreen
+from .screens.conversations import ConversationsScreen
+from .screens.latency import LatencyScreen
+from .screens.server import ServerScreen
+from .screens.settings import SettingsScreen
+from .store import ConversationStore
+
+log = logging.getLogger(__name__)
+
+RETRY_HINT = "ctrl+y retry"
+
+
+class SplitlmApp(App[None]):
+    """``splitlm chat``.
+
+    | Key | Action |
+    | :- | :- |
+    | ctrl+o | open a saved conversation |
+    | ctrl+s | settings |
+    | ctrl+l | latency of the last reply |
+    | ctrl+t | server (monitor stream) |
+    | ctrl+f | full vs split |
+    | ctrl+y | retry the connection |
+    | ctrl+q | quit |
+    | ctrl+p | command palette |
+
+    Args:
+        config: start-up configuration.
+        start_monitor: follow the daemon's monitor stream (tests that feed samples turn it off).
+        autoload: load the parts at start (snapshot tests that feed fixed data turn it off).
+    """
+
+    CSS_PATH = "splitlm.tcss"
+    TITLE = "splitlm"
+    SCREENS = {"latency": LatencyScreen, "server": ServerScreen, "compare": CompareScreen}
+    BINDINGS = [
+        Binding("ctrl+o", "open_conversation", "Open", tooltip="reopen a saved conversation"),
+        Binding("ctrl+s", "settings", "Settings", tooltip="generation settings and the plan"),
+        Binding("ctrl+l", "switch('latency')", "Stats", tooltip="latency of the last reply"),
+        Binding("ctrl+t", "switch('server')", "Server", tooltip="the daemon's host, live"),
+        Binding("ctrl+f", "switch('compare')", "Compare", tooltip="full model vs split, same prompt"),
+        Binding("ctrl+y", "retry", "Retry", tooltip="reconnect to the daemon"),
+        Binding("ctrl+q", "quit", "Quit", tooltip="quit splitlm", priority=True, show=False),
+    ]
+
+    connection: reactive[str] = reactive("connecting")
+    """The daemon as last seen: connecting, connected, reconnecting or down."""
+    connection_hint: reactive[str] = reactive("")
+    plan_text: reactive[str] = reactive("")
+    address: reactive[str] = reactive("")
+    monitor_samples: reactive[int] = reactive(0)
+    """Count of monitor samples received (screens watch it)."""
+    monitor_note: reactive[str] = reactive("")
+    replies: reactive[int] = reactive(0)
+    """Count of finished replies (the latency screen watches it)."""
+
+    def __init__(self, config: AppConfig, start_monitor: bool = True, autoload: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.settings: ChatSettings = config.settings
+        self.engine = ChatEngine(config)
+        self.comparer = Comparer(self.engine)
+        self.store = ConversationStore(config.db_path)
+        self.monitor = MonitorHistory(minutes=5, interval_s=config.monitor_interval_s)
+        self.last_reply: ReplyOutcome | None = None
+        self.plan: PlanInfo | None = None
+        self._start_monitor = start_monitor
+        self.autoload = autoload
+        self._feed: MonitorFeed | None = None
+        self._engine_down = False
+        if not config.animations:
+            self.animation_level = "none"
+        self.set_reactive(SplitlmApp.address, config.trunk)
+
+    def on_mount(self) -> None:
+        self.push_screen(ChatScreen())
+        if self._start_monitor:
+            self.follow_monitor()
+
+    def on_unmount(self) -> None:
+        if self._feed is not None:
+            self._feed.stop()
+        chat = self.chat_screen()
+        if chat is not None:
+            chat.action_stop()
+        self.engine.stop_reconnect()
+        self.store.close()
+
+    # --- state shared by the screens ---
+
+    def chat_screen(self) -> ChatScreen | None:
+        return next((s for s in self.screen_stack if isinstance(s, ChatScreen)), None)
+
+    def busy(self) -> bool:
+        chat = self.chat_screen()
+        return chat is not None and (chat.generating or chat.starting)
+
+    def last_prompt(self) -> str:
+        chat = self.chat_screen()
+        return chat.last_user_prompt() if chat is not None else ""
+
+    def engine_ready(self, plan: PlanInfo) -> None:
+        self.plan = plan
+        self._engine_down = False
+        self.plan_text = f"{Path(plan.model).name or plan.model} {plan.split[0]}:{plan.split[1]}"
+        self.connection = CONNECTED
+        self.connection_hint = ""
+
+    def engine_failed(self, error: str, unreachable: bool) -> None:
+        self._engine_down = True
+        if unreachable:
+            self.connection = DOWN
+        self.connection_hint = RETRY_HINT
+        first = error.splitlines()[0]
+        self.notify(f"{first}\nctrl+y retries.", title="Not connected", severity="error", timeout=10)
+
+    def reply_finished(self, outcome: ReplyOutcome) -> None:
+        self.last_reply = outcome
+        self.replies += 1
+
+    def reply_failed(self, error: str, unreachable: bool) -> None:
+        if unreachable:
+            self.connection = DOWN
+            self.connection_hint = RETRY_HINT
+            self.notify(
+                f"{error.splitlines()[0]}\nThe partial reply stays. ctrl+y reconnects; ctrl+r regenerates.",
+                title="Lost the daemon", severity="error", timeout=12,
+            )
+        else:
+            self.notify(error.splitlines()[0], title="Reply failed", severity="error", timeout=10)
+
+    def failover(self, event: Any) -> None:
+        from ...shared.failover import Reconnecting
+
+        if isinstance(event, Reconnecting):
+            self.connection = RECONNECTING
+            self.connection_hint = "Esc gives up"
+            if event.attempt == 1:
+                self.notify(
+                    f"Lost the daemon ({event.error}); reconnecting for up to {event.deadline_s:.0f} s…",
+                    title="Reconnecting", severity="warning", timeout=6,
+                )
+        else:
+            self.connection = CONNECTED
+            self.connection_hint = ""
+            self.notify(
+                f"Reconnected after {event.downtime_s:.1f} s; rebuilt the trunk cache "
+                f"({event.replayed_positions} positions). The reply continues.",
+                title="Reconnected", timeout=6,
+            )
+
+    # --- the monitor stream ---
+
+    @work(thread=True, exclusive=True, group="monitor", exit_on_error=False)
+    def follow_monitor(self) -> None:
+        try:
+            client = self.config.new_client()
+        except SplitlmError as e:
+            self.post_message(MonitorUnavailable(str(e)))
+            return
+        self._feed = MonitorFeed(
+            client,
+            self.config.monitor_interval_s,
+            on_sample=lambda s: self.post_message(MonitorSampled(s)),
+            on_state=lambda state, detail: self.post_message(ConnectionChanged(state, detail)),
+            on_unavailable=lambda reason: self.post_message(MonitorUnavailable(reason)),
+        )
+        try:
+            self._feed.run()
+        finally:
+            client.close()
+
+    def on_monitor_sampled(self, msg: MonitorSampled) -> None:
+        self.monitor.add(msg.sample)
+        self.monitor_samples += 1
+
+    def on_monitor_unavailable(self, msg: MonitorUnavailable) -> None:
+        self.monitor_note = msg.reason
+
+    def on_connection_changed(self, msg: ConnectionChanged) -> None:
+        chat = self.chat_screen()
+        if msg.state == CONNECTED:
+            self.monitor_note = ""
+            if self._engine_down and chat is not None:
+                chat.daemon_back()
+            if not self._engine_down and not (chat and chat.starting):
+                self.connection, self.connection_hint = CONNECTED, ""
+            return
+        if chat is not None and chat.generating:
+            return  # the reply's own failover reports what happens to it
+        self.connection = msg.state
+        self.connection_hint = RETRY_HINT if msg.state == DOWN else ""
+        self.monitor_note = f"monitor stream: {msg.detail}" if msg.detail else ""
+
+    # --- actions ---
+
+    def action_switch(self, name: str) -> None:
+        """Show one of the installed screens over the chat (from any screen)."""
+        if self.screen.id == f"{name}-screen":
+            return
+        while len(self.screen_stack) > 2:
+            self.pop_screen()
+        self.push_screen(name)
+
+    def action_back(self) -> None:
+        if len(self.screen_stack) > 2:
+            self.pop_screen()
+
+    def action_settings(self) -> None:
+        if isinstance(self.screen, SettingsScreen):
+            return
+
+        def done(settings: ChatSettings | None) -> None:
+            if settings is not None:
+                self.settings = settings
+                self.notify("settings saved", timeout=2)
+
+        self.push_screen(SettingsScreen(self.settings, self.plan, self.config.trunk), done)
+
+    def action_open_conversation(self) -> None:
+        chat = self.chat_screen()
+        if chat is None or chat.generating or isinstance(self.screen, ConversationsScreen):
+            return
+
+        async def chosen(conversation_id: int | None) -> None:
+            if conversation_id is not None and chat is not None:
+                while len(self.screen_stack) > 2:
+                    self.pop_screen()
+                await chat.open_conversation(conversation_id)
+
+        self.push_screen(ConversationsScreen(self.store), chosen)
+
+    def action_retry(self) -> None:
+        if self._feed is not None:
+            self._feed.retry_now()
+        chat = self.chat_screen()
+        if chat is not None:
+            chat.retry()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "retry":
+            return self.connection != CONNECTED or self._engine_down
+        if action == "switch" and parameters == ("compare",):
+            return self.plan is not None and self.connection != DOWN
+        return True
+
+    def watch_connection(self) -> None:
+        self.refresh_bindings()
+
+    def watch_plan_text(self) -> None:
+        self.refresh_bindings()
+
+    # --- the command palette lists every key the footer shows ---
+
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        seen = set()
+        for active in screen.active_bindings.values():
+            b = active.binding
+            if not b.show or not b.description or b.action in seen or not active.enabled:
+                continue
+            seen.add(b.action)
+            help_text = f"{self.get_key_display(b)} · {b.tooltip or b.description}"
+            yield SystemCommand(b.description, help_text, partial(self.run_action, b.action, active.node))

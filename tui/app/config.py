@@ -1,0 +1,160 @@
+"""What the app is started with: built once by the CLI, passed down, never read from globals.
+
+No Textual or torch import here: the CLI builds these before deciding to load the app.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...shared.errors import UsageError
+
+if TYPE_CHECKING:
+    from ...shared.client import TrunkClient
+    from ...shared.failover import RetryPolicy
+    from ...shared.generation import GenerationSettings
+
+APP_NAME = "splitlm"
+DB_NAME = "conversations.sqlite3"
+LOG_NAME = "chat.log"
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """The generation settings the Settings screen edits (the flags give the first values).
+
+    Attributes:
+        max_new_tokens: reply length cap, >= 1.
+        temperature: 0 is greedy.
+        top_k: 0 keeps all tokens.
+        top_p: in (0, 1]; 1 keeps all.
+        seed: the sampler's seed; None draws a fresh one per reply.
+        system_prompt: sent as a ``system`` message first when not empty.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    system_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        self.generation()  # validates; the errors name the valid ranges
+
+    def generation(self) -> GenerationSettings:
+        """The shared loop's settings (raises ``UsageError`` for values out of range)."""
+        from ...shared.generation import GenerationSettings
+        from ...shared.sampling import SamplingSettings
+
+        sampling = SamplingSettings(self.temperature, self.top_k, self.top_p, self.seed)
+        return GenerationSettings(max_new_tokens=self.max_new_tokens, sampling=sampling)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "system_prompt": self.system_prompt,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], default: ChatSettings | None = None) -> ChatSettings:
+        base = default or cls()
+        known = {k: v for k, v in d.items() if k in base.to_dict()}
+        return replace(base, **known)
+
+    @classmethod
+    def parse(cls, fields: dict[str, str]) -> ChatSettings:
+        """Settings from form text (the Settings screen).
+
+        Raises:
+            UsageError: a field is not a number or is out of range; the message names the field.
+        """
+
+        def num(name: str, kind: type) -> Any:
+            text = fields.get(name, "").strip()
+            try:
+                return kind(text)
+            except ValueError:
+                raise UsageError(f"{name.replace('_', ' ')}: {text!r} is not a {kind.__name__}") from None
+
+        seed_text = fields.get("seed", "").strip()
+        return cls(
+            max_new_tokens=num("max_new_tokens", int),
+            temperature=num("temperature", float),
+            top_k=num("top_k", int),
+            top_p=num("top_p", float),
+            seed=num("seed", int) if seed_text else None,
+            system_prompt=fields.get("system_prompt", ""),
+        )
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything the app needs to start.
+
+    Attributes:
+        trunk: the daemon's address.
+        trunk_source: where the address came from ("--trunk", "SPLITLM_TRUNK", ...).
+        model: ``--model`` (None: the daemon's model when it resolves here).
+        data_dir: where the conversation database lives.
+        log_file: where the client logs (the app owns the terminal).
+        animations: False over SSH or with ``--no-animation``: no blinking cursor, no animation.
+        dtype, device: of the local parts.
+        settings: the first generation settings.
+        retry: how a broken session reconnects (None: ``RetryPolicy()``, 180 s).
+        monitor_interval_s: the server monitor's sampling interval.
+        connect: makes a client with the CLI's token and TLS settings (None: a plain client for
+            ``trunk``).
+    """
+
+    trunk: str
+    trunk_source: str = "--trunk"
+    model: str | None = None
+    data_dir: Path = field(default_factory=lambda: default_data_dir())
+    log_file: Path = field(default_factory=lambda: default_log_dir() / LOG_NAME)
+    animations: bool = True
+    dtype: str = "auto"
+    device: str = "auto"
+    settings: ChatSettings = field(default_factory=ChatSettings)
+    retry: RetryPolicy | None = None
+    monitor_interval_s: float = 1.0
+    connect: Callable[[], TrunkClient] | None = None
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / DB_NAME
+
+    def new_client(self) -> TrunkClient:
+        """A client of the daemon (each caller gets its own channel)."""
+        if self.connect is not None:
+            return self.connect()
+        from ...shared.client import TrunkClient
+
+        return TrunkClient(self.trunk, source=self.trunk_source)
+
+
+def default_data_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def default_log_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_log_dir(APP_NAME))
+
+
+def animations_wanted(no_animation_flag: bool, environ: dict[str, str] | None = None) -> bool:
+    """Animations (and the blinking cursor) are off with ``--no-animation`` and over SSH, where
+    every frame costs bandwidth and latency."""
+    env = os.environ if environ is None else environ
+    return not (no_animation_flag or env.get("SSH_CONNECTION") or env.get("SSH_TTY"))

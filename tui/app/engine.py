@@ -1,0 +1,264 @@
+"""The chat's engine: the client's parts, the trunk session and the conversation's cache state.
+
+No UI here. The app's thread workers call it, one at a time (loads and replies never overlap);
+``stop_reconnect`` may come from any thread. Generation is the shared loop
+(``splitlm.shared.generation.generate``), the same one ``splitlm generate`` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from ...shared.errors import SplitlmError
+from .stats import ReplyStats
+from .turns import Message, TurnPlan, cached_after, conversation_ids, plan_turn
+
+if TYPE_CHECKING:
+    from ...shared.client import TrunkClient
+    from ...shared.failover import FailoverEvent
+    from ...shared.generation import GenerationResult, SplitPipeline, TokenEvent
+    from ...shared.session import LoadedModel, SplitParts
+    from .config import AppConfig, ChatSettings
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+"""``(what is happening, steps done, steps in all)``, called on the worker's thread."""
+
+
+class ConversationFull(SplitlmError):
+    """The conversation already fills the daemon's context limit."""
+
+
+@dataclass(frozen=True)
+class PlanInfo:
+    """What the Settings screen and the status bar show of the plan (read-only)."""
+
+    model: str
+    family: str
+    layers: int
+    split: tuple[int, int]
+    fingerprint: str
+    address: str
+    trunk_device: str
+    server_version: str
+    max_context: int
+    local_device: str
+    local_dtype: str
+
+
+@dataclass(frozen=True)
+class ReplyOutcome:
+    """A finished (or stopped) reply with its plan and figures."""
+
+    result: GenerationResult
+    plan: TurnPlan
+    stats: ReplyStats
+    wall_s: float
+
+
+def quiet_libraries() -> None:
+    """transformers' warnings and progress bars would write over the app's screen."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+class ChatEngine:
+    """Model parts, trunk client and session for one chat app.
+
+    Args:
+        config: the app's start-up configuration (address, model, dtype, device, retry).
+    """
+
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
+        self.client: TrunkClient | None = None
+        self.model: LoadedModel | None = None
+        self.parts: SplitParts | None = None
+        self.pipeline: SplitPipeline | None = None
+        self.info_reply: Any = None
+        self.plan: PlanInfo | None = None
+        self.cached: list[int] = []
+        """Ids whose keys and values the caches hold (the trunk's, the bottom's and the top's)."""
+        self.last_plan: TurnPlan | None = None
+        self.on_failover: Callable[[FailoverEvent], None] | None = None
+        """Told of reconnect attempts and resumes (on the stepping thread)."""
+        self._reconnecting = threading.Event()
+        self._broken = False
+
+    @property
+    def loaded(self) -> bool:
+        return self.pipeline is not None
+
+    def _client(self) -> TrunkClient:
+        if self.client is None:
+            self.client = self.config.new_client()
+        return self.client
+
+    def load(self, progress: Progress) -> PlanInfo:
+        """Ask the daemon for its plan, load the matching bottom and top, open a session.
+
+        Raises:
+            DaemonUnreachable: nothing answers at the address.
+            SplitlmError: the model here does not match the daemon's, or cannot load.
+        """
+        from ...shared import session as ss
+        from ...shared.models import resolve_device, resolve_dtype
+
+        total = 4
+        t0 = time.perf_counter()
+        progress(f"asking the daemon at {self.config.trunk} for its plan", 0, total)
+        client = self._client()
+        info = client.info()
+        quiet_libraries()
+        progress(f"loading the tokenizer of {info.plan.model_id}", 1, total)
+        model = ss.load_model(ss.client_model_spec(self.config.model, info))
+        device = resolve_device(self.config.device)
+        dtype = resolve_dtype(self.config.dtype, device)
+        a, b = info.plan.trunk_start, info.plan.trunk_end
+        progress(f"loading the bottom [0, {a}) and top [{b}, {info.plan.num_layers}) weights", 2, total)
+        parts = ss.split_parts(model, info, dtype, device)
+        progress("opening a trunk session", 3, total)
+        self.model, self.parts, self.info_reply = model, parts, info
+        self._open_pipeline()
+        progress("ready", total, total)
+        p = info.plan
+        self.plan = PlanInfo(
+            model=model.source.model_id,
+            family=p.family,
+            layers=model.num_layers,
+            split=(a, b),
+            fingerprint=parts.fingerprint.digest,
+            address=client.address,
+            trunk_device=p.device,
+            server_version=info.server_version,
+            max_context=int(info.limits.max_context),
+            local_device=str(device),
+            local_dtype=str(dtype).removeprefix("torch."),
+        )
+        log.info("engine ready in %.2f s: %s", time.perf_counter() - t0, self.plan)
+        return self.plan
+
+    def _open_pipeline(self) -> None:
+        from ...shared import session as ss
+        from ...shared.failover import RetryPolicy
+
+        assert self.parts is not None and self.client is not None
+        if self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
+        policy = self.config.retry or RetryPolicy()
+        self.pipeline = ss.split_pipeline(self.parts, self.client, retry=policy, on_reconnect=self._failover)
+        self.cached = []
+        self._broken = False
+
+    def _failover(self, event: FailoverEvent) -> None:
+        from ...shared.failover import Reconnecting
+
+        if isinstance(event, Reconnecting):
+            self._reconnecting.set()
+        else:
+            self._reconnecting.clear()
+        if self.on_failover is not None:
+            self.on_failover(event)
+
+    def reconnect(self, progress: Progress) -> PlanInfo:
+        """The retry key: load when nothing is loaded, else open a new session (the next reply
+        rebuilds the trunk cache from the conversation); a daemon that now serves another plan
+        means a full reload."""
+        if self.parts is None or self.client is None:
+            return self.load(progress)
+        progress(f"asking the daemon at {self.config.trunk} for its plan", 0, 2)
+        info = self.client.info()
+        if info.plan.fingerprint != self.parts.fingerprint.digest:
+            log.info("the daemon's plan changed (%s): reloading", info.plan.fingerprint)
+            self.close_session()
+            self.parts = None
+            return self.load(progress)
+        progress("opening a trunk session", 1, 2)
+        self._open_pipeline()
+        progress("ready", 2, 2)
+        assert self.plan is not None
+        return self.plan
+
+    def reply(
+        self,
+        messages: Sequence[Message],
+        settings: ChatSettings,
+        floor: int | None = None,
+        on_token: Callable[[TokenEvent], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> ReplyOutcome:
+        """Generate the reply to ``messages`` (which end with the user's prompt).
+
+        Args:
+            floor: regenerate/edit: step again from at most this position (the replaced turn's
+                own start), so the new reply is computed exactly as the first one was.
+
+        Raises:
+            DaemonUnreachable: the daemon went away and did not come back in time (the partial
+                reply was already streamed through ``on_token``).
+            ConversationFull: no room left in the daemon's context limit.
+        """
+        if self.model is None or self.parts is None:
+            raise SplitlmError("the model is not loaded yet")
+        if self._broken or self.pipeline is None:
+            self._open_pipeline()
+        from ...shared.generation import generate
+
+        full = conversation_ids(self.model.tokenizer, messages, settings.system_prompt)
+        plan = plan_turn(self.cached, full, floor)
+        gen = settings.generation()
+        limit = self.plan.max_context if self.plan else 0
+        if limit:
+            room = limit - len(full)
+            if room < 1:
+                raise ConversationFull(
+                    f"the conversation is {len(full)} tokens; the daemon allows {limit}: start a new chat"
+                )
+            gen = replace(gen, max_new_tokens=min(gen.max_new_tokens, room))
+        log.info("reply: %d prompt ids, stepping %d at position %d", len(full), len(plan.ids), plan.start)
+        t0 = time.perf_counter()
+        assert self.pipeline is not None
+        try:
+            result = generate(
+                self.pipeline, self.model.tokenizer, list(plan.ids), gen, self.model.eos_ids,
+                on_token=on_token, should_stop=should_stop, start_position=plan.start,
+            )
+        except BaseException:
+            self._broken = True  # the caches no longer match anything we know: rebuild next time
+            self.cached = []
+            self._reconnecting.clear()
+            raise
+        self.cached = cached_after(plan, result.token_ids)
+        self.last_plan = plan
+        return ReplyOutcome(result, plan, ReplyStats.of(result), time.perf_counter() - t0)
+
+    def stop_reconnect(self) -> None:
+        """Esc while the session is reconnecting: give up now (any thread)."""
+        pipe = self.pipeline
+        if self._reconnecting.is_set() and pipe is not None and hasattr(pipe.session, "cancel"):
+            pipe.session.cancel()
+
+    def forget_cache(self) -> None:
+        """After a new chat or an opened conversation nothing needs to change: the next turn
+        reuses whatever prefix the cache shares with it. This only drops the regenerate floor."""
+        self.last_plan = None
+
+    def close_session(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
+
+    def close(self) -> None:
+        self.close_session()
+        if self.client is not None:
+            self.client.close()
+            self.client = None

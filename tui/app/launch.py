@@ -1,0 +1,139 @@
+"""``splitlm chat``: its flags, and starting the app (or serving it in a browser).
+
+Imported by the CLI without Textual: cheap flags (``--help``, ``--paths``) and bad values are
+answered before Textual, torch or transformers load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ...shared.errors import ExitCode, UsageError
+from .config import (
+    LOG_NAME,
+    AppConfig,
+    ChatSettings,
+    animations_wanted,
+    default_data_dir,
+    default_log_dir,
+)
+
+
+def add_chat_arguments(p: argparse.ArgumentParser) -> None:
+    """The chat's own flags (the CLI adds the target and failover flags it shares)."""
+    p.add_argument("--model", default=None, help="the local model (default: the daemon's) [env SPLITLM_MODEL]")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype of the local parts [env SPLITLM_DTYPE]")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N [env SPLITLM_DEVICE]")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: all)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random per reply)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--system", default="", metavar="TEXT", help="system prompt (default: none)")
+    p.add_argument("--no-animation", action="store_true",
+                   help="no animations, no blinking cursor (automatic when SSH_CONNECTION is set)")
+    p.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                   help="where conversations are saved (default: the platform's user data dir)")
+    p.add_argument("--monitor-interval", type=float, default=1.0, metavar="S",
+                   help="seconds between the server monitor's samples, 0.25-10 (default 1)")
+    p.add_argument("--paths", action="store_true", help="print where conversations and logs live, and exit")
+    p.add_argument("--serve", action="store_true", help="serve the app to a browser with textual-serve")
+    p.add_argument("--host", default="localhost", help="--serve: address to listen on (default localhost)")
+    p.add_argument("--port", type=int, default=8000, help="--serve: port (default 8000)")
+
+
+def setup_logging(log_file: Path, level: str) -> None:
+    """Everything logs to ``log_file``: the app owns the terminal, so nothing may print on it."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.captureWarnings(True)
+
+
+def serve_command(args: argparse.Namespace) -> str:
+    """The ``splitlm chat`` command line textual-serve starts per browser tab (``--serve`` off)."""
+    cmd = [sys.executable, "-m", "splitlm.tui.cli", "chat", "--trunk", args.trunk]
+    for flag, value in (
+        ("--model", args.model), ("--dtype", args.dtype), ("--device", args.device),
+        ("--token-file", getattr(args, "token_file", None)), ("--tls-ca", getattr(args, "tls_ca", None)),
+        ("--config", getattr(args, "config", None)), ("--temperature", args.temperature),
+        ("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed),
+        ("--max-new-tokens", args.max_new_tokens), ("--data-dir", args.data_dir),
+        ("--monitor-interval", args.monitor_interval),
+        ("--retry-deadline", getattr(args, "retry_deadline", None)),
+    ):
+        if value is not None:
+            cmd += [flag, str(value)]
+    if args.system:
+        cmd += ["--system", args.system]
+    if args.no_animation:
+        cmd.append("--no-animation")
+    return shlex.join(cmd)
+
+
+def retry_policy(args: argparse.Namespace) -> Any:
+    """The failover policy from the shared ``--retry-*`` flags (validated there)."""
+    from ...shared.failover import RetryPolicy
+
+    return RetryPolicy(
+        initial_delay_s=args.retry_initial, max_delay_s=args.retry_max_delay, deadline_s=args.retry_deadline
+    )
+
+
+def run_chat(args: argparse.Namespace, connect: Callable[[], Any] | None, trunk_source: str) -> int:
+    """``splitlm chat``: answer ``--paths``/``--serve``, else run the app until it quits.
+
+    Raises:
+        UsageError: a generation setting out of range (before anything loads).
+    """
+    data_dir = args.data_dir or default_data_dir()
+    log_file = default_log_dir() / LOG_NAME
+    if not 0.25 <= args.monitor_interval <= 10:
+        raise UsageError(f"--monitor-interval must be 0.25-10 seconds, got {args.monitor_interval}")
+    if args.paths:
+        print(f"conversations  {data_dir / 'conversations.sqlite3'}")
+        print(f"log            {log_file}")
+        return ExitCode.OK
+    settings = ChatSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, system_prompt=args.system,
+    )
+    retry = retry_policy(args)
+    if args.serve:
+        from textual_serve.server import Server
+
+        command = serve_command(args)
+        print(f"serving `splitlm chat` on http://{args.host}:{args.port} (Ctrl+C stops)", flush=True)
+        Server(command, host=args.host, port=args.port, title="splitlm chat").serve()
+        return ExitCode.OK
+    setup_logging(log_file, getattr(args, "log_level", None) or "WARNING")
+    config = AppConfig(
+        trunk=args.trunk,
+        trunk_source=trunk_source,
+        model=args.model,
+        data_dir=data_dir,
+        log_file=log_file,
+        animations=animations_wanted(args.no_animation),
+        dtype=args.dtype or "auto",
+        device=args.device or "auto",
+        settings=settings,
+        retry=retry,
+        monitor_interval_s=args.monitor_interval,
+        connect=connect,
+    )
+    from .app import SplitlmApp
+
+    SplitlmApp(config).run()
+    return ExitCode.OK

@@ -1,0 +1,382 @@
+"""The chat: transcript, prompt, live latency; replies come from a thread worker."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.timer import Timer
+from textual.widgets import Input, Static
+from textual.worker import get_current_worker
+
+from ....shared.errors import DaemonUnreachable, SplitlmError
+from ..messages import (
+    EngineFailed,
+    EngineProgress,
+    EngineReady,
+    Failover,
+    ReplyDone,
+    ReplyFailed,
+    ReplyToken,
+)
+from ..stats import fmt_ms, fmt_rate
+from ..turns import Message, title_for
+from ..widgets.chat_message import ChatMessage
+from ..widgets.key_footer import KeyFooter
+from ..widgets.latency_strip import LatencyStrip
+from ..widgets.progress_panel import ProgressPanel
+from ..widgets.status_bar import StatusBar
+
+if TYPE_CHECKING:
+    from ..app import SplitlmApp
+    from ..engine import ReplyOutcome
+
+log = logging.getLogger(__name__)
+
+WELCOME = (
+    "Type a prompt below; Enter sends it. The reply streams in, with each token's latency on the "
+    "line above the prompt.\n\n"
+    "ctrl+l: where the time went · ctrl+t: the server · ctrl+f: full model vs split · "
+    "ctrl+s: settings · ctrl+p: every command · ctrl+q: quit"
+)
+
+FINISH_NOTES = {
+    "eos": "",
+    "length": "· hit the length limit",
+    "stop": "· stop string",
+    "cancelled": "· stopped (Esc)",
+    "failed": "· cut off: the daemon went away",
+}
+
+
+def reply_note(outcome: ReplyOutcome) -> str:
+    """The header note of a finished reply: tokens, speed, TTFT, how it ended."""
+    s = outcome.stats
+    note = f"· {s.tokens} tok · {fmt_rate(s.tokens_per_s)} · TTFT {fmt_ms(s.ttft_s, 0)}"
+    end = FINISH_NOTES.get(outcome.result.finish_reason, "")
+    return f"{note} {end}".rstrip()
+
+
+class ChatScreen(Screen[None]):
+    """The main screen.
+
+    | Key | Action |
+    | :- | :- |
+    | enter | send the prompt |
+    | escape | stop the reply (the partial reply stays); cancel an edit |
+    | ctrl+n | new chat |
+    | ctrl+r | regenerate the last reply |
+    | ctrl+g | edit the last prompt (Enter sends it, replacing the last exchange) |
+    """
+
+    BINDINGS = [
+        Binding("escape", "stop", "Stop", tooltip="stop the reply; what came so far stays"),
+        Binding("ctrl+n", "new_chat", "New", tooltip="start a new conversation"),
+        Binding("ctrl+r", "regenerate", "Regen", tooltip="generate the last reply again"),
+        Binding("ctrl+g", "edit_last", "Edit", tooltip="edit the last prompt and send it again"),
+    ]
+
+    generating: reactive[bool] = reactive(False, bindings=True)
+    """A reply worker is running."""
+    editing: reactive[bool] = reactive(False, bindings=True)
+    """The prompt box holds the last prompt for editing."""
+    starting: reactive[bool] = reactive(False, bindings=True)
+    """The engine is loading or reconnecting."""
+
+    def __init__(self) -> None:
+        super().__init__(id="chat")
+        self.messages: list[Message] = []
+        self.conversation_id: int | None = None
+        self._stop = threading.Event()
+        self._streaming: ChatMessage | None = None
+        self._strip_timer: Timer | None = None
+        self._pending_reconnect = False
+        """The last load failed because no daemon answered: load again once it is back."""
+
+    @property
+    def splitlm(self) -> SplitlmApp:
+        return cast("SplitlmApp", self.app)
+
+    def compose(self) -> ComposeResult:
+        yield StatusBar()
+        yield ProgressPanel(id="loading")
+        yield VerticalScroll(id="transcript")
+        yield LatencyStrip(id="latency")
+        yield Input(placeholder="Loading…", id="prompt")
+        yield KeyFooter()
+
+    def on_mount(self) -> None:
+        prompt = self.query_one("#prompt", Input)
+        prompt.cursor_blink = self.splitlm.config.animations
+        self.query_one(ProgressPanel).done()
+        transcript = self.query_one("#transcript", VerticalScroll)
+        transcript.mount(Static(WELCOME, id="welcome"))
+        transcript.anchor()
+        prompt.focus()
+        if self.splitlm.autoload and not self.splitlm.engine.loaded:
+            self.start_load(reconnect=False)
+
+    # --- which keys apply now (the footer and the palette follow) ---
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Keys that cannot apply now are hidden (the footer stays readable at 80 columns)."""
+        if action == "stop":
+            return self.generating or self.editing
+        if action in ("regenerate", "edit_last"):
+            has_reply = bool(self.messages) and self.messages[-1].role == "assistant"
+            return has_reply and not self.generating and not self.starting
+        if action == "new_chat":
+            return bool(self.messages) and not self.generating
+        return True
+
+    # --- loading ---
+
+    def start_load(self, reconnect: bool) -> None:
+        if self.generating or self.starting:
+            return
+        self.starting = True
+        self._pending_reconnect = False
+        self.splitlm.connection_hint = ""
+        self.query_one("#prompt", Input).placeholder = "Loading…"
+        self.load_engine(reconnect)
+
+    @work(thread=True, exclusive=True, group="engine", exit_on_error=False)
+    def load_engine(self, reconnect: bool) -> None:
+        engine = self.splitlm.engine
+
+        def progress(label: str, step: int, total: int) -> None:
+            self.post_message(EngineProgress(label, step, total))
+
+        try:
+            plan = engine.reconnect(progress) if reconnect else engine.load(progress)
+        except SplitlmError as e:
+            log.warning("load failed: %s", e)
+            self.post_message(EngineFailed(str(e), isinstance(e, DaemonUnreachable)))
+            return
+        except Exception as e:  # a bug: logged with its traceback, told briefly, never raised on screen
+            log.exception("load failed")
+            self.post_message(EngineFailed(f"{type(e).__name__}: {e}", False))
+            return
+        self.post_message(EngineReady(plan))
+
+    def on_engine_progress(self, msg: EngineProgress) -> None:
+        self.query_one(ProgressPanel).report(msg.label, msg.step, msg.total)
+
+    def on_engine_ready(self, msg: EngineReady) -> None:
+        self.starting = False
+        self.query_one(ProgressPanel).done()
+        self.splitlm.engine_ready(msg.plan)
+        self.query_one("#prompt", Input).placeholder = "Type a prompt; Enter sends"
+
+    def on_engine_failed(self, msg: EngineFailed) -> None:
+        self.starting = False
+        self.query_one(ProgressPanel).done()
+        self._pending_reconnect = msg.unreachable
+        self.query_one("#prompt", Input).placeholder = "Not connected: ctrl+y retries"
+        self.splitlm.engine_failed(msg.error, msg.unreachable)
+
+    def daemon_back(self) -> None:
+        """The monitor sees the daemon again: load if the last try found no daemon."""
+        if self._pending_reconnect:
+            self.start_load(reconnect=True)
+
+    def retry(self) -> None:
+        """The retry key: load, or reconnect the session."""
+        if not self.generating:
+            self.start_load(reconnect=True)
+
+    # --- sending ---
+
+    @on(Input.Submitted, "#prompt")
+    def send(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text:
+            return
+        if self.generating:
+            self.notify("a reply is still coming: Esc stops it", severity="warning")
+            return
+        if not self.splitlm.engine.loaded or self.starting:
+            self.notify("not connected yet: ctrl+y retries", severity="warning")
+            return
+        event.input.value = ""
+        floor = None
+        if self.editing:
+            self.editing = False
+            floor = self._drop_last_exchange()
+        self._add(Message("user", text))
+        self._start_reply(floor)
+
+    def _drop_last_exchange(self) -> int | None:
+        """Remove the last prompt and its reply (edit); the new one starts at most where the old
+        one did."""
+        last = self.splitlm.engine.last_plan
+        while self.messages and self.messages[-1].role == "assistant":
+            self._pop_message()
+        if self.messages and self.messages[-1].role == "user":
+            self._pop_message()
+        return last.start if last else None
+
+    def _pop_message(self) -> None:
+        self.messages.pop()
+        widgets = self.query_one("#transcript").query(ChatMessage)
+        if widgets:
+            widgets.last().remove()
+
+    def _add(self, message: Message, note: str = "") -> ChatMessage:
+        self._hide_welcome()
+        self.messages.append(message)
+        widget = ChatMessage(message.role, message.content, note)
+        self.query_one("#transcript", VerticalScroll).mount(widget)
+        return widget
+
+    def _hide_welcome(self) -> None:
+        for w in self.query("#welcome"):
+            w.remove()
+
+    def _start_reply(self, floor: int | None) -> None:
+        self._streaming = ChatMessage("assistant", "", "· …")
+        self.query_one("#transcript", VerticalScroll).mount(self._streaming)
+        self.query_one(LatencyStrip).reset()
+        self._stop.clear()
+        self.generating = True
+        self._strip_timer = self.set_interval(0.25, self.query_one(LatencyStrip).refresh_figures)
+        self.run_reply(list(self.messages), floor)
+
+    @work(thread=True, exclusive=True, group="reply", exit_on_error=False)
+    def run_reply(self, messages: list[Message], floor: int | None) -> None:
+        worker = get_current_worker()
+        engine = self.splitlm.engine
+        engine.on_failover = lambda ev: self.post_message(Failover(ev))
+        try:
+            outcome = engine.reply(
+                messages, self.splitlm.settings, floor,
+                on_token=lambda ev: self.post_message(ReplyToken(ev)),
+                should_stop=lambda: self._stop.is_set() or worker.is_cancelled,
+            )
+        except SplitlmError as e:
+            log.warning("reply failed: %s", e)
+            self.post_message(ReplyFailed(str(e), isinstance(e, DaemonUnreachable)))
+            return
+        except Exception as e:
+            log.exception("reply failed")
+            self.post_message(ReplyFailed(f"{type(e).__name__}: {e}", False))
+            return
+        self.post_message(ReplyDone(outcome))
+
+    def on_reply_token(self, msg: ReplyToken) -> None:
+        ev = msg.event
+        if self._streaming is not None:
+            self._streaming.append(ev.delta)
+        self.query_one(LatencyStrip).record(ev.index, ev.latency_s)
+
+    async def on_reply_done(self, msg: ReplyDone) -> None:
+        outcome = msg.outcome
+        text = outcome.result.text
+        await self._end_reply(text, reply_note(outcome), outcome.result.finish_reason)
+        self.splitlm.reply_finished(outcome)
+
+    async def on_reply_failed(self, msg: ReplyFailed) -> None:
+        partial = self._streaming.text if self._streaming is not None else ""
+        await self._end_reply(partial, FINISH_NOTES["failed"] if msg.unreachable else "· failed", "failed")
+        self.splitlm.reply_failed(msg.error, msg.unreachable)
+
+    async def _end_reply(self, text: str, note: str, finish_reason: str) -> None:
+        if self._strip_timer is not None:
+            self._strip_timer.stop()
+            self._strip_timer = None
+        self.query_one(LatencyStrip).refresh_figures()
+        if self._streaming is not None:
+            await self._streaming.finish(text, note)
+            self._streaming = None
+        self.messages.append(Message("assistant", text, finish_reason))
+        self.generating = False
+        self._save()
+
+    def on_failover(self, msg: Failover) -> None:
+        self.splitlm.failover(msg.event)
+
+    # --- actions ---
+
+    def action_stop(self) -> None:
+        if self.generating:
+            self._stop.set()
+            self.splitlm.engine.stop_reconnect()
+        elif self.editing:
+            self.editing = False
+            self.query_one("#prompt", Input).value = ""
+
+    async def action_new_chat(self) -> None:
+        if self.generating:
+            return
+        transcript = self.query_one("#transcript")
+        await transcript.remove_children()
+        await transcript.mount(Static(WELCOME, id="welcome"))
+        self.messages = []
+        self.conversation_id = None
+        self.editing = False
+        self.splitlm.engine.forget_cache()
+        self.query_one(LatencyStrip).reset()
+        self.query_one("#prompt", Input).focus()
+
+    def action_regenerate(self) -> None:
+        if self.generating or not self.messages or self.messages[-1].role != "assistant":
+            return
+        last = self.splitlm.engine.last_plan
+        self._pop_message()
+        self._start_reply(last.start if last else None)
+
+    def action_edit_last(self) -> None:
+        users = [m for m in self.messages if m.role == "user"]
+        if self.generating or not users:
+            return
+        prompt = self.query_one("#prompt", Input)
+        prompt.value = users[-1].content
+        prompt.cursor_position = len(prompt.value)
+        prompt.focus()
+        self.editing = True
+        self.notify("editing the last prompt: Enter sends it, Esc cancels", timeout=3)
+
+    # --- conversations ---
+
+    def _save(self) -> None:
+        if not self.messages:
+            return
+        first = next((m.content for m in self.messages if m.role == "user"), "")
+        try:
+            self.conversation_id = self.splitlm.store.save(
+                self.conversation_id, title_for(first), self.splitlm.settings, self.messages
+            )
+        except Exception as e:  # a full disk must not end the chat
+            log.exception("saving the conversation failed")
+            self.notify(f"could not save the conversation: {e}", severity="error")
+
+    async def open_conversation(self, conversation_id: int) -> None:
+        if self.generating:
+            return
+        stored = self.splitlm.store.load(conversation_id)
+        self.splitlm.settings = stored.settings
+        await self.show_conversation(stored.id, stored.messages)
+        self.notify(f"opened “{stored.title}”", timeout=2)
+
+    async def show_conversation(self, conversation_id: int | None, messages: Sequence[Message]) -> None:
+        """Replace the transcript with ``messages`` (a reopened conversation)."""
+        await self.action_new_chat()
+        self.conversation_id = conversation_id
+        transcript = self.query_one("#transcript", VerticalScroll)
+        self._hide_welcome()
+        for m in messages:
+            self.messages.append(m)
+            note = FINISH_NOTES.get(m.finish_reason, "") if m.role == "assistant" else ""
+            await transcript.mount(ChatMessage(m.role, m.content, note))
+        transcript.anchor()
+
+    def last_user_prompt(self) -> str:
+        return next((m.content for m in reversed(self.messages) if m.role == "user"), "")

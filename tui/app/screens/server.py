@@ -1,0 +1,54 @@
+"""The daemon's host, live from the monitor stream."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import Label
+
+from ..widgets.key_footer import KeyFooter
+from ..widgets.monitor_panel import MonitorPanel
+from ..widgets.status_bar import StatusBar
+
+if TYPE_CHECKING:
+    from ..app import SplitlmApp
+
+
+class ServerScreen(Screen[None]):
+    """CPU, memory, GPUs, sessions, queue and trunk speed, with sparklines of the last minutes.
+
+    | Key | Action |
+    | :- | :- |
+    | escape | back to the chat |
+    """
+
+    BINDINGS = [Binding("escape", "app.back", "Back")]
+
+    def __init__(self) -> None:
+        super().__init__(id="server-screen")
+
+    @property
+    def splitlm(self) -> SplitlmApp:
+        return cast("SplitlmApp", self.app)
+
+    def compose(self) -> ComposeResult:
+        yield StatusBar()
+        yield Label("Server: the trunk daemon's host (monitor stream)", classes="screen-title")
+        yield Label("", id="monitor-note")
+        yield MonitorPanel()
+        yield KeyFooter()
+
+    def on_mount(self) -> None:
+        self.watch(self.app, "monitor_samples", lambda _: self.refresh_panel(), init=True)
+        self.watch(self.app, "monitor_note", lambda note: self._note(note), init=True)
+
+    def _note(self, note: str) -> None:
+        label = self.query_one("#monitor-note", Label)
+        label.update(note)
+        label.display = bool(note)
+
+    def refresh_panel(self) -> None:
+        self.query_one(MonitorPanel).show(self.splitlm.monitor)

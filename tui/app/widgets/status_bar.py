@@ -1,0 +1,63 @@
+"""The one-line status bar every screen shows: the model, the plan and the daemon's state."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widget import Widget
+
+STATE_MARKS = {
+    "connected": ("●", "status--ok"),
+    "connecting": ("◌", "status--wait"),
+    "reconnecting": ("◌", "status--wait"),
+    "down": ("✖", "status--bad"),
+    "loading": ("◌", "status--wait"),
+}
+
+
+class StatusBar(Widget):
+    """``splitlm ● state · MODEL A:B · ADDRESS``; follows the app's ``connection``, ``plan_text``,
+    ``address`` and ``connection_hint`` reactives.
+
+    | Class | Description |
+    | :- | :- |
+    | `status--ok` | the state mark when connected |
+    | `status--wait` | connecting or reconnecting |
+    | `status--bad` | down |
+    """
+
+    COMPONENT_CLASSES = {"status--ok", "status--wait", "status--bad", "status--dim"}
+
+    state: reactive[str] = reactive("connecting")
+    plan_text: reactive[str] = reactive("")
+    address: reactive[str] = reactive("")
+    hint: reactive[str] = reactive("")
+    """Shown at the end, e.g. the retry key when down."""
+
+    WATCHED = {"connection": "state", "plan_text": "plan_text", "address": "address", "connection_hint": "hint"}
+    """The app's reactive -> this bar's reactive (an app without one leaves it alone)."""
+
+    def on_mount(self) -> None:
+        for source, target in self.WATCHED.items():
+            if hasattr(self.app, source):
+                self.watch(self.app, source, self._setter(target))
+
+    def _setter(self, target: str):  # type: ignore[no-untyped-def]
+        def set_value(value: str) -> None:
+            setattr(self, target, value)
+
+        return set_value
+
+    def render(self) -> Text:
+        """The state comes first so that a narrow terminal cuts the address, never the state."""
+        mark, cls = STATE_MARKS.get(self.state, ("?", "status--dim"))
+        dim = self.get_component_rich_style("status--dim")
+        out = Text(no_wrap=True, overflow="ellipsis")
+        out.append("splitlm ", style="bold")
+        out.append(f"{mark} {self.state}", style=self.get_component_rich_style(cls))
+        if self.hint:
+            out.append(f" ({self.hint})", style=dim)
+        if self.plan_text:
+            out.append(" · " + self.plan_text)
+        out.append(" · " + self.address, style=dim)
+        return out
