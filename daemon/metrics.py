@@ -68,6 +68,11 @@ class QueueGauge:
     def __len__(self) -> int:
         return self._waiting
 
+    def add(self, n: int) -> None:
+        """``n`` more steps wait (negative: that many started); the batcher counts this way."""
+        with self._lock:
+            self._waiting += n
+
     async def run(self, executor: Executor, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` on ``executor``, counted as waiting until it starts. Loop only."""
         left = [False]  # one ticket: leaves the count once, whoever gets there first

@@ -258,6 +258,8 @@ def _default_trunk() -> str:
 
 _LOG_LEVELS = Choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", fold_case=True)
 _DTYPES = Choice("auto", "float32", "bfloat16", "float16")
+_WEIGHTS = Choice("auto", "float32", "bfloat16", "int8")
+_WIRE_DTYPES = Choice("exact", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -271,6 +273,9 @@ class DaemonSettings:
         None, Addresses(), "where to listen", default_factory=_default_listen
     )
     dtype: str = setting("auto", _DTYPES, "compute dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    weights: str = setting(
+        "auto", _WEIGHTS, "weight precision: float32, bfloat16 or int8 (auto: as --dtype)"
+    )
     device: str = setting("auto", Text(), "auto, cpu, cuda or cuda:N")
     threads: int | None = setting(
         None, Integer(1), "torch intra-op threads (unset: torch's choice)"
@@ -294,6 +299,12 @@ class DaemonSettings:
     )
     keepalive: float = setting(
         30.0, Duration(1), "ping idle connections this often; dead peers are dropped"
+    )
+    batch: bool = setting(
+        False, Boolean(), "run concurrent sessions' decode steps as one batch (equal to float rounding)"
+    )
+    batch_window: float = setting(
+        0.0, Duration(0), "with batch: wait this long for more steps before a batch (0: none)"
     )
     tls_cert: Path | None = setting(
         None, PathValue(), "PEM certificate: serve TCP addresses over TLS"
@@ -323,8 +334,25 @@ class ClientSettings:
         None, PathValue(), "PEM CA (or self-signed) certificate: connect over TLS"
     )
     dtype: str = setting("auto", _DTYPES, "compute dtype of the local parts")
+    weights: str = setting(
+        "auto", _WEIGHTS, "weight precision here: float32, bfloat16 or int8 (auto: the daemon's)"
+    )
+    wire_dtype: str = setting(
+        "exact", _WIRE_DTYPES, "hidden states on the wire (exact: the trunk's dtype)"
+    )
     device: str = setting("auto", Text(), "auto, cpu, cuda or cuda:N")
+    threads: int | None = setting(
+        None, Integer(1), "torch intra-op threads of the local parts (unset: torch's choice)"
+    )
     log_level: str = setting("WARNING", _LOG_LEVELS, "logging level")
+    retry_deadline: float = setting(
+        180.0, Duration(0, "turns failover off"),
+        "when the daemon goes away mid-session, keep reconnecting this long",
+    )
+    retry_initial: float = setting(
+        0.25, Duration(0.01), "first wait before reconnecting; doubles per attempt"
+    )
+    retry_max_delay: float = setting(2.0, Duration(0.01), "longest wait between two attempts")
 
 
 S = TypeVar("S")

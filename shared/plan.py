@@ -82,16 +82,21 @@ class Fingerprint:
         config_digest: digest of the model config (architecture, sizes, rope, norms...).
         weights_digest: digest of the weights' identity (file headers, sizes, sampled content).
         start, end: the trunk range.
+        precision: the weight precision (``--weights``): ``float32``, ``bfloat16``, ``int8``...;
+            float32 adds nothing to the digest, so float32 digests are those of before.
     """
 
     config_digest: str
     weights_digest: str
     start: int
     end: int
+    precision: str = "float32"
 
     @property
     def digest(self) -> str:
         text = f"{self.config_digest}/{self.weights_digest}/{self.start}:{self.end}"
+        if self.precision != "float32":
+            text += f"/{self.precision}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def differences(self, other: Fingerprint) -> list[str]:
@@ -103,4 +108,9 @@ class Fingerprint:
             out.append(f"weights ({other.weights_digest} here, {self.weights_digest} from the client)")
         if (self.start, self.end) != (other.start, other.end):
             out.append(f"trunk range ({other.start}:{other.end} here, {self.start}:{self.end} from the client)")
+        if self.precision != other.precision:
+            out.append(
+                f"weight precision ({other.precision} here, {self.precision} from the client): "
+                f"pass --weights {other.precision}"
+            )
         return out

@@ -80,11 +80,21 @@ def plan_dict(model: LoadedModel, split: tuple[int, int] | None, fingerprint: st
     }
 
 
-def full_pipeline(model: LoadedModel, dtype: torch.dtype, device: torch.device) -> LocalPipeline:
+def full_pipeline(
+    model: LoadedModel, dtype: torch.dtype, device: torch.device, weights: str | None = None
+) -> LocalPipeline:
+    """The whole model here; ``weights`` (``--weights``) overrides ``dtype`` when given."""
     from .generation import LocalPipeline
     from .models import PartSpec, build_part
+    from .models.precision import apply_precision, precision_named
 
-    return LocalPipeline(build_part(model.source, model.family, PartSpec.full(model.num_layers), dtype, device))
+    precision = precision_named(weights, device) if weights else None
+    part = build_part(
+        model.source, model.family, PartSpec.full(model.num_layers), precision.dtype if precision else dtype, device
+    )
+    if precision:
+        apply_precision([part], precision)
+    return LocalPipeline(part)
 
 
 @dataclass
@@ -100,17 +110,30 @@ class SplitParts:
 
 
 def split_parts(
-    model: LoadedModel, info: pb.InfoReply, dtype: torch.dtype, device: torch.device, with_full: bool = False
+    model: LoadedModel,
+    info: pb.InfoReply,
+    dtype: torch.dtype,
+    device: torch.device,
+    with_full: bool = False,
+    weights: str | None = None,
 ) -> SplitParts:
     """Bottom and top for the daemon's plan, after checking the plan matches this model.
 
-    With ``with_full`` the whole model is built too, sharing the same tensors (``compare``).
+    With ``with_full`` the whole model is built too, sharing the same tensors (``compare``), at
+    the same precision. ``weights`` (``--weights``, or an explicit ``--dtype``; see
+    ``precision.client_weights``) must be the daemon's; None takes the daemon's (and then
+    ``dtype`` is not used).
 
     Raises:
-        UsageError: the daemon's model differs from this one (checked before loading weights).
+        UsageError: the daemon's model or weight precision differs from this one (checked
+            before loading weights).
     """
     from . import codec
     from .models import PartSpec, build_parts
+    from .models.precision import apply_precision, precision_named
+
+    del dtype  # the precision decides: the daemon's, or the one asked for
+    precision = precision_named(weights or info.plan.weights, device)
 
     p = info.plan
     if p.num_layers != model.num_layers:
@@ -119,8 +142,16 @@ def split_parts(
             f"{model.num_layers}: pass the daemon's model with --model"
         )
     plan = SplitPlan(model.num_layers, p.trunk_start, p.trunk_end)
-    fp = Fingerprint(model.source.config_digest(), model.source.weights_digest(), plan.start, plan.end)
-    theirs = Fingerprint(p.config_digest, p.weights_digest, p.trunk_start, p.trunk_end)
+    fp = Fingerprint(
+        model.source.config_digest(), model.source.weights_digest(), plan.start, plan.end, precision.tag
+    )
+    theirs = Fingerprint(p.config_digest, p.weights_digest, p.trunk_start, p.trunk_end, p.weights or "float32")
+    if precision.tag != theirs.precision:
+        raise UsageError(
+            f"the daemon's trunk runs with --weights {theirs.precision}, this client with "
+            f"{precision.tag}: both sides must run at one precision; pass --weights {theirs.precision} "
+            "(or leave --weights and --dtype unset to take the daemon's)"
+        )
     if fp.digest != p.fingerprint:
         raise UsageError(
             f"the model here ({model.source.model_id}) is not the daemon's ({p.model_id}): "
@@ -129,7 +160,8 @@ def split_parts(
     specs = [PartSpec.bottom(plan.start), PartSpec.top(plan.end, plan.num_layers)]
     if with_full:
         specs.append(PartSpec.full(plan.num_layers))
-    parts = build_parts(model.source, model.family, specs, dtype, device)
+    parts = build_parts(model.source, model.family, specs, precision.dtype, device)
+    apply_precision(parts, precision)
     return SplitParts(plan, fp, parts[0], parts[1], codec.TORCH_OF[p.dtype], parts[2] if with_full else None)
 
 

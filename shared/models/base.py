@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..cache import PartCache, layer_types
 from ..errors import ContextExhausted, InvalidStep, PositionError
+from .rows import RowsCache, rows_attention_for
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -99,9 +101,10 @@ class Family(ABC):
 
     @abstractmethod
     def run_layers(
-        self, model: nn.Module, h: torch.Tensor, position_ids: torch.Tensor, cache: PartCache
+        self, model: nn.Module, h: torch.Tensor, position_ids: torch.Tensor, cache: PartCache | RowsCache
     ) -> torch.Tensor:
-        """Layers ``[cache.start, cache.end)`` over ``h`` ``(1, t, H)``, updating ``cache``."""
+        """Layers ``[cache.start, cache.end)`` over ``h`` ``(1, t, H)``, updating ``cache``; or,
+        for a ``RowsCache``, over one position of each row ``(B, 1, H)``, updating each row's cache."""
 
     @abstractmethod
     def head(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -169,17 +172,8 @@ class Part:
         Raises:
             InvalidStep, PositionError, ContextExhausted: the step does not fit; nothing changed.
         """
-        self.check_input(x)
+        self.begin_step(x, position, cache, max_context)
         t = int(x.shape[1])
-        if position > cache.length:
-            raise PositionError(
-                f"step at position {position} leaves a gap: the session has {cache.length} positions cached"
-            )
-        if max_context is not None and position + t > max_context:
-            raise ContextExhausted(
-                f"positions up to {position + t} exceed the context limit of {max_context} tokens per session"
-            )
-        cache.truncate(position)
         position_ids = torch.arange(position, position + t, device=self.device).unsqueeze(0)  # (1, t)
         if self.spec.embed:
             h = self.family.embed(self.model, x.to(self.device), position_ids)
@@ -190,6 +184,58 @@ class Part:
         if self.spec.head:
             return self.family.head(self.model, h[:, -1:, :])  # (1, 1, V)
         return h
+
+    def begin_step(self, x: torch.Tensor, position: int, cache: PartCache, max_context: int | None = None) -> None:
+        """Check a step against its session and roll ``cache`` back to ``position``.
+
+        Raises:
+            InvalidStep, PositionError, ContextExhausted: the step does not fit; nothing changed.
+        """
+        self.check_input(x)
+        t = int(x.shape[1])
+        if position > cache.length:
+            raise PositionError(
+                f"step at position {position} leaves a gap: the session has {cache.length} positions cached"
+            )
+        if max_context is not None and position + t > max_context:
+            raise ContextExhausted(
+                f"positions up to {position + t} exceed the context limit of {max_context} tokens per "
+                "session (the model's context, or less with the daemon's --max-context)"
+            )
+        cache.truncate(position)
+
+    @torch.inference_mode()
+    def forward_rows(
+        self, xs: Sequence[torch.Tensor], positions: Sequence[int], caches: Sequence[PartCache]
+    ) -> list[torch.Tensor]:
+        """One-position steps of several sessions as one batch (see ``rows``).
+
+        Each step must have passed ``begin_step`` (checked, its cache rolled back to its position).
+        Row ``b`` computes what ``forward(xs[b], positions[b], caches[b])`` computes, to float
+        rounding: the linear layers run once over all rows, attention row by row in each cache.
+
+        Returns:
+            Per row, what ``forward`` returns: ``(1, 1, H)``, or ``(1, 1, V)`` for a part with the head.
+
+        Raises:
+            InvalidStep: a step is not one position long. On any error the caches may hold a
+            partial step: the caller rolls each back to its position.
+        """
+        if any(x.shape[1] != 1 for x in xs):
+            raise InvalidStep("a batch runs one-position steps only")
+        position_ids = torch.tensor([[p] for p in positions], device=self.device)  # (B, 1)
+        if self.spec.embed:
+            ids = torch.cat([x.to(self.device) for x in xs], dim=0)  # (B, 1)
+            h = self.family.embed(self.model, ids, position_ids)
+        else:
+            h = torch.cat([x.to(device=self.device, dtype=self.dtype) for x in xs], dim=0)  # (B, 1, H)
+        with rows_attention_for(self.model) as own:
+            h = self.family.run_layers(self.model, h, position_ids, RowsCache(caches, own))
+        for position, cache in zip(positions, caches):
+            cache.length = position + 1
+        if self.spec.head:
+            h = self.family.head(self.model, h)  # (B, 1, V)
+        return list(h.split(1, dim=0))
 
 
 def resolve_device(device: str) -> torch.device:

@@ -16,6 +16,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from ..cache import PartCache
 from .base import Family
+from .rows import RowsCache, per_row
 
 _MASKS = {
     "full_attention": create_causal_mask,
@@ -40,7 +41,7 @@ class RotaryDecoderFamily(Family):
         return {t: pe for t in types}
 
     def run_layers(
-        self, model: nn.Module, h: torch.Tensor, position_ids: torch.Tensor, cache: PartCache
+        self, model: nn.Module, h: torch.Tensor, position_ids: torch.Tensor, cache: PartCache | RowsCache
     ) -> torch.Tensor:
         body = model.model
         config = body.config
@@ -48,15 +49,9 @@ class RotaryDecoderFamily(Family):
         first: dict[str, int] = {}
         for i in range(cache.start, cache.end):
             first.setdefault(types[i], i)
+        # a batch of rows (RowsCache) gets, per type, the list of the masks each row gets alone
         masks = {
-            t: _MASKS[t](
-                config=config,
-                inputs_embeds=h,
-                attention_mask=None,
-                cache=cache,
-                position_ids=position_ids,
-                layer_idx=i,
-            )
+            t: per_row(_MASKS[t], cache, h, position_ids, config=config, attention_mask=None, layer_idx=i)
             for t, i in first.items()
         }
         rope = self.rotary(body, h, position_ids, set(first))

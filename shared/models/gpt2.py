@@ -13,6 +13,7 @@ from transformers.masking_utils import create_causal_mask
 
 from ..cache import PartCache
 from .base import Family
+from .rows import RowsCache, per_row
 
 
 class GPT2Family(Family):
@@ -28,15 +29,11 @@ class GPT2Family(Family):
         return body.drop(h)
 
     def run_layers(
-        self, model: nn.Module, h: torch.Tensor, position_ids: torch.Tensor, cache: PartCache
+        self, model: nn.Module, h: torch.Tensor, position_ids: torch.Tensor, cache: PartCache | RowsCache
     ) -> torch.Tensor:
         body = model.transformer
-        mask = create_causal_mask(
-            config=body.config,
-            inputs_embeds=h,
-            attention_mask=None,
-            cache=cache,
-            position_ids=position_ids,
+        mask = per_row(  # a batch of rows (RowsCache) gets the list of each row's own mask
+            create_causal_mask, cache, h, position_ids, config=body.config, attention_mask=None,
             layer_idx=cache.start,
         )
         for i in range(cache.start, cache.end):

@@ -269,3 +269,30 @@ def test_client_reads_client_toml(tmp_path: Path) -> None:
     assert r.returncode == 2 and 'log_level = "loud" from SPLITLM_LOG_LEVEL' in r.stderr
     r = run_cli("info", "--config", str(tmp_path / "missing.toml"), timeout=60)
     assert r.returncode == 2 and "missing.toml (from --config) does not exist" in r.stderr
+
+
+def test_client_failover_settings_are_layered_too(tmp_path: Path) -> None:
+    """The failover's bounds (issue 5: "bounded, configurable") come from flags > SPLITLM_* >
+    client.toml > defaults like every client setting, and reach the retry policy."""
+    from splitlm.tui import cli
+
+    f = tmp_path / "client.toml"
+    f.write_text('retry_deadline = "4m"\nretry_max_delay = 3\n')
+    env = {"SPLITLM_RETRY_MAX_DELAY": "5s"}
+    loaded = load(ClientSettings, {"retry_initial": "0.5"}, env=env, config=f, file_name="client")
+    s = loaded.settings
+    assert (s.retry_deadline, s.retry_initial, s.retry_max_delay) == (240.0, 0.5, 5.0)
+    assert [loaded.sources[k] for k in ("retry_deadline", "retry_initial", "retry_max_delay")] == [
+        str(f), "--retry-initial", "SPLITLM_RETRY_MAX_DELAY"
+    ]
+    assert load(ClientSettings, {}, env={}, config=f, file_name="client").settings.retry_max_delay == 3
+    default = load(ClientSettings, {}, env={}, file_name="client", config=None)
+    assert default.settings.retry_deadline >= 120  # a daemon restart that reloads the model fits
+    args = cli.build_parser().parse_args(
+        ["generate", "--config", str(f), "--retry-deadline", "90", "hi"]
+    )
+    cli._apply_config(args)
+    policy = cli._retry(args)
+    assert (policy.deadline_s, policy.max_delay_s, policy.initial_delay_s) == (90.0, 3.0, 0.25)
+    with pytest.raises(ConfigError, match=r'retry_deadline = "-1" from SPLITLM_RETRY_DEADLINE'):
+        load(ClientSettings, {}, env={"SPLITLM_RETRY_DEADLINE": "-1"}, file_name="client")

@@ -24,43 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16splitlm/v1/trunk.proto\x12\nsplitlm.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.splitlm.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x83\x02\n\x04Plan\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x13\n\x0btrunk_start\x18\x06 \x01(\r\x12\x11\n\ttrunk_end\x18\x07 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x08 \x01(\t\x12\x15\n\rconfig_digest\x18\t \x01(\t\x12\x16\n\x0eweights_digest\x18\n \x01(\t\x12 \n\x05\x64type\x18\x0b \x01(\x0e\x32\x11.splitlm.v1.DType\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\"N\n\x06Limits\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\r\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\"\r\n\x0bInfoRequest\"~\n\tInfoReply\x12\x1e\n\x04plan\x18\x01 \x01(\x0b\x32\x10.splitlm.v1.Plan\x12\"\n\x06limits\x18\x02 \x01(\x0b\x32\x12.splitlm.v1.Limits\x12\x16\n\x0eserver_version\x18\x03 \x01(\t\x12\x15\n\rsessions_open\x18\x04 \x01(\r\"\xb0\x01\n\x0bOpenSession\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x15\n\rconfig_digest\x18\x02 \x01(\t\x12\x16\n\x0eweights_digest\x18\x03 \x01(\t\x12\x13\n\x0btrunk_start\x18\x04 \x01(\r\x12\x11\n\ttrunk_end\x18\x05 \x01(\r\x12%\n\nwire_dtype\x18\x06 \x01(\x0e\x32\x11.splitlm.v1.DType\x12\x0e\n\x06\x63lient\x18\x07 \x01(\t\"M\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x07\x12\x10\n\x08position\x18\x02 \x01(\x07\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.splitlm.v1.Tensor\"c\n\x0eSessionRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.splitlm.v1.OpenSessionH\x00\x12 \n\x04step\x18\x02 \x01(\x0b\x32\x10.splitlm.v1.StepH\x00\x42\x06\n\x04kind\"C\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x04plan\x18\x02 \x01(\x0b\x32\x10.splitlm.v1.Plan\"l\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x07\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.splitlm.v1.Tensor\x12\x12\n\ncompute_us\x18\x03 \x01(\x07\x12\x15\n\rcached_length\x18\x04 \x01(\x07\"m\n\x0cSessionReply\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.splitlm.v1.SessionOpenedH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.splitlm.v1.StepResultH\x00\x42\x06\n\x04kind\"$\n\x0eMonitorRequest\x12\x12\n\ninterval_s\x18\x01 \x01(\x02\"\xcc\x01\n\tGpuSample\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1b\n\x13utilization_percent\x18\x03 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x1a\n\rtemperature_c\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07power_w\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x10\n\x0e_temperature_cB\n\n\x08_power_w\"\x95\x03\n\rMonitorSample\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x12\n\ninterval_s\x18\x02 \x01(\x01\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x0f\n\x07load_1m\x18\x04 \x01(\x01\x12\x0f\n\x07load_5m\x18\x05 \x01(\x01\x12\x10\n\x08load_15m\x18\x06 \x01(\x01\x12\x16\n\x0emem_used_bytes\x18\x07 \x01(\x04\x12\x17\n\x0fmem_total_bytes\x18\x08 \x01(\x04\x12\x18\n\x10\x64\x61\x65mon_rss_bytes\x18\t \x01(\x04\x12#\n\x04gpus\x18\n \x03(\x0b\x32\x15.splitlm.v1.GpuSample\x12\x12\n\ngpu_status\x18\x0b \x01(\t\x12\x15\n\rsessions_open\x18\x0c \x01(\r\x12\x14\n\x0csteps_queued\x18\r \x01(\r\x12\r\n\x05steps\x18\x0e \x01(\r\x12\x14\n\x0ctokens_per_s\x18\x0f \x01(\x01\x12\x13\n\x0bstep_p50_ms\x18\x10 \x01(\x01\x12\x13\n\x0bstep_p95_ms\x18\x11 \x01(\x01\x12\x19\n\x11trunk_cache_bytes\x18\x12 \x01(\x04*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x32\xc8\x01\n\x05Trunk\x12\x36\n\x04Info\x12\x17.splitlm.v1.InfoRequest\x1a\x15.splitlm.v1.InfoReply\x12\x43\n\x07Session\x12\x1a.splitlm.v1.SessionRequest\x1a\x18.splitlm.v1.SessionReply(\x01\x30\x01\x12\x42\n\x07Monitor\x12\x1a.splitlm.v1.MonitorRequest\x1a\x19.splitlm.v1.MonitorSample0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16splitlm/v1/trunk.proto\x12\nsplitlm.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.splitlm.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x94\x02\n\x04Plan\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x13\n\x0btrunk_start\x18\x06 \x01(\r\x12\x11\n\ttrunk_end\x18\x07 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x08 \x01(\t\x12\x15\n\rconfig_digest\x18\t \x01(\t\x12\x16\n\x0eweights_digest\x18\n \x01(\t\x12 \n\x05\x64type\x18\x0b \x01(\x0e\x32\x11.splitlm.v1.DType\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x0f\n\x07weights\x18\r \x01(\t\"N\n\x06Limits\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\r\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x03 \x01(\x04\"\r\n\x0bInfoRequest\"\xa6\x01\n\tInfoReply\x12\x1e\n\x04plan\x18\x01 \x01(\x0b\x32\x10.splitlm.v1.Plan\x12\"\n\x06limits\x18\x02 \x01(\x0b\x32\x12.splitlm.v1.Limits\x12\x16\n\x0eserver_version\x18\x03 \x01(\t\x12\x15\n\rsessions_open\x18\x04 \x01(\r\x12&\n\x08\x62\x61tching\x18\x05 \x01(\x0b\x32\x14.splitlm.v1.Batching\"C\n\x08\x42\x61tching\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\x04\x12\x15\n\rbatched_steps\x18\x03 \x01(\x04\"\xc1\x01\n\x0bOpenSession\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x15\n\rconfig_digest\x18\x02 \x01(\t\x12\x16\n\x0eweights_digest\x18\x03 \x01(\t\x12\x13\n\x0btrunk_start\x18\x04 \x01(\r\x12\x11\n\ttrunk_end\x18\x05 \x01(\r\x12%\n\nwire_dtype\x18\x06 \x01(\x0e\x32\x11.splitlm.v1.DType\x12\x0e\n\x06\x63lient\x18\x07 \x01(\t\x12\x0f\n\x07weights\x18\x08 \x01(\t\"M\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x07\x12\x10\n\x08position\x18\x02 \x01(\x07\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.splitlm.v1.Tensor\"c\n\x0eSessionRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.splitlm.v1.OpenSessionH\x00\x12 \n\x04step\x18\x02 \x01(\x0b\x32\x10.splitlm.v1.StepH\x00\x42\x06\n\x04kind\"C\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x04plan\x18\x02 \x01(\x0b\x32\x10.splitlm.v1.Plan\"l\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x07\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.splitlm.v1.Tensor\x12\x12\n\ncompute_us\x18\x03 \x01(\x07\x12\x15\n\rcached_length\x18\x04 \x01(\x07\"m\n\x0cSessionReply\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.splitlm.v1.SessionOpenedH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.splitlm.v1.StepResultH\x00\x42\x06\n\x04kind\"$\n\x0eMonitorRequest\x12\x12\n\ninterval_s\x18\x01 \x01(\x02\"\xcc\x01\n\tGpuSample\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1b\n\x13utilization_percent\x18\x03 \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x1a\n\rtemperature_c\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07power_w\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x10\n\x0e_temperature_cB\n\n\x08_power_w\"\x95\x03\n\rMonitorSample\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x12\n\ninterval_s\x18\x02 \x01(\x01\x12\x13\n\x0b\x63pu_percent\x18\x03 \x01(\x01\x12\x0f\n\x07load_1m\x18\x04 \x01(\x01\x12\x0f\n\x07load_5m\x18\x05 \x01(\x01\x12\x10\n\x08load_15m\x18\x06 \x01(\x01\x12\x16\n\x0emem_used_bytes\x18\x07 \x01(\x04\x12\x17\n\x0fmem_total_bytes\x18\x08 \x01(\x04\x12\x18\n\x10\x64\x61\x65mon_rss_bytes\x18\t \x01(\x04\x12#\n\x04gpus\x18\n \x03(\x0b\x32\x15.splitlm.v1.GpuSample\x12\x12\n\ngpu_status\x18\x0b \x01(\t\x12\x15\n\rsessions_open\x18\x0c \x01(\r\x12\x14\n\x0csteps_queued\x18\r \x01(\r\x12\r\n\x05steps\x18\x0e \x01(\r\x12\x14\n\x0ctokens_per_s\x18\x0f \x01(\x01\x12\x13\n\x0bstep_p50_ms\x18\x10 \x01(\x01\x12\x13\n\x0bstep_p95_ms\x18\x11 \x01(\x01\x12\x19\n\x11trunk_cache_bytes\x18\x12 \x01(\x04*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x32\xc8\x01\n\x05Trunk\x12\x36\n\x04Info\x12\x17.splitlm.v1.InfoRequest\x1a\x15.splitlm.v1.InfoReply\x12\x43\n\x07Session\x12\x1a.splitlm.v1.SessionRequest\x1a\x18.splitlm.v1.SessionReply(\x01\x30\x01\x12\x42\n\x07Monitor\x12\x1a.splitlm.v1.MonitorRequest\x1a\x19.splitlm.v1.MonitorSample0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitlm.v1.trunk_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1898
-  _globals['_DTYPE']._serialized_end=1968
+  _globals['_DTYPE']._serialized_start=2042
+  _globals['_DTYPE']._serialized_end=2112
   _globals['_TENSOR']._serialized_start=38
   _globals['_TENSOR']._serialized_end=109
   _globals['_PLAN']._serialized_start=112
-  _globals['_PLAN']._serialized_end=371
-  _globals['_LIMITS']._serialized_start=373
-  _globals['_LIMITS']._serialized_end=451
-  _globals['_INFOREQUEST']._serialized_start=453
-  _globals['_INFOREQUEST']._serialized_end=466
-  _globals['_INFOREPLY']._serialized_start=468
-  _globals['_INFOREPLY']._serialized_end=594
-  _globals['_OPENSESSION']._serialized_start=597
-  _globals['_OPENSESSION']._serialized_end=773
-  _globals['_STEP']._serialized_start=775
-  _globals['_STEP']._serialized_end=852
-  _globals['_SESSIONREQUEST']._serialized_start=854
-  _globals['_SESSIONREQUEST']._serialized_end=953
-  _globals['_SESSIONOPENED']._serialized_start=955
-  _globals['_SESSIONOPENED']._serialized_end=1022
-  _globals['_STEPRESULT']._serialized_start=1024
-  _globals['_STEPRESULT']._serialized_end=1132
-  _globals['_SESSIONREPLY']._serialized_start=1134
-  _globals['_SESSIONREPLY']._serialized_end=1243
-  _globals['_MONITORREQUEST']._serialized_start=1245
-  _globals['_MONITORREQUEST']._serialized_end=1281
-  _globals['_GPUSAMPLE']._serialized_start=1284
-  _globals['_GPUSAMPLE']._serialized_end=1488
-  _globals['_MONITORSAMPLE']._serialized_start=1491
-  _globals['_MONITORSAMPLE']._serialized_end=1896
-  _globals['_TRUNK']._serialized_start=1971
-  _globals['_TRUNK']._serialized_end=2171
+  _globals['_PLAN']._serialized_end=388
+  _globals['_LIMITS']._serialized_start=390
+  _globals['_LIMITS']._serialized_end=468
+  _globals['_INFOREQUEST']._serialized_start=470
+  _globals['_INFOREQUEST']._serialized_end=483
+  _globals['_INFOREPLY']._serialized_start=486
+  _globals['_INFOREPLY']._serialized_end=652
+  _globals['_BATCHING']._serialized_start=654
+  _globals['_BATCHING']._serialized_end=721
+  _globals['_OPENSESSION']._serialized_start=724
+  _globals['_OPENSESSION']._serialized_end=917
+  _globals['_STEP']._serialized_start=919
+  _globals['_STEP']._serialized_end=996
+  _globals['_SESSIONREQUEST']._serialized_start=998
+  _globals['_SESSIONREQUEST']._serialized_end=1097
+  _globals['_SESSIONOPENED']._serialized_start=1099
+  _globals['_SESSIONOPENED']._serialized_end=1166
+  _globals['_STEPRESULT']._serialized_start=1168
+  _globals['_STEPRESULT']._serialized_end=1276
+  _globals['_SESSIONREPLY']._serialized_start=1278
+  _globals['_SESSIONREPLY']._serialized_end=1387
+  _globals['_MONITORREQUEST']._serialized_start=1389
+  _globals['_MONITORREQUEST']._serialized_end=1425
+  _globals['_GPUSAMPLE']._serialized_start=1428
+  _globals['_GPUSAMPLE']._serialized_end=1632
+  _globals['_MONITORSAMPLE']._serialized_start=1635
+  _globals['_MONITORSAMPLE']._serialized_end=2040
+  _globals['_TRUNK']._serialized_start=2115
+  _globals['_TRUNK']._serialized_end=2315
 # @@protoc_insertion_point(module_scope)

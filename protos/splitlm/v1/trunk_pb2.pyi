@@ -29,7 +29,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("model_id", "family", "model_type", "num_layers", "hidden_size", "trunk_start", "trunk_end", "fingerprint", "config_digest", "weights_digest", "dtype", "device")
+    __slots__ = ("model_id", "family", "model_type", "num_layers", "hidden_size", "trunk_start", "trunk_end", "fingerprint", "config_digest", "weights_digest", "dtype", "device", "weights")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class Plan(_message.Message):
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     family: str
     model_type: str
@@ -54,7 +55,8 @@ class Plan(_message.Message):
     weights_digest: str
     dtype: DType
     device: str
-    def __init__(self, model_id: _Optional[str] = ..., family: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., fingerprint: _Optional[str] = ..., config_digest: _Optional[str] = ..., weights_digest: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ...) -> None: ...
+    weights: str
+    def __init__(self, model_id: _Optional[str] = ..., family: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., fingerprint: _Optional[str] = ..., config_digest: _Optional[str] = ..., weights_digest: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., weights: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_sessions", "max_context", "max_message_bytes")
@@ -71,19 +73,31 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("plan", "limits", "server_version", "sessions_open")
+    __slots__ = ("plan", "limits", "server_version", "sessions_open", "batching")
     PLAN_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_OPEN_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
     plan: Plan
     limits: Limits
     server_version: str
     sessions_open: int
-    def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., sessions_open: _Optional[int] = ...) -> None: ...
+    batching: Batching
+    def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., sessions_open: _Optional[int] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ...) -> None: ...
+
+class Batching(_message.Message):
+    __slots__ = ("enabled", "batches", "batched_steps")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    batches: int
+    batched_steps: int
+    def __init__(self, enabled: _Optional[bool] = ..., batches: _Optional[int] = ..., batched_steps: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("fingerprint", "config_digest", "weights_digest", "trunk_start", "trunk_end", "wire_dtype", "client")
+    __slots__ = ("fingerprint", "config_digest", "weights_digest", "trunk_start", "trunk_end", "wire_dtype", "client", "weights")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CONFIG_DIGEST_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +105,7 @@ class OpenSession(_message.Message):
     TRUNK_END_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     config_digest: str
     weights_digest: str
@@ -98,7 +113,8 @@ class OpenSession(_message.Message):
     trunk_end: int
     wire_dtype: DType
     client: str
-    def __init__(self, fingerprint: _Optional[str] = ..., config_digest: _Optional[str] = ..., weights_digest: _Optional[str] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., client: _Optional[str] = ...) -> None: ...
+    weights: str
+    def __init__(self, fingerprint: _Optional[str] = ..., config_digest: _Optional[str] = ..., weights_digest: _Optional[str] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., client: _Optional[str] = ..., weights: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("step_id", "position", "hidden")

@@ -1,0 +1,75 @@
+"""The KV cache's preallocated buffers: what each layer returns equals transformers' own layers,
+step for step, across growth and rollback; and a decode step does not copy the history."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from splitlm.shared.cache import GROW_MAX_STEP, GROW_MIN, FullLayer, SlidingLayer, grown_capacity
+
+KVH, HD = 2, 8
+
+
+def kv(t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, KVH, t, HD, generator=g), torch.randn(1, KVH, t, HD, generator=g)  # (B, kvh, t, hd)
+
+
+def test_capacity_doubles_within_bounds() -> None:
+    assert grown_capacity(0, 5) == GROW_MIN
+    assert grown_capacity(0, 3000) == 3000  # a prefill gets what it needs, no slack
+    assert grown_capacity(GROW_MIN, GROW_MIN + 1) == 2 * GROW_MIN
+    assert grown_capacity(100_000, 100_001) == 100_000 + GROW_MAX_STEP
+    for cap in (0, 1, 300, 5000):
+        for need in (cap + 1, cap + 700, 3 * cap + 9):
+            assert grown_capacity(cap, need) >= need
+
+
+@pytest.mark.parametrize("steps", [[1] * 300, [40, 1, 1, 7, 1, 300, 1, 1], [700, 1, 1]])
+def test_full_layer_returns_what_transformers_returns(steps: list[int]) -> None:
+    ours, theirs = FullLayer(), DynamicLayer()
+    for i, t in enumerate(steps):
+        k, v = kv(t, i)
+        ok, ov = ours.update(k, v)
+        tk, tv = theirs.update(k, v)
+        assert torch.equal(ok, tk) and torch.equal(ov, tv)
+    assert ours.get_seq_length() == theirs.get_seq_length() == sum(steps)
+
+
+def test_decode_steps_write_in_place() -> None:
+    layer = FullLayer()
+    layer.update(*kv(10, 0))
+    buffers = set()
+    for i in range(500):
+        layer.update(*kv(1, i + 1))
+        buffers.add(layer.keys.untyped_storage().data_ptr())
+    # 510 positions: 256 -> 512 -> 1024 at most; not one buffer per step
+    assert len(buffers) <= 2
+    assert layer.keys.shape == (1, KVH, 510, HD)
+
+
+def test_rollback_then_new_positions_overwrite_the_old_ones() -> None:
+    layer = FullLayer()
+    k0, v0 = kv(20, 0)
+    layer.update(k0, v0)
+    layer.truncate(12)
+    assert layer.get_seq_length() == 12
+    k1, v1 = kv(3, 1)
+    keys, values = layer.update(k1, v1)
+    assert torch.equal(keys, torch.cat([k0[..., :12, :], k1], dim=-2))
+    assert torch.equal(values, torch.cat([v0[..., :12, :], v1], dim=-2))
+
+
+@pytest.mark.parametrize("steps", [[1] * 40, [3, 1, 1, 9, 1, 1, 1], [30, 1, 1], [5, 20, 1]])
+def test_sliding_layer_returns_what_transformers_returns(steps: list[int]) -> None:
+    window = 6
+    ours, theirs = SlidingLayer(sliding_window=window), DynamicSlidingWindowLayer(sliding_window=window)
+    for i, t in enumerate(steps):
+        k, v = kv(t, i)
+        ok, ov = ours.update(k, v)
+        tk, tv = theirs.update(k, v)
+        assert torch.equal(ok, tk) and torch.equal(ov, tv), f"step {i}"
+        assert ours.get_mask_sizes(1) == theirs.get_mask_sizes(1)
+    assert ours.keys.shape[-2] == sum(steps)  # all history kept, for rollback

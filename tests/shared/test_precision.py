@@ -1,0 +1,164 @@
+"""``--weights``: split equals full at each precision, in one process; resolution rules; fingerprint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitlm.shared.errors import UsageError
+from splitlm.shared.generation import GenerationSettings, LocalPipeline, generate
+from splitlm.shared.models import PartSpec, build_parts, family_for, resolve
+from splitlm.shared.models.precision import (
+    Precision,
+    apply_precision,
+    client_weights,
+    int8_linear_count,
+    precision_named,
+    resolve_precision,
+)
+from splitlm.shared.plan import Fingerprint
+from tests.shared.test_engine import PROMPT, _InProcessSplit, _NoText
+
+CPU = torch.device("cpu")
+
+
+def _parts(path, plan: tuple[int, int], precision: Precision):  # type: ignore[no-untyped-def]
+    src = resolve(str(path))
+    fam = family_for(src.config)
+    L = src.config.num_hidden_layers
+    a, b = plan
+    specs = [PartSpec.bottom(a), PartSpec.trunk(a, b), PartSpec.top(b, L), PartSpec.full(L)]
+    parts = build_parts(src, fam, specs, precision.dtype, CPU)
+    apply_precision(parts, precision)
+    return src, parts
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2"])
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+def test_split_equals_full_at_the_same_precision(tiny_models, kind, weights) -> None:  # type: ignore[no-untyped-def]
+    precision = precision_named(weights, CPU)
+    src, parts = _parts(tiny_models[kind], (2, 4), precision)
+    settings = GenerationSettings(max_new_tokens=24)
+    # no EOS: all 24 tokens are compared (random tiny models may emit EOS early)
+    split = generate(_InProcessSplit(parts[:3]), _NoText(), list(PROMPT), settings, [])
+    full = generate(LocalPipeline(parts[3]), _NoText(), list(PROMPT), settings, [])
+    assert split.token_ids == full.token_ids
+    assert len(full.token_ids) == 24
+    if weights == "int8":  # the decoder layers really run quantised, the rest stays float32
+        n_linear = 4 if kind == "gpt2" else 7  # per decoder layer: attention + MLP projections
+        assert int8_linear_count(parts[1].model) == 2 * n_linear  # the trunk's 2 layers
+        assert int8_linear_count(parts[3].model) == 6 * n_linear  # all 6 of the full model's
+        assert int8_linear_count(parts[0].model) == 2 * n_linear
+        assert parts[3].model.get_input_embeddings().weight.dtype == torch.float32
+    else:
+        assert {p.dtype for p in parts[3].model.parameters()} == {torch.bfloat16}
+
+
+def test_int8_changes_the_output_and_float32_does_not_quantise(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    """The test above could pass with quantisation a no-op: int8 logits differ from float32's."""
+    f32 = precision_named("float32", CPU)
+    _, [_, trunk32, *_] = _parts(tiny_models["llama"], (2, 4), f32)
+    _, [_, trunk8, *_] = _parts(tiny_models["llama"], (2, 4), precision_named("int8", CPU))
+    h = torch.randn(1, 5, trunk32.hidden_size, generator=torch.Generator().manual_seed(0))
+    a = trunk32.forward(h, 0, trunk32.new_cache())
+    b = trunk8.forward(h, 0, trunk8.new_cache())
+    assert not torch.equal(a, b)
+    assert torch.allclose(a, b, atol=0.2, rtol=0.1)  # int8 is close, not garbage
+    assert int8_linear_count(trunk32.model) == 0
+
+
+def test_gpt2_conv1d_becomes_an_equal_linear(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    from splitlm.shared.models.precision import _conv1d_to_linear
+
+    _, [_, trunk, *_] = _parts(tiny_models["gpt2"], (2, 4), precision_named("float32", CPU))
+    h = torch.randn(1, 4, trunk.hidden_size, generator=torch.Generator().manual_seed(1))
+    want = trunk.forward(h, 0, trunk.new_cache())
+    for i in range(2, 4):
+        _conv1d_to_linear(trunk.model.transformer.h[i])
+    assert isinstance(trunk.model.transformer.h[2].attn.c_attn, torch.nn.Linear)
+    torch.testing.assert_close(trunk.forward(h, 0, trunk.new_cache()), want)
+
+
+@pytest.mark.parametrize(
+    ("weights", "dtype", "explicit", "want"),
+    [
+        (None, torch.float32, False, Precision("float32", torch.float32)),
+        ("auto", torch.bfloat16, True, Precision("bfloat16", torch.bfloat16)),
+        ("bfloat16", torch.float32, False, Precision("bfloat16", torch.bfloat16)),
+        ("int8", torch.float32, False, Precision("int8", torch.float32)),
+        ("int8", torch.float32, True, Precision("int8", torch.float32)),
+    ],
+)
+def test_resolve_precision(weights, dtype, explicit, want) -> None:  # type: ignore[no-untyped-def]
+    assert resolve_precision(weights, dtype, explicit, CPU) == want
+
+
+@pytest.mark.parametrize(
+    ("weights", "dtype", "device", "needle"),
+    [
+        ("bfloat16", torch.float32, "cpu", "--dtype says float32"),
+        ("int8", torch.bfloat16, "cpu", "computes in float32"),
+        ("int8", torch.float32, "cuda", "CPU only"),
+        ("int4", torch.float32, "cpu", "one of auto, float32, bfloat16, int8"),
+    ],
+)
+def test_resolve_precision_refuses(weights, dtype, device, needle) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(UsageError, match=needle):
+        resolve_precision(weights, dtype, True, torch.device(device))
+
+
+def test_client_weights_takes_flag_then_dtype_then_the_daemons() -> None:
+    assert client_weights("int8", "float32") == "int8"
+    assert client_weights(None, "bfloat16") == "bfloat16"
+    assert client_weights("auto", "auto") is None
+    assert client_weights(None, None) is None
+
+
+def test_fingerprint_carries_the_precision() -> None:
+    base = Fingerprint("c", "w", 2, 4)
+    assert Fingerprint("c", "w", 2, 4, "float32").digest == base.digest  # float32 digests unchanged
+    digests = {Fingerprint("c", "w", 2, 4, p).digest for p in ("float32", "bfloat16", "int8")}
+    assert len(digests) == 3
+    diff = Fingerprint("c", "w", 2, 4, "float32").differences(Fingerprint("c", "w", 2, 4, "int8"))
+    assert diff == ["weight precision (int8 here, float32 from the client): pass --weights int8"]
+
+
+def test_weights_and_wire_dtype_are_layered_settings(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """flag > SPLITLM_* > TOML > default, for the daemon and the client; bad values are named."""
+    from splitlm.shared.config import ClientSettings, ConfigError, DaemonSettings, load
+    from splitlm.tui import cli
+
+    f = tmp_path / "c.toml"
+    f.write_text('weights = "bfloat16"\nwire_dtype = "float16"\n')
+    t = tmp_path / "trunkd.toml"
+    t.write_text('weights = "bfloat16"\n')
+    d = load(DaemonSettings, {}, env={"SPLITLM_WEIGHTS": "int8"}, config=t)
+    assert d.settings.weights == "int8" and d.sources["weights"] == "SPLITLM_WEIGHTS"
+    assert load(DaemonSettings, {}, env={}, config=t).settings.weights == "bfloat16"
+    assert load(DaemonSettings, {"weights": "float32"}, env={"SPLITLM_WEIGHTS": "int8"}).settings.weights == "float32"
+    assert load(DaemonSettings, {}, env={}, config=None).settings.weights == "auto"
+    c = load(ClientSettings, {"weights": "float32"}, env={"SPLITLM_WIRE_DTYPE": "bfloat16"}, config=f,
+             file_name="client")
+    assert (c.settings.weights, c.settings.wire_dtype) == ("float32", "bfloat16")
+    c = load(ClientSettings, {}, env={}, config=f, file_name="client")
+    assert (c.settings.weights, c.settings.wire_dtype) == ("bfloat16", "float16")
+    c = load(ClientSettings, {}, env={}, config=None, file_name="client")
+    assert (c.settings.weights, c.settings.wire_dtype) == ("auto", "exact")
+    with pytest.raises(ConfigError, match="SPLITLM_WIRE_DTYPE"):
+        load(ClientSettings, {}, env={"SPLITLM_WIRE_DTYPE": "int8"}, file_name="client")
+    # the CLI turns them into what the session code takes
+    args = cli.build_parser().parse_args(["generate", "--config", str(f), "--wire-dtype", "exact", "hi"])
+    cli._apply_config(args)
+    assert cli._weights(args) == "bfloat16" and cli._wire_dtype(args) is None
+    args = cli.build_parser().parse_args(["compare", "--config", str(f), "hi"])
+    cli._apply_config(args)
+    assert cli._wire_dtype(args) == torch.float16
+
+
+def test_chat_config_takes_weights_and_wire_dtype() -> None:
+    from splitlm.tui.app.config import AppConfig
+
+    assert AppConfig("unix:x").local_weights() is None and AppConfig("unix:x").wire_torch_dtype() is None
+    c = AppConfig("unix:x", dtype="bfloat16", wire_dtype="bfloat16")
+    assert c.local_weights() == "bfloat16" and c.wire_torch_dtype() == torch.bfloat16
+    assert AppConfig("unix:x", weights="int8", dtype="float32").local_weights() == "int8"
