@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..protos import trunk_pb2 as pb
-from ..shared.client import channel_options
+from ..shared.client import KEEPALIVE_MS, channel_options
 from ..shared.errors import SplitlmError
 from ..shared.paths import unix_path
 from .auth import Security
@@ -52,6 +52,12 @@ def server_options(max_message_bytes: int, keepalive_s: float) -> list[tuple[str
         # as fast as a keepalive would; grpc's default waits a minute
         "grpc.http2.ping_timeout_ms": timeout_ms,
         "grpc.keepalive_permit_without_calls": 1,
+        # accept the clients' keepalive pings on an idle session: grpc's default policy wants
+        # 5 min between pings without data and sends GOAWAY "too_many_pings" after two closer
+        # ones, which dropped any session left idle for ~90 s
+        "grpc.http2.min_ping_interval_without_data_ms": min(
+            KEEPALIVE_MS, int(keepalive_s * 1000)
+        ) // 2,
     })
     return list(opts.items())
 

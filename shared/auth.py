@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,28 +100,11 @@ class BearerToken(
             getattr(details, "compression", None),
         )
 
-    def intercept_unary_unary(
+    def _intercept(
         self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
     ) -> Any:
+        """Every kind of call alike: ``request`` is the request, or the iterator of requests."""
         return continuation(self._with_token(details), request)
 
-    def intercept_unary_stream(
-        self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
-    ) -> Any:
-        return continuation(self._with_token(details), request)
-
-    def intercept_stream_unary(
-        self,
-        continuation: Callable[..., Any],
-        details: grpc.ClientCallDetails,
-        request_iterator: Iterator[Any],
-    ) -> Any:
-        return continuation(self._with_token(details), request_iterator)
-
-    def intercept_stream_stream(
-        self,
-        continuation: Callable[..., Any],
-        details: grpc.ClientCallDetails,
-        request_iterator: Iterator[Any],
-    ) -> Any:
-        return continuation(self._with_token(details), request_iterator)
+    intercept_unary_unary = intercept_unary_stream = _intercept
+    intercept_stream_unary = intercept_stream_stream = _intercept

@@ -6,6 +6,7 @@ Blocking API for the CLI and for Textual thread workers. A session is one bidire
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -13,16 +14,16 @@ import threading
 from typing import TYPE_CHECKING
 
 import grpc
-import torch
 
 from ..protos import trunk_pb2 as pb
 from ..protos import trunk_pb2_grpc as pb_grpc
-from . import codec
 from .errors import DaemonUnreachable, TrunkError
 from .version import __version__
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
+
+    import torch
 
     from .config import ClientSettings
     from .failover import FailoverSession, OnReconnect, RetryPolicy
@@ -36,6 +37,15 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 
 _CLOSE = object()
 
+KEEPALIVE_MS = 30_000
+"""How often the client pings a connection; the daemon accepts pings this often (server.py)."""
+
+CLOSE_WAIT_S = 2.0
+"""How long closing a session waits for the daemon to end its stream before cancelling it."""
+
+RECONNECT_BACKOFF_MAX_MS = 2_000
+"""The longest a channel waits between connection attempts (= failover's default max delay)."""
+
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
@@ -43,9 +53,17 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", max_message_bytes),
         # a daemon that stops answering (host gone, network dropped) is noticed within ~40 s,
         # even when the unanswered ping is a flow-control one (grpc's own default waits a minute)
-        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.ping_timeout_ms", 10_000),
+        # keep pinging while a session sits idle (a user reading the reply): grpc stops after
+        # two pings without data by default
+        ("grpc.http2.max_pings_without_data", 0),
+        # after a failed connect the channel waits before it tries again, growing to 120 s by
+        # default: a daemon that restarted in 60 s was not seen for up to a minute more, failing
+        # every reconnect in between fast (the kill -9 flake). Cap the wait at failover's own.
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
     ]
 
 
@@ -167,7 +185,10 @@ class TrunkClient:
         from .failover import FailoverSession
 
         return FailoverSession(
-            session, lambda: TrunkSession(self, fingerprint, wire_dtype), retry, on_reconnect
+            session,
+            lambda timeout_s: TrunkSession(self, fingerprint, wire_dtype, open_timeout_s=timeout_s),
+            retry,
+            on_reconnect,
         )
 
     def close(self) -> None:
@@ -216,7 +237,13 @@ class TrunkSession:
     Not thread-safe: one thread steps a session at a time.
     """
 
-    def __init__(self, client: TrunkClient, fingerprint: Fingerprint, wire_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        client: TrunkClient,
+        fingerprint: Fingerprint,
+        wire_dtype: torch.dtype,
+        open_timeout_s: float | None = None,
+    ) -> None:
         self.client = client
         self.fingerprint = fingerprint
         self.wire_dtype = wire_dtype
@@ -224,8 +251,8 @@ class TrunkSession:
         self.bytes_received = 0
         self._ids = itertools.count(1)  # step ids; a fixed32 on the wire
         self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._closed = threading.Event()
         self._close_sent = False
+        from . import codec  # torch: only sessions need it, not info/monitor
         open_msg = pb.SessionRequest(
             open=pb.OpenSession(
                 fingerprint=fingerprint.digest,
@@ -233,12 +260,20 @@ class TrunkSession:
                 weights_digest=fingerprint.weights_digest,
                 trunk_start=fingerprint.start,
                 trunk_end=fingerprint.end,
+                weights="" if fingerprint.precision == "float32" else fingerprint.precision,
                 wire_dtype=codec.PB_OF[wire_dtype],
                 client=f"splitlm/{__version__}",
             )
         )
-        self._responses: Iterator[pb.SessionReply] = client.stub.Session(self._request_iter())
-        reply = self._exchange(open_msg)
+        self._call = client.stub.Session(self._request_iter())
+        self._done = threading.Event()  # set by gRPC when the call has ended, however it ended
+        if not self._call.add_callback(self._done.set):
+            self._done.set()
+        self._responses: Iterator[pb.SessionReply] = self._call
+        self._timed_out: float | None = None
+        self._send(open_msg)
+        with self._bounded(open_timeout_s):
+            reply = self._receive()
         if not reply.HasField("opened"):
             raise TrunkError("INTERNAL", "the daemon answered the open with something else")
         self.session_id = reply.opened.session_id
@@ -251,9 +286,31 @@ class TrunkSession:
                 return
             yield item  # type: ignore[misc]
 
-    def _exchange(self, req: pb.SessionRequest) -> pb.SessionReply:
-        self._send(req)
-        return self._receive()
+    @contextlib.contextmanager
+    def _bounded(self, timeout_s: float | None) -> Iterator[None]:
+        """Cancel the stream if the replies read inside take longer than ``timeout_s`` in all;
+        ``_receive`` then raises ``DaemonUnreachable`` naming the wait. ``None``: no bound."""
+        if timeout_s is None:
+            yield
+            return
+        lock, done = threading.Lock(), [False]
+
+        def expire() -> None:
+            with lock:  # never cancel a stream whose replies all came in just before the bound
+                if done[0]:
+                    return
+                self._timed_out = timeout_s
+                self._call.cancel()
+
+        timer = threading.Timer(max(0.0, timeout_s), expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            with lock:
+                done[0] = True
+            timer.cancel()
 
     def _send(self, req: pb.SessionRequest) -> None:
         self.bytes_sent += req.ByteSize()
@@ -264,6 +321,10 @@ class TrunkSession:
             reply = next(self._responses)
         except grpc.RpcError as e:
             self.close()
+            if self._timed_out is not None:
+                raise self.client.unreachable(
+                    f"no reply within {self._timed_out:.1f} s; gave up on this stream"
+                ) from None
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 raise self.client.unreachable(e.details() or "connection lost") from None
             raise _trunk_error(e) from None
@@ -283,6 +344,8 @@ class TrunkSession:
         req = pb.SessionRequest()
         req.step.step_id = step_id
         req.step.position = position
+        from . import codec
+
         codec.encode(hidden, self.wire_dtype, out=req.step.hidden)
         self._send(req)
         result = self._result(step_id)
@@ -292,10 +355,16 @@ class TrunkSession:
         """``step`` for hidden states already encoded in the wire dtype."""
         return self.replay([(hidden, position)])[0]
 
-    def replay(self, steps: Sequence[tuple[pb.Tensor, int]]) -> list[pb.StepResult]:
+    def replay(
+        self, steps: Sequence[tuple[pb.Tensor, int]], timeout_s: float | None = None
+    ) -> list[pb.StepResult]:
         """Send ``(hidden, position)`` steps pipelined: all of them first, then read the replies.
 
         Costs the daemon's compute plus one round trip, not one round trip per step.
+
+        Args:
+            timeout_s: all replies must be in within this (failover's remaining deadline);
+                otherwise the stream is cancelled and ``DaemonUnreachable`` raised.
         """
         ids = []
         for hidden, position in steps:
@@ -305,7 +374,8 @@ class TrunkSession:
             req.step.hidden.CopyFrom(hidden)
             self._send(req)
             ids.append(req.step.step_id)
-        return [self._result(step_id) for step_id in ids]
+        with self._bounded(timeout_s):
+            return [self._result(step_id) for step_id in ids]
 
     def _result(self, step_id: int) -> pb.StepResult:
         reply = self._receive()
@@ -313,9 +383,17 @@ class TrunkSession:
             raise TrunkError("INTERNAL", f"reply for step {reply.result.step_id}, expected {step_id}")
         return reply.result
 
-    def close(self) -> None:
-        """End the stream (the daemon frees the cache); also ends the thread feeding requests."""
-        self._closed.set()
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """End the stream (the daemon frees the cache) and wait, at most ``wait_s``, for the
+        daemon to finish it; a stream still open then is cancelled.
+
+        Waiting matters: gRPC's own threads finish an open call, and a process that exits while
+        they hold the call's lock deadlocks when the interpreter collects the call object at
+        exit (a client that printed its whole reply and never exited).
+        """
         if not self._close_sent:
             self._close_sent = True
             self._requests.put(_CLOSE)
+        if not self._done.wait(wait_s):
+            self._call.cancel()
+            self._done.wait(wait_s)

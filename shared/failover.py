@@ -222,7 +222,8 @@ class FailoverSession:
 
     Args:
         stream: the open session to start from.
-        reopen: opens a new session on the same daemon and plan.
+        reopen: opens a new session on the same daemon and plan; its argument bounds the wait
+            for the daemon's answer, in seconds.
         policy: backoff and deadline.
         on_reconnect: told of each attempt and of the resume.
         rng: the jitter's source (seeded in tests).
@@ -231,7 +232,7 @@ class FailoverSession:
     def __init__(
         self,
         stream: TrunkSession,
-        reopen: Callable[[], TrunkSession],
+        reopen: Callable[[float], TrunkSession],
         policy: RetryPolicy,
         on_reconnect: OnReconnect | None = None,
         rng: random.Random | None = None,
@@ -301,7 +302,7 @@ class FailoverSession:
             if self._cancel.wait(delay):
                 raise FailoverCancelled("cancelled while reconnecting to the trunk daemon")
             try:
-                stream = self._reopen()
+                stream = self._reopen(self._remaining(broke))
             except SplitlmError as e:
                 if not is_transient(e):
                     raise
@@ -309,7 +310,10 @@ class FailoverSession:
                 continue
             t0 = time.monotonic()
             try:
-                results = stream.replay([(s.hidden, s.position) for s in self.history.steps])
+                results = stream.replay(
+                    [(s.hidden, s.position) for s in self.history.steps],
+                    timeout_s=self._remaining(broke),
+                )
             except SplitlmError as e:
                 self._retire(stream)
                 if not is_transient(e):
@@ -338,6 +342,11 @@ class FailoverSession:
             self._notify(event)
             return results[-1]
         raise AssertionError("unreachable: delays() is endless")  # pragma: no cover
+
+    def _remaining(self, broke: float) -> float:
+        """What is left of the deadline: every wait of a resume (open, replay) is bounded by it,
+        so a daemon that accepts the stream and never answers cannot hang the client."""
+        return max(0.05, self.policy.deadline_s - (time.monotonic() - broke))
 
     def _retire(self, stream: TrunkSession) -> None:
         """Close a dead stream, keeping its byte counts in the totals."""

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -120,15 +121,22 @@ class Daemon:
         return int(self.proc.returncode)
 
 
+def trunkd_command(*args: str) -> list[str]:
+    """``splitlm-trunkd ARGS`` as the tests run it: this interpreter, the source tree's module."""
+    return [sys.executable, "-m", "splitlm.daemon.cli", *args]
+
+
+def spawn_trunkd(*args: str, log: IO[bytes], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``splitlm-trunkd ARGS`` in the background, stdout and stderr to ``log``; no waiting."""
+    return subprocess.Popen(trunkd_command(*args), stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
 def start_daemon(model: str | Path, address: str, log: Path, *extra: str, timeout: float = 180) -> Daemon:
     """Start the daemon and wait until ``Info`` answers."""
     from splitlm.shared.client import TrunkClient
     from splitlm.shared.errors import DaemonUnreachable
 
-    cmd = [sys.executable, "-m", "splitlm.daemon.cli", "--model", str(model), "--listen", address,
-           "--threads", "1", *extra]
-    fh = log.open("wb")
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    proc = spawn_trunkd("--model", str(model), "--listen", address, "--threads", "1", *extra, log=log.open("wb"))
     d = Daemon(proc, address, log)
     deadline = time.monotonic() + timeout
     client = TrunkClient(address, connect_timeout_s=1.0)
@@ -175,7 +183,7 @@ def run_cli(*args: str, stdin: str | None = None, timeout: float = 300, env: dic
 
 def run_trunkd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "splitlm.daemon.cli", *args], capture_output=True, text=True, timeout=timeout
+        trunkd_command(*args), capture_output=True, text=True, timeout=timeout
     )
 
 

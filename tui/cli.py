@@ -32,13 +32,14 @@ def _add_target(p: argparse.ArgumentParser) -> None:
 
 
 def _add_failover(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--retry-deadline", type=float, default=180.0, metavar="S",
+    p.add_argument("--retry-deadline", default=None, metavar="S",
                    help="when the daemon goes away mid-session, keep reconnecting this long, then "
-                   "rebuild its cache and continue (default 180; 0: fail at once)")
-    p.add_argument("--retry-initial", type=float, default=0.25, metavar="S",
-                   help="first wait before reconnecting; doubles per attempt (default 0.25)")
-    p.add_argument("--retry-max-delay", type=float, default=2.0, metavar="S",
-                   help="longest wait between two attempts (default 2)")
+                   "rebuild its cache and continue (default 180; 0: fail at once) [env SPLITLM_RETRY_DEADLINE]")
+    p.add_argument("--retry-initial", default=None, metavar="S",
+                   help="first wait before reconnecting; doubles per attempt (default 0.25) "
+                   "[env SPLITLM_RETRY_INITIAL]")
+    p.add_argument("--retry-max-delay", default=None, metavar="S",
+                   help="longest wait between two attempts (default 2) [env SPLITLM_RETRY_MAX_DELAY]")
 
 
 def _add_generation(p: argparse.ArgumentParser, greedy_default: bool = True) -> None:
@@ -52,7 +53,16 @@ def _add_generation(p: argparse.ArgumentParser, greedy_default: bool = True) -> 
     p.add_argument("--stop", action="append", default=[], metavar="S", help="stop string; repeatable")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype of the local parts (default auto) [env SPLITLM_DTYPE]")
+    p.add_argument("--weights", default=None, choices=["auto", "float32", "bfloat16", "int8"],
+                   help="weight precision: float32, bfloat16, or int8 (weight int8, float32 activations; "
+                   "CPU); must be the daemon's; auto, the default: the daemon's (--full: --dtype's) "
+                   "[env SPLITLM_WEIGHTS]")
+    p.add_argument("--wire-dtype", default=None, choices=["exact", "bfloat16", "float16"],
+                   help="hidden states on the wire: exact (default: the trunk's dtype), or bfloat16/"
+                   "float16, half the bytes of float32 [env SPLITLM_WIRE_DTYPE]")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N [env SPLITLM_DEVICE]")
+    p.add_argument("--threads", default=None, type=int, metavar="N",
+                   help="torch intra-op threads here (default: torch's, one per core) [env SPLITLM_THREADS]")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("prompt", help="the prompt; - reads standard input")
 
@@ -82,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(m)
     m.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between samples, 0.25-10 (default 1)")
     m.add_argument("--json", action="store_true", help="one JSON object per line instead of one text line")
+    b = sub.add_parser("bench", help="full model and split side by side: TTFT, latency, wire bytes, memory, "
+                       "concurrency, the issue-6 goals")
+    _add_target(b)
+    from .bench.options import add_arguments as add_bench_arguments  # argparse only, no torch
+
+    add_bench_arguments(b)
     ch = sub.add_parser("chat", help="the terminal chat app (what bare `splitlm` opens)")
     _add_target(ch)
     _add_failover(ch)
@@ -113,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
         handler = {"generate": cmd_generate, "compare": cmd_compare, "info": cmd_info, "monitor": cmd_monitor,
-                   "chat": cmd_chat}[args.command]
+                   "chat": cmd_chat, "bench": cmd_bench}[args.command]
         return handler(args)
     except SplitlmError as e:
         print(f"splitlm: error: {e}", file=sys.stderr)
@@ -123,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return ExitCode.FAILURE
+    finally:
+        # close channels before the interpreter exits: gRPC's threads must not be holding a
+        # call when it is torn down (see TrunkSession.close)
+        while _CLIENTS:
+            _CLIENTS.pop().close()
 
 
 def _apply_config(args: argparse.Namespace) -> None:
@@ -139,10 +160,19 @@ def _apply_config(args: argparse.Namespace) -> None:
         config.ClientSettings, config.flags_from(args, config.ClientSettings),
         config=getattr(args, "config", None), file_name="client",
     )
-    for key in ("trunk", "model", "dtype", "device", "token_file", "tls_ca", "log_level"):
+    for key in ("trunk", "model", "dtype", "weights", "wire_dtype", "device", "threads", "token_file", "tls_ca", "log_level",
+                "retry_deadline", "retry_initial", "retry_max_delay"):
         if hasattr(args, key):
             setattr(args, key, getattr(loaded.settings, key))
     args.client_config = loaded
+    if loaded.settings.threads:
+        import torch
+
+        torch.set_num_threads(loaded.settings.threads)
+
+
+_CLIENTS: list[Any] = []
+"""Trunk clients made by this command, closed when it returns."""
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -151,7 +181,9 @@ def _client(args: argparse.Namespace) -> Any:
     loaded = args.client_config
     source = loaded.source("trunk")
     source = "the default socket" if source == "default" else source
-    return TrunkClient.from_settings(loaded.settings, source=source)
+    client = TrunkClient.from_settings(loaded.settings, source=source)
+    _CLIENTS.append(client)
+    return client
 
 
 def _settings(args: argparse.Namespace) -> GenerationSettings:
@@ -210,6 +242,22 @@ def _device_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
     return device, resolve_dtype(args.dtype, device)
 
 
+def _weights(args: argparse.Namespace) -> str | None:
+    """``--weights``, else an explicit ``--dtype``, else None (the daemon's; float32 for --full)."""
+    from ..shared.models.precision import client_weights
+
+    return client_weights(args.weights, args.dtype)
+
+
+def _wire_dtype(args: argparse.Namespace) -> Any:
+    """``--wire-dtype`` as a torch dtype; None for exact (the trunk's dtype)."""
+    if args.wire_dtype in (None, "exact"):
+        return None
+    from ..shared.codec import NAMES
+
+    return NAMES[args.wire_dtype]
+
+
 def _result_json(res: GenerationResult, plan: dict[str, Any]) -> dict[str, Any]:
     return {
         "text": res.text,
@@ -257,7 +305,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _quiet_libraries()
         device, dtype = _device_dtype(args)
         model = ss.load_model(args.model)
-        pipeline = ss.full_pipeline(model, dtype, device)
+        pipeline = ss.full_pipeline(model, dtype, device, weights=_weights(args))
         plan = ss.plan_dict(model, None, None)
     else:
         client = _client(args)
@@ -265,8 +313,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _quiet_libraries()
         device, dtype = _device_dtype(args)
         model = ss.load_model(ss.client_model_spec(args.model, info))
-        parts = ss.split_parts(model, info, dtype, device)
-        pipeline = ss.split_pipeline(parts, client, retry=retry, on_reconnect=_reconnect_notice)
+        parts = ss.split_parts(model, info, dtype, device, weights=_weights(args))
+        pipeline = ss.split_pipeline(
+            parts, client, wire_dtype=_wire_dtype(args), retry=retry, on_reconnect=_reconnect_notice
+        )
         plan = ss.plan_dict(model, parts.plan.split, parts.fingerprint.digest)
     ids = prompt_ids(model.tokenizer, prompt, chat=not args.no_chat)
     try:
@@ -313,10 +363,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _quiet_libraries()
     device, dtype = _device_dtype(args)
     model = ss.load_model(ss.client_model_spec(args.model, info))
-    parts = ss.split_parts(model, info, dtype, device, with_full=True)
+    parts = ss.split_parts(model, info, dtype, device, with_full=True, weights=_weights(args))
     assert parts.full is not None
     full = LocalPipeline(parts.full)
-    split = ss.split_pipeline(parts, client, retry=retry, on_reconnect=_reconnect_notice)
+    split = ss.split_pipeline(parts, client, wire_dtype=_wire_dtype(args), retry=retry, on_reconnect=_reconnect_notice)
     ids = prompt_ids(model.tokenizer, prompt, chat=not args.no_chat)
     warm = GenerationSettings(max_new_tokens=2, sampling=settings.sampling)
     for pipe in (full, split):  # first calls pay one-off costs (allocator, kernels): not measured
@@ -367,6 +417,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"{'wire bytes/token':22}{'':>10}{ss_['bytes_per_token']:10.0f}")
     print(f"{'split overhead p50 (ms)':22}{'':>10}{ss_['overhead_p50_s'] * 1e3:10.3f}")
     return ExitCode.OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``splitlm bench`` (``splitlm.tui.bench``): the table on stdout, progress on stderr."""
+    from .bench.run import run
+
+    return run(args, lambda: _client(args))
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -25,6 +24,7 @@ import torch
 from splitlm.daemon.notify import Notifier, watchdog_interval_s
 from splitlm.shared.client import TrunkClient
 from splitlm.shared.plan import Fingerprint
+from tests.conftest import spawn_trunkd
 
 
 @dataclass
@@ -140,29 +140,16 @@ def _open_session(address: str) -> tuple[TrunkClient, object]:
 def test_daemon_under_a_notify_socket(
     tiny_models: dict[str, Path], tmp_path: Path, notify_path: NotifySocket
 ) -> None:
-    """READY=1 after loading (the socket answers by then), watchdog pings at half WATCHDOG_USEC,
-    STATUS= follows the session count, STOPPING=1 on SIGTERM, exit 0, socket removed."""
+    """READY=1 after loading (the socket answers by then), watchdog pings at half WATCHDOG_USEC
+    (1 s: a loaded 2-core machine leaves the loop 0.5 s of slack), STATUS= follows the session
+    count, STOPPING=1 on SIGTERM, exit 0, socket removed."""
     sock = tmp_path / "trunk.sock"
-    env = dict(os.environ, NOTIFY_SOCKET=notify_path.name, WATCHDOG_USEC="600000")
+    env = dict(os.environ, NOTIFY_SOCKET=notify_path.name, WATCHDOG_USEC="1000000")
     env.pop("WATCHDOG_PID", None)
     log = (tmp_path / "trunkd.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "splitlm.daemon.cli",
-            "--model",
-            str(tiny_models["llama"]),
-            "--split",
-            "2:4",
-            "--listen",
-            f"unix:{sock}",
-            "--threads",
-            "1",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    proc = spawn_trunkd(
+        "--model", str(tiny_models["llama"]), "--split", "2:4", "--listen", f"unix:{sock}",
+        "--threads", "1", log=log, env=env,
     )
     try:
         notify_path.wait_for(lambda: notify_path.with_key("READY"), 120, "READY=1", proc)
@@ -185,8 +172,8 @@ def test_daemon_under_a_notify_socket(
         )
         pings = [t for t, _ in notify_path.with_key("WATCHDOG") if t > ready_at]
         gaps = [b - a for a, b in zip(pings, pings[1:])]
-        assert max(gaps) < 0.6, (
-            f"watchdog pings {gaps} s apart: systemd would kill the unit at 0.6 s"
+        assert max(gaps) < 1.0, (
+            f"watchdog pings {gaps} s apart: systemd would kill the unit at 1 s"
         )
 
         client, session = _open_session(f"unix:{sock}")

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
@@ -218,3 +219,46 @@ def test_keepalive_drops_a_frozen_peer(tiny_models: dict[str, Path], daemon_fact
         frozen.wait()
         client.close()
     assert "Traceback" not in d.log_text()
+
+
+def test_close_returns_once_the_daemon_ended_the_stream(
+    tiny_models: dict[str, Path], daemon_factory
+) -> None:  # type: ignore[no-untyped-def]
+    """When ``close`` returns, the call is over and ended cleanly (OK, not cancelled). A call
+    left for gRPC's threads to finish while the interpreter exits deadlocked the collection
+    of its object: ``splitlm generate`` printed its whole reply and never exited."""
+    d: Daemon = daemon_factory(tiny_models["llama"], "--split", "2:4")
+    client = TrunkClient(d.address)
+    try:
+        sessions = [open_session(client) for _ in range(3)]
+        for s in sessions:
+            assert step(s, 0, 3) == 3
+        for s in sessions:
+            s.close()
+            assert s._call.done() and s._call.code() == grpc.StatusCode.OK
+        assert client.info().sessions_open == 0
+    finally:
+        client.close()
+
+
+def test_an_idle_session_survives_the_clients_keepalive_pings(
+    tiny_models: dict[str, Path], daemon_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A session left idle (a user reading the reply) is pinged by its client; the daemon must
+    accept those pings. grpc's default server policy wants 5 min between pings without data
+    and answered the third 30 s ping with GOAWAY "too_many_pings", killing the session at ~90 s.
+    Scaled down here: the client pings every 1.5 s; a daemon with --keepalive 2s accepts 1 s."""
+    from splitlm.shared import client as client_module
+
+    d: Daemon = daemon_factory(tiny_models["llama"], "--split", "2:4", "--keepalive", "2s")
+    monkeypatch.setattr(client_module, "KEEPALIVE_MS", 1500)
+    client = TrunkClient(d.address)
+    try:
+        s = open_session(client)
+        assert step(s, 0, 3) == 3
+        time.sleep(8)  # five pings without data; three too close ones were enough for a GOAWAY
+        assert step(s, 3, 1) == 1
+        s.close()
+    finally:
+        client.close()
+    assert "too_many_pings" not in d.log_text()

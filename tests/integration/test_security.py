@@ -11,7 +11,6 @@ import ipaddress
 import logging
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -28,7 +27,7 @@ from splitlm.shared.client import TrunkClient
 from splitlm.shared.config import ConfigError, DaemonSettings, load
 from splitlm.shared.errors import DaemonUnreachable, TrunkError
 from splitlm.shared.plan import Fingerprint
-from tests.conftest import free_port, run_cli, run_trunkd
+from tests.conftest import free_port, run_cli, run_trunkd, spawn_trunkd
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -83,6 +82,13 @@ def make_pki(root: Path) -> Pki:
     return Pki(root / "cert.pem", root / "key.pem", root / "token", cert_pem)
 
 
+def tls_flags(pki: Pki, *, token: bool = True) -> list[str]:
+    """The daemon's --tls-cert and --tls-key from ``pki``, and its --token-file unless ``token``
+    is off."""
+    flags = ["--tls-cert", str(pki.cert), "--tls-key", str(pki.key)]
+    return [*flags, "--token-file", str(pki.token)] if token else flags
+
+
 @dataclass(frozen=True)
 class SecureDaemon:
     proc: subprocess.Popen[bytes]
@@ -115,30 +121,19 @@ def secure_daemon(
     unix = f"unix:{root / 'trunk.sock'}"
     log = root / "trunkd.log"
     with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "splitlm.daemon.cli",
-                "--model",
-                str(tiny_models["llama"]),
-                "--split",
-                "2:4",
-                "--listen",
-                f"0.0.0.0:{port}",
-                "--listen",
-                unix,
-                "--threads",
-                "1",
-                "--tls-cert",
-                str(pki.cert),
-                "--tls-key",
-                str(pki.key),
-                "--token-file",
-                str(pki.token),
-            ],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
+        proc = spawn_trunkd(
+            "--model",
+            str(tiny_models["llama"]),
+            "--split",
+            "2:4",
+            "--listen",
+            f"0.0.0.0:{port}",
+            "--listen",
+            unix,
+            "--threads",
+            "1",
+            *tls_flags(pki),
+            log=fh,
         )
     d = SecureDaemon(proc, f"127.0.0.1:{port}", unix, log, pki)
     deadline = time.monotonic() + 120
@@ -299,33 +294,19 @@ def test_non_loopback_without_tls_and_token_is_refused(
 
 def test_tls_without_token_is_refused_too(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     pki = make_pki(tmp_path)
-    r = run_trunkd(
-        "--model",
-        str(tiny_models["llama"]),
-        "--listen",
-        f"0.0.0.0:{free_port()}",
-        "--tls-cert",
-        str(pki.cert),
-        "--tls-key",
-        str(pki.key),
-        timeout=60,
-    )
+
+    def exposed(*flags: str) -> subprocess.CompletedProcess[str]:
+        """The daemon on 0.0.0.0 with ``flags``: refused (or not) before any weights load."""
+        listen = f"0.0.0.0:{free_port()}"
+        return run_trunkd(
+            "--model", str(tiny_models["llama"]), "--listen", listen, *flags, timeout=60
+        )
+
+    r = exposed(*tls_flags(pki, token=False))
     assert r.returncode == 2 and "a token (--token-file)" in r.stderr and "TLS (" not in r.stderr
     half = run_trunkd("--model", str(tiny_models["llama"]), "--tls-cert", str(pki.cert), timeout=60)
     assert half.returncode == 2 and "needs tls_key" in half.stderr
-    missing = run_trunkd(
-        "--model",
-        str(tiny_models["llama"]),
-        "--listen",
-        f"0.0.0.0:{free_port()}",
-        "--tls-cert",
-        str(pki.cert),
-        "--tls-key",
-        str(pki.key),
-        "--token-file",
-        str(tmp_path / "nope"),
-        timeout=60,
-    )
+    missing = exposed(*tls_flags(pki, token=False), "--token-file", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "token_file" in missing.stderr and "nope" in missing.stderr
 
 

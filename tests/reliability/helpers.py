@@ -26,6 +26,7 @@ from splitlm.shared.generation import (
     generate,
 )
 from tests.conftest import Daemon
+from tests.reliability.vanishing_clients import open_request as open_request  # for the tests
 from tests.shared.test_engine import PROMPT, _NoText
 
 LONG = os.environ.get("SPLITLM_LONG", "") not in ("", "0")
@@ -151,19 +152,6 @@ def plan_of(address: str) -> pb.Plan:
 
 def rss(daemon: Daemon) -> int:
     return int(psutil.Process(daemon.proc.pid).memory_info().rss)
-
-
-def open_request(p: pb.Plan, **override: object) -> pb.SessionRequest:
-    fields: dict[str, object] = dict(
-        fingerprint=p.fingerprint,
-        config_digest=p.config_digest,
-        weights_digest=p.weights_digest,
-        trunk_start=p.trunk_start,
-        trunk_end=p.trunk_end,
-        client="tests/reliability",
-    )
-    fields.update(override)
-    return pb.SessionRequest(open=pb.OpenSession(**fields))  # type: ignore[arg-type]
 
 
 def hidden_tensor(t: int, width: int = HIDDEN, seed: int = 0) -> pb.Tensor:

@@ -3,6 +3,8 @@ allocated for the refused request, and the sessions already open go on unaffecte
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from splitlm.shared.errors import TrunkError
@@ -20,6 +22,7 @@ from .helpers import (
 )
 
 SPLIT = ("--split", "2:4")
+log = logging.getLogger(__name__)
 
 
 def solo(split: Split, prompt: list[int], n: int) -> list[int]:
@@ -40,6 +43,7 @@ def test_max_sessions(tiny_models: Models, daemon_factory: Factory) -> None:
     with pytest.raises(TrunkError) as info:
         split.pipeline()
     assert info.value.code == "RESOURCE_EXHAUSTED" and "--max-sessions" in info.value.details
+    log.info("cap max_sessions=4, a 5th open: %s: %s", info.value.code, info.value.details)
     # the four open sessions go on as if nothing happened
     for i, (p, first) in enumerate(zip(pipes, firsts)):
         rest = run_ids(p, [first.token_ids[-1]], 8, start_position=len(prompt_of(i)) + 7)
@@ -63,6 +67,7 @@ def test_max_context(tiny_models: Models, daemon_factory: Factory) -> None:
     with pytest.raises(TrunkError) as info:
         run_ids(long, PROMPT, 40)  # 20 + 40 positions > 32
     assert info.value.code == "RESOURCE_EXHAUSTED" and "32" in info.value.details
+    log.info("cap max_context=32, position 33: %s: %s", info.value.code, info.value.details)
     rest = run_ids(other, [first.token_ids[-1]], 5, start_position=len(prompt_of(1)) + 4)
     assert first.token_ids + rest.token_ids == want
     other.close()
@@ -85,6 +90,7 @@ def test_max_cache_bytes(tiny_models: Models, daemon_factory: Factory) -> None:
     with pytest.raises(TrunkError) as info:
         run_ids(second, prompt_of(3, 12), 2)  # 12 more would make 36 > 32
     assert info.value.code == "RESOURCE_EXHAUSTED" and "--max-cache-bytes" in info.value.details
+    log.info("cap max_cache_bytes=16384, 36 positions: %s: %s", info.value.code, info.value.details)
     tail = run_ids(first, [head.token_ids[-1]], 5, start_position=len(PROMPT) + 4)  # up to 29: fits
     assert head.token_ids + tail.token_ids == want
     for p in (first, second):

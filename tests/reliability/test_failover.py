@@ -4,6 +4,7 @@ apply a step twice."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from .helpers import (
 )
 
 SPLIT = ("--split", "2:4")
+log = logging.getLogger(__name__)
 
 
 def _restart_later(
@@ -106,6 +108,14 @@ def test_kill9_mid_reply_resumes_bit_identical(
         assert all(e.delay_s <= FAST_RETRY.max_delay_s for e in attempts)
         # the new daemon holds exactly one session: the resumed one
         assert sessions_open(d.address) == 1
+        log.info(
+            "kill -9 after token %d of %d (tiny %s, restart 1 s later): resumed after %d "
+            "attempts, downtime %.1f s, replay of %d steps / %d positions %.0f ms; "
+            "all %d steps' logits bit-identical",
+            kill_at, n, kind, resumed[0].attempts, resumed[0].downtime_s,
+            resumed[0].replayed_steps, resumed[0].replayed_positions,
+            resumed[0].replay_s * 1e3, n,
+        )
     finally:
         pipe.close()
         split.close()
@@ -215,6 +225,101 @@ def test_gives_up_at_the_deadline(tiny_models: Models, daemon_factory: Factory) 
     finally:
         pipe.close()
         split.close()
+
+
+def test_a_slow_restart_is_seen_within_the_retry_delay(
+    tiny_models: Models, daemon_factory: Factory, tmp_path: Path
+) -> None:
+    """The daemon comes back only after 30 s (a large model reloading): the session resumes
+    within the failover's own max delay of the daemon answering again. gRPC's channel backs off
+    up to 120 s between connection attempts by default; the client caps that at 2 s, or a
+    reconnect loop fails fast for a minute more against a daemon that is already up."""
+    model = tiny_models["llama"]
+    d = daemon_factory(model, *SPLIT)
+    split = connect(d.address, model)
+    policy = RetryPolicy(initial_delay_s=0.25, max_delay_s=2.0, deadline_s=120.0)
+    pipe = split.pipeline(policy)
+    box: dict[str, Daemon] = {}
+    try:
+        run_ids(pipe, PROMPT, 2)
+        d.proc.kill()
+        d.proc.wait()
+        ready: list[float] = []
+
+        def restart() -> None:
+            time.sleep(scaled(30, 75))
+            box["daemon"] = start_daemon(model, d.address, tmp_path / "restarted.log", *SPLIT)
+            ready.append(time.monotonic())
+
+        thread = threading.Thread(target=restart, daemon=True)
+        thread.start()
+        run_ids(pipe, [5], 2, start_position=len(PROMPT) + 1)
+        resumed_at = time.monotonic()
+        thread.join()
+        session = pipe.session
+        assert isinstance(session, FailoverSession) and len(session.resumes) == 1
+        # the step resumed at most one retry delay (plus a loaded machine's slack) after the
+        # daemon answered Info on a fresh channel
+        lag = resumed_at - ready[0]
+        log.info("resume %.1f s after the restarted daemon answered (downtime %.1f s)",
+                 lag, session.resumes[0].downtime_s)
+        assert lag < policy.max_delay_s + 4.0, f"resumed {lag:.1f} s after the daemon was back"
+    finally:
+        pipe.close()
+        split.close()
+        if "daemon" in box:
+            assert box["daemon"].stop() == 0
+
+
+class _SilentTrunk(pb_grpc.TrunkServicer):
+    """A gRPC server on a real socket that takes Session streams and never answers them: a
+    daemon wedged after accepting (the real one cannot be made to do that on purpose)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    def Session(self, request_iterator, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        for _ in request_iterator:  # until the client cancels the stream
+            self.requests += 1
+        return
+        yield
+
+
+def test_a_daemon_that_never_answers_cannot_hang_the_resume(
+    tiny_models: Models, daemon_factory: Factory
+) -> None:
+    """Every wait of a resume (the open, the replay) is bounded by the failover deadline: a new
+    daemon that accepts the stream and stays silent makes the client give up at the deadline
+    with the reason, instead of blocking forever (the kill -9 flake's worst case)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from splitlm.daemon.server import prepare_unix_socket
+
+    model = tiny_models["llama"]
+    d = daemon_factory(model, *SPLIT)
+    split = connect(d.address, model)
+    policy = RetryPolicy(initial_delay_s=0.1, max_delay_s=0.4, deadline_s=3.0)
+    pipe = split.pipeline(policy)
+    silent = _SilentTrunk()
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_TrunkServicer_to_server(silent, server)
+    try:
+        run_ids(pipe, PROMPT, 2)
+        d.proc.kill()
+        d.proc.wait()
+        prepare_unix_socket(d.address)
+        assert server.add_insecure_port(d.address)
+        server.start()
+        t0 = time.monotonic()
+        with pytest.raises(FailoverGaveUp, match="no reply within"):
+            run_ids(pipe, [5], 2, start_position=len(PROMPT) + 1)
+        took = time.monotonic() - t0
+        assert silent.requests >= 1, "the resume never reached the silent daemon"
+        assert took < policy.deadline_s + 3.0
+    finally:
+        pipe.close()
+        split.close()
+        server.stop(0)
 
 
 class TestStepIds:

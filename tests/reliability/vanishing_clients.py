@@ -20,23 +20,28 @@ from splitlm.protos import trunk_pb2_grpc as pb_grpc
 OPTIONS = [("grpc.use_local_subchannel_pool", 1)]  # one connection per client, not a shared one
 
 
+def open_request(p: pb.Plan, **override: object) -> pb.SessionRequest:
+    """The OpenSession message for the daemon's ``p``, with fields in ``override`` replaced.
+
+    Here rather than in ``helpers`` (which uses it too) so that this process stays free of torch."""
+    fields: dict[str, object] = dict(
+        fingerprint=p.fingerprint,
+        config_digest=p.config_digest,
+        weights_digest=p.weights_digest,
+        trunk_start=p.trunk_start,
+        trunk_end=p.trunk_end,
+        client="tests/reliability",
+    )
+    fields.update(override)
+    return pb.SessionRequest(open=pb.OpenSession(**fields))  # type: ignore[arg-type]
+
+
 async def one_client(
     address: str, plan: pb.Plan, step: pb.SessionRequest, keep: list[object]
 ) -> bool:
     channel = grpc.aio.insecure_channel(address, options=OPTIONS)
     call = pb_grpc.TrunkStub(channel).Session()
-    await call.write(
-        pb.SessionRequest(
-            open=pb.OpenSession(
-                fingerprint=plan.fingerprint,
-                config_digest=plan.config_digest,
-                weights_digest=plan.weights_digest,
-                trunk_start=plan.trunk_start,
-                trunk_end=plan.trunk_end,
-                client="vanishing",
-            )
-        )
-    )
+    await call.write(open_request(plan, client="vanishing"))
     opened = await call.read()
     await call.write(step)
     result = await call.read()
