@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # make demo: start the trunk daemon on the bundled SmolLM2 on a private unix socket, wait until it
 # answers (at most 180 s), run one split generation through it, then (at a terminal) open the chat
-# app on it; stop the daemon.
+# app on it; stop the daemon when the chat quits. Without a terminal (CI, `make demo </dev/null`)
+# the printed reply is the whole demo and the script exits 0.
+# DEMO_MODEL=path/to/model serves another model (the tests use a tiny one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
+MODEL=${DEMO_MODEL:-smollm2}
 TMP=$(mktemp -d)
 SOCK="unix:$TMP/trunk.sock"
 LOG="$TMP/trunkd.log"
 
-"$VENV/bin/splitlm-trunkd" --model smollm2 --listen "$SOCK" >"$LOG" 2>&1 &
+"$VENV/bin/splitlm-trunkd" --model "$MODEL" --listen "$SOCK" >"$LOG" 2>&1 &
 PID=$!
 cleanup() {
   kill "$PID" 2>/dev/null || true
@@ -45,4 +48,7 @@ if [ -t 0 ] && [ -t 1 ]; then
   echo
   echo '$ splitlm chat   (ctrl+q quits)'
   "$VENV/bin/splitlm" chat --trunk "$SOCK"
+else
+  echo
+  echo "(no terminal here: the chat app opens when make demo runs at one)"
 fi

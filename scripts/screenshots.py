@@ -22,31 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import start_daemon, stop
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Why is the sky blue?"
-
-
-def start_daemon(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    address = f"unix:{tmp / 'trunk.sock'}"
-    log = (tmp / "trunkd.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "splitlm.daemon.cli", "--model", "smollm2", "--listen", address, "--threads", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    from splitlm.shared.client import TrunkClient
-    from splitlm.shared.errors import DaemonUnreachable
-
-    client = TrunkClient(address, connect_timeout_s=1.0)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the daemon exited: see {tmp / 'trunkd.log'}")
-        try:
-            client.info()
-            return proc, address
-        except DaemonUnreachable:
-            time.sleep(0.3)
-    raise SystemExit("the daemon did not answer within 300 s")
 
 
 async def shoot(address: str, out: Path, size: tuple[int, int], data_dir: Path) -> None:
@@ -175,15 +154,15 @@ def main() -> None:
     cols, rows = (int(x) for x in args.size.split("x"))
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
-        proc, address = (None, args.trunk) if args.trunk else start_daemon(tmp)
+        address = args.trunk or f"unix:{tmp / 'trunk.sock'}"
+        proc = None if args.trunk else start_daemon("smollm2", address, tmp / "trunkd.log", "--threads", "1",
+                                                    poll_s=0.3, passive=False)
         try:
             asyncio.run(shoot(address, args.out, (cols, rows), tmp / "data"))
             if args.browser:
                 browser(address, args.out, tmp)
         finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait()
+            stop(proc, timeout_s=None)
 
 
 if __name__ == "__main__":

@@ -271,10 +271,16 @@ class SplitlmApp(App[None]):
         return True
 
     def watch_connection(self) -> None:
-        self.refresh_bindings()
+        self._refresh_keys()
 
     def watch_plan_text(self) -> None:
-        self.refresh_bindings()
+        self._refresh_keys()
+
+    def _refresh_keys(self) -> None:
+        """The footer follows the state; a worker's late message while the app shuts down (no
+        screen left) has no keys to refresh."""
+        if self.screen_stack:
+            self.refresh_bindings()
 
     # --- the command palette lists every key the footer shows ---
 

@@ -67,7 +67,9 @@ class Comparer:
         device = resolve_device(eng.config.device)
         dtype = resolve_dtype(eng.config.dtype, device)
         progress(f"loading the full model here ({eng.model.num_layers} layers)", 0, 1)
-        parts = ss.split_parts(eng.model, eng.info_reply, dtype, device, with_full=True)
+        parts = ss.split_parts(
+            eng.model, eng.info_reply, dtype, device, with_full=True, weights=eng.config.local_weights()
+        )
         assert parts.full is not None
         self.parts, self.full = parts, LocalPipeline(parts.full)
         progress("full model loaded", 1, 1)

@@ -108,6 +108,8 @@ class AppConfig:
         log_file: where the client logs (the app owns the terminal).
         animations: False over SSH or with ``--no-animation``: no blinking cursor, no animation.
         dtype, device: of the local parts.
+        weights: ``--weights`` (auto: the daemon's precision, or an explicit ``dtype``).
+        wire_dtype: ``--wire-dtype`` (exact: the trunk's dtype).
         settings: the first generation settings.
         retry: how a broken session reconnects (None: ``RetryPolicy()``, 180 s).
         monitor_interval_s: the server monitor's sampling interval.
@@ -122,11 +124,27 @@ class AppConfig:
     log_file: Path = field(default_factory=lambda: default_log_dir() / LOG_NAME)
     animations: bool = True
     dtype: str = "auto"
+    weights: str = "auto"
+    wire_dtype: str = "exact"
     device: str = "auto"
     settings: ChatSettings = field(default_factory=ChatSettings)
     retry: RetryPolicy | None = None
     monitor_interval_s: float = 1.0
     connect: Callable[[], TrunkClient] | None = None
+
+    def local_weights(self) -> str | None:
+        """The precision asked of the local parts (None: the daemon's); see ``client_weights``."""
+        from ...shared.models.precision import client_weights
+
+        return client_weights(self.weights, self.dtype)
+
+    def wire_torch_dtype(self) -> Any:
+        """``wire_dtype`` as a torch dtype; None for exact (the trunk's dtype)."""
+        if self.wire_dtype in ("", "exact"):
+            return None
+        from ...shared.codec import NAMES
+
+        return NAMES[self.wire_dtype]
 
     @property
     def db_path(self) -> Path:

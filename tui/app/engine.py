@@ -124,7 +124,7 @@ class ChatEngine:
         dtype = resolve_dtype(self.config.dtype, device)
         a, b = info.plan.trunk_start, info.plan.trunk_end
         progress(f"loading the bottom [0, {a}) and top [{b}, {info.plan.num_layers}) weights", 2, total)
-        parts = ss.split_parts(model, info, dtype, device)
+        parts = ss.split_parts(model, info, dtype, device, weights=self.config.local_weights())
         progress("opening a trunk session", 3, total)
         self.model, self.parts, self.info_reply = model, parts, info
         self._open_pipeline()
@@ -141,7 +141,7 @@ class ChatEngine:
             server_version=info.server_version,
             max_context=int(info.limits.max_context),
             local_device=str(device),
-            local_dtype=str(dtype).removeprefix("torch."),
+            local_dtype=parts.fingerprint.precision,
         )
         log.info("engine ready in %.2f s: %s", time.perf_counter() - t0, self.plan)
         return self.plan
@@ -155,7 +155,10 @@ class ChatEngine:
             self.pipeline.close()
             self.pipeline = None
         policy = self.config.retry or RetryPolicy()
-        self.pipeline = ss.split_pipeline(self.parts, self.client, retry=policy, on_reconnect=self._failover)
+        self.pipeline = ss.split_pipeline(
+            self.parts, self.client, wire_dtype=self.config.wire_torch_dtype(), retry=policy,
+            on_reconnect=self._failover,
+        )
         self.cached = []
         self._broken = False
 
@@ -239,7 +242,14 @@ class ChatEngine:
             raise
         self.cached = cached_after(plan, result.token_ids)
         self.last_plan = plan
-        return ReplyOutcome(result, plan, ReplyStats.of(result), time.perf_counter() - t0)
+        outcome = ReplyOutcome(result, plan, ReplyStats.of(result), time.perf_counter() - t0)
+        s = outcome.stats
+        # scripts/bench_chat.py reads this line (INFO) to compare the app with `splitlm generate`
+        log.info(
+            "reply done: %d tokens (%s), %.3f tok/s, TTFT %.1f ms, p50 %.2f ms, %.2f s",
+            s.tokens, result.finish_reason, s.tokens_per_s, s.ttft_s * 1e3, s.p50_s * 1e3, outcome.wall_s,
+        )
+        return outcome
 
     def stop_reconnect(self) -> None:
         """Esc while the session is reconnecting: give up now (any thread)."""

@@ -24,12 +24,24 @@ from .config import (
     default_log_dir,
 )
 
+SWITCH_INTERVAL_S = 0.0005
+"""The GIL hand-over interval of the app's process (Python's default is 5 ms). The reply worker
+drops the GIL around every torch op and gRPC call and must win it back from the UI thread each
+time; while the UI renders, each hand-back can wait a whole interval. Shorter, the reply keeps its
+pace while the screen redraws (scripts/bench_chat.py measures the app against headless)."""
+
 
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     """The chat's own flags (the CLI adds the target and failover flags it shares)."""
     p.add_argument("--model", default=None, help="the local model (default: the daemon's) [env SPLITLM_MODEL]")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype of the local parts [env SPLITLM_DTYPE]")
+    p.add_argument("--weights", default=None, choices=["auto", "float32", "bfloat16", "int8"],
+                   help="weight precision here; must be the daemon's (auto, the default: the daemon's) "
+                   "[env SPLITLM_WEIGHTS]")
+    p.add_argument("--wire-dtype", default=None, choices=["exact", "bfloat16", "float16"],
+                   help="hidden states on the wire (exact, the default: the trunk's dtype) "
+                   "[env SPLITLM_WIRE_DTYPE]")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N [env SPLITLM_DEVICE]")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
@@ -67,6 +79,7 @@ def serve_command(args: argparse.Namespace) -> str:
     cmd = [sys.executable, "-m", "splitlm.tui.cli", "chat", "--trunk", args.trunk]
     for flag, value in (
         ("--model", args.model), ("--dtype", args.dtype), ("--device", args.device),
+        ("--weights", getattr(args, "weights", None)), ("--wire-dtype", getattr(args, "wire_dtype", None)),
         ("--token-file", getattr(args, "token_file", None)), ("--tls-ca", getattr(args, "tls_ca", None)),
         ("--config", getattr(args, "config", None)), ("--temperature", args.temperature),
         ("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed),
@@ -127,6 +140,8 @@ def run_chat(args: argparse.Namespace, connect: Callable[[], Any] | None, trunk_
         log_file=log_file,
         animations=animations_wanted(args.no_animation),
         dtype=args.dtype or "auto",
+        weights=getattr(args, "weights", None) or "auto",
+        wire_dtype=getattr(args, "wire_dtype", None) or "exact",
         device=args.device or "auto",
         settings=settings,
         retry=retry,
@@ -135,5 +150,6 @@ def run_chat(args: argparse.Namespace, connect: Callable[[], Any] | None, trunk_
     )
     from .app import SplitlmApp
 
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     SplitlmApp(config).run()
     return ExitCode.OK

@@ -86,6 +86,12 @@ class TestRegenerateEditReopen:
             assert second.start > 0 and second.full[: second.start] == tuple(app.engine.cached[: second.start])
             two_turns = [m.content for m in chat.messages]
 
+            await pilot.press("ctrl+r")  # regenerate the second reply: the first turn stays cached
+            await wait_until(pilot, lambda: chat.generating or len(chat.messages) == 4, what="regenerate")
+            await wait_reply(pilot, app, 4)
+            assert app.engine.last_plan.start == second.start > 0  # rolled back, not re-prefilled
+            assert [m.content for m in chat.messages] == two_turns
+
             await pilot.press("ctrl+g")  # edit the last prompt: it comes back into the box
             prompt = chat.query_one("#prompt", Input)
             assert prompt.value == "and the sea" and chat.editing

@@ -1,0 +1,143 @@
+"""Setup shared by the measurement scripts in scripts/ (not a script itself).
+
+The scripts run as ``python scripts/x.py``, so this directory is ``sys.path[0]`` and they import
+it as ``from _common import ...``. Nothing here imports torch at module level: a script sets
+``OMP_WAIT_POLICY`` before torch is first imported (``load_full`` does it for the A/B scripts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+
+def ab_setup(doc: str | None, **ints: int) -> tuple[argparse.Namespace, Any, Any]:
+    """What every in-process A/B script starts with: its options (--model, --threads, --rounds,
+    then ``--NAME`` for each of ``ints``, an int defaulting to its value) parsed, and
+    ``load_full``'s ``(model, full)`` for them."""
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    for name, default in ints.items():
+        ap.add_argument(f"--{name}", type=int, default=default)
+    args = ap.parse_args()
+    return args, *load_full(args.model, args.threads)
+
+
+def load_full(model_name: str, threads: int) -> tuple[Any, Any]:
+    """``(model, full)``: the loaded model and its full (all-layer) part in float32 on the CPU,
+    with torch on ``threads`` threads and passive OpenMP waits."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    torch.set_num_threads(threads)
+    from splitlm.shared import session as ss
+    from splitlm.shared.models import PartSpec, build_part
+
+    model = ss.load_model(model_name)
+    full = build_part(model.source, model.family, PartSpec.full(model.num_layers), torch.float32, torch.device("cpu"))
+    return model, full
+
+
+def prompt_ids(n: int, vocab: int = 20000) -> list[int]:
+    """A fixed synthetic prompt of ``n`` token ids (the same in every script and run)."""
+    return [(37 * i + 11) % min(vocab, 20000) + 100 for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Decode:
+    """One timed greedy decode."""
+
+    per_token_ms: float
+    """Median latency of the decode steps after the first."""
+    ttft_ms: float
+    """The prefill."""
+    tokens: list[int]
+    logits: Any
+    """The last step's logits."""
+
+
+def timed_decode(part: Any, ids: list[int], tokens: int, step: Callable[..., Any] | None = None) -> Decode:
+    """Prefill ``ids`` into a fresh cache of ``part``, then ``tokens`` greedy one-token steps, each
+    ``step(x, position, cache)`` (default ``part.forward``), timed."""
+    import torch
+
+    step = step or part.forward
+    cache = part.new_cache()
+    t0 = time.perf_counter()
+    logits = step(torch.tensor([ids]), 0, cache)
+    ttft = time.perf_counter() - t0
+    out, lat = [int(logits[0, -1].argmax())], []
+    for i in range(tokens):
+        t0 = time.perf_counter()
+        logits = step(torch.tensor([[out[-1]]]), len(ids) + i, cache)
+        lat.append(time.perf_counter() - t0)
+        out.append(int(logits[0, -1].argmax()))
+    return Decode(statistics.median(lat[1:]) * 1e3, ttft * 1e3, out, logits)
+
+
+def spawn_daemon(
+    model: str, address: str, *extra: str, log: IO[bytes] | None = None, passive: bool = True
+) -> subprocess.Popen[bytes]:
+    """``python -m splitlm.daemon.cli --model MODEL --listen ADDRESS *extra`` as a subprocess, its
+    output to ``log`` (default: discarded), with passive OpenMP waits unless ``passive`` is off."""
+    cmd = [sys.executable, "-m", "splitlm.daemon.cli", "--model", model, "--listen", address, *extra]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE") if passive else None
+    out: IO[bytes] | int = subprocess.DEVNULL if log is None else log
+    err = subprocess.DEVNULL if log is None else subprocess.STDOUT
+    return subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
+
+
+def wait_info(client: Any, proc: subprocess.Popen[bytes], timeout_s: float = 300, poll_s: float = 0.2) -> Any:
+    """The daemon's ``Info`` once it answers on ``client``. Re-raises ``DaemonUnreachable`` once
+    ``proc`` has exited or ``timeout_s`` has passed."""
+    from splitlm.shared.errors import DaemonUnreachable
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.info()
+        except DaemonUnreachable:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(poll_s)
+
+
+def stop(*procs: subprocess.Popen[bytes] | None, timeout_s: float | None = 30) -> None:
+    """Terminate the daemons started here (``None``: none was) and wait for each to exit
+    (``timeout_s`` each; ``None``: as long as it takes)."""
+    for proc in procs:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout_s)
+
+
+def start_daemon(
+    model: str, address: str, log: Path, *extra: str, poll_s: float = 0.2, passive: bool = True
+) -> subprocess.Popen[bytes]:
+    """``spawn_daemon`` logging to ``log``, returned once it answers; ``SystemExit`` (the daemon
+    terminated) if it exits first or does not answer within 300 s."""
+    from splitlm.shared.client import TrunkClient
+    from splitlm.shared.errors import DaemonUnreachable
+
+    proc = spawn_daemon(model, address, *extra, log=log.open("wb"), passive=passive)
+    client = TrunkClient(address, connect_timeout_s=1.0)
+    try:
+        wait_info(client, proc, 300, poll_s)
+        return proc
+    except DaemonUnreachable:
+        if proc.poll() is not None:
+            raise SystemExit(f"the daemon exited: see {log}") from None
+        proc.terminate()
+        raise SystemExit("the daemon did not answer within 300 s") from None
+    finally:
+        client.close()
