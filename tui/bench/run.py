@@ -1,0 +1,317 @@
+"""``splitlm bench``: wiring. Options in, daemon up, model loaded, runs measured, results out.
+
+Who calls: ``splitlm.tui.cli`` (one function, ``run``), on the main thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...shared.errors import ExitCode, ModelNotFound, SplitlmError, UsageError
+from .options import MAX_LENGTH, BenchOptions
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ...protos import trunk_pb2 as pb
+    from ...shared.client import TrunkClient
+
+log = logging.getLogger(__name__)
+
+CONCURRENCY_PROMPT = 16
+"""Prompt length of the concurrency runs (the shortest measured one when 16 is not)."""
+
+
+def check_options(opts: BenchOptions) -> None:
+    """Refuse what this build cannot measure, before anything loads.
+
+    Raises:
+        UsageError: with the reason.
+    """
+    for flag, given in (("--daemon-threads", opts.daemon_threads is not None), ("--batch", opts.batch)):
+        if opts.trunk is not None and given:
+            raise UsageError(f"{flag} sets the daemon the bench starts; the daemon at --trunk keeps "
+                             "its own settings (leave out one of them)")
+    if opts.plots is not None:
+        from .plots import check_available
+
+        check_available()
+    if opts.markdown is not None and opts.markdown.is_file():
+        from .report import splice
+
+        try:
+            splice(opts.markdown.read_text(), "")
+        except ValueError as e:
+            raise UsageError(f"--markdown {opts.markdown}: {e}; refusing to overwrite it") from None
+    if opts.chat_json is not None and not opts.chat_json.is_file():
+        raise UsageError(f"--chat-json {opts.chat_json}: no such file")
+
+
+def daemon_args(opts: BenchOptions, max_sessions: int) -> list[str]:
+    """``splitlm-trunkd`` arguments that mirror the bench's settings."""
+    out = ["--model", opts.model or "smollm2", "--log-level", "WARNING",
+           "--max-sessions", str(max(64, max_sessions)), "--idle-timeout", "0"]
+    if opts.split is not None:
+        out += ["--split", f"{opts.split[0]}:{opts.split[1]}"]
+    if opts.dtype is not None:
+        out += ["--dtype", opts.dtype]
+    if opts.daemon_threads is not None:
+        out += ["--threads", str(opts.daemon_threads)]
+    if opts.weights is not None:
+        out += ["--weights", opts.weights]
+    if opts.batch:
+        out.append("--batch")
+    return out
+
+
+def _progress(total: int) -> tuple[Callable[[str], None], Callable[[], None]]:
+    """A tick function and a closer: a tqdm bar on stderr when it is a terminal, else log lines."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True, leave=False)
+        first = [True]
+
+        def tick(label: str) -> None:
+            if not first[0]:
+                bar.update(1)
+            first[0] = False
+            bar.set_description(label)
+
+        return tick, bar.close
+
+    def quiet(label: str) -> None:
+        log.info("bench: %s", label)
+
+    return quiet, lambda: None
+
+
+def _load_model(spec: str) -> tuple[Any, Any]:
+    """The model and its tokenizer; None for a weights-only directory (prompts are then fixed id
+    sequences and no text is made, which times the same for full and split)."""
+    from ...shared import session as ss
+    from ...shared.models import family_for, resolve
+    from .prompts import NoText
+
+    source = resolve(spec)
+    try:
+        tokenizer = source.load_tokenizer()
+    except ModelNotFound:
+        log.info("%s ships no tokenizer: prompts are fixed id sequences", source.model_id)
+        tokenizer = None
+    model = ss.LoadedModel(source, family_for(source.config), tokenizer or NoText(), source.generation_eos())
+    return model, tokenizer
+
+
+def _prompts(
+    opts: BenchOptions, tokenizer: Any, vocab: int, context: int, warn: bool = True
+) -> dict[int, list[int]]:
+    from .prompts import prompt_of_length
+
+    longest = context - opts.new_tokens
+    lengths = sorted({longest if n == MAX_LENGTH else n for n in opts.prompt_lengths})
+    fits = [n for n in lengths if 0 < n <= longest]
+    dropped = [n for n in lengths if n not in fits]
+    if dropped and warn:
+        log.warning("prompt lengths %s + %d new tokens exceed the context of %d: dropped",
+                    dropped, opts.new_tokens, context)
+    if not fits:
+        raise UsageError(
+            f"--prompt-lengths: none fits the context of {context} tokens with --new-tokens "
+            f"{opts.new_tokens} (each must be <= {context - opts.new_tokens})"
+        )
+    return {n: prompt_of_length(tokenizer, vocab, n) for n in fits}
+
+
+def _context(model: Any, info: pb.InfoReply | None) -> int:
+    """Positions a session may use: the model's, capped by the daemon's ``--max-context``."""
+    ctx = int(getattr(model.source.config, "max_position_embeddings", 0) or 1 << 30)
+    return min(ctx, int(info.limits.max_context or 1 << 30)) if info is not None else ctx
+
+
+def _daemon_rss(client: TrunkClient) -> int | None:
+    """The daemon's own resident memory, from one sample of its monitor stream."""
+    stream = client.monitor(0.25)
+    try:
+        for sample in stream:
+            return int(sample.daemon_rss_bytes)
+    finally:
+        stream.cancel()
+    return None
+
+
+def _check_split(opts: BenchOptions, info: pb.InfoReply) -> None:
+    got = (info.plan.trunk_start, info.plan.trunk_end)
+    if opts.split is not None and got != opts.split:
+        raise UsageError(f"--split {opts.split[0]}:{opts.split[1]}: the daemon at {opts.trunk} serves "
+                         f"layers {got[0]}:{got[1]}")
+
+
+def _loadavg() -> float | None:
+    """The 1-minute load average (None where the OS has none): how busy the machine was."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _finite(x: Any) -> Any:
+    """NaN (a figure not measured) as JSON null, so the file is strict JSON."""
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> int:
+    """The whole bench; returns the exit code.
+
+    Args:
+        args: the parsed ``splitlm bench`` namespace (client config applied).
+        client_factory: the CLI's client for ``--trunk`` (its token and TLS settings).
+    """
+    loaded = args.client_config
+    trunk = args.trunk if loaded.source("trunk") == "--trunk" else None
+    opts = BenchOptions.from_args(args, trunk)
+    check_options(opts)
+    started = dt.datetime.now(dt.timezone.utc)
+    load_start = _loadavg()
+    t_start = time.perf_counter()
+
+    import torch
+
+    from ...shared import session as ss
+    from ...shared.client import TrunkClient
+    from ...shared.models import resolve_device, resolve_dtype
+    from ...shared.models.precision import client_weights
+    from . import measure, report
+    from .memory import MemoryRequest
+    from .memory import measure as measure_memory
+    from .trunkd import OwnedDaemon
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+    with ExitStack() as stack:
+        daemon: OwnedDaemon | None = None
+        if opts.trunk is None:
+            # the model's config and tokenizer first (no weights): bad prompt lengths are refused
+            # before a daemon loads anything
+            model_spec = opts.model or "smollm2"
+            model, tokenizer = _load_model(model_spec)
+            _prompts(opts, tokenizer, int(model.source.config.vocab_size), _context(model, None), warn=False)
+            daemon = OwnedDaemon(daemon_args(opts, max(opts.concurrency)))
+            stack.callback(daemon.stop)
+            print(f"splitlm bench: starting a trunk daemon ({model_spec}) ...", file=sys.stderr, flush=True)
+            client, info = daemon.start(TrunkClient)
+            stack.callback(client.close)  # closed before the daemon stops (callbacks run last-first)
+        else:
+            client = client_factory()
+            stack.callback(client.close)
+            info = client.info()
+            _check_split(opts, info)
+            model_spec = opts.model or ss.client_model_spec(None, info)
+            model, tokenizer = _load_model(model_spec)
+        device = resolve_device(getattr(args, "device", None) or "auto")
+        dtype = resolve_dtype(opts.dtype or args.dtype or "auto", device)
+        parts = ss.split_parts(model, info, dtype, device, with_full=True,
+                               weights=client_weights(opts.weights, opts.dtype))
+        assert parts.full is not None
+        wire_dtype = getattr(torch, opts.wire_dtype) if opts.wire_dtype else None
+        vocab = int(model.source.config.vocab_size)
+        setup = measure.Setup(model, model.tokenizer, parts.full, parts, client, wire_dtype, vocab)
+        prompts = _prompts(opts, tokenizer, vocab, _context(model, info))
+        conc_len = CONCURRENCY_PROMPT if CONCURRENCY_PROMPT in prompts else min(prompts)
+        schedule = measure.single_schedule(sorted(prompts), opts.warmup, opts.repeats)
+        tick, close_bar = _progress(len(schedule) + 2 * len(opts.concurrency) + 2 * opts.memory)
+        stack.callback(close_bar)
+        samples = measure.run_single(setup, prompts, opts.new_tokens, opts.warmup, opts.repeats, tick)
+        conc = measure.run_concurrency(setup, opts.concurrency, prompts[conc_len], opts.new_tokens, tick)
+        memory: dict[str, Any] = {"daemon_rss_bytes": _daemon_rss(client)}
+        if opts.memory:
+            req = MemoryRequest(model_spec, (parts.plan.start, parts.plan.end), parts.fingerprint.precision,
+                                opts.threads)
+            for part in ("full", "client"):
+                tick(f"memory: {part}")
+                m = measure_memory(part, req)
+                memory[f"{part}_rss_bytes"] = m["rss_bytes"]
+                memory["baseline_rss_bytes"] = m["baseline_rss_bytes"]
+        close_bar()
+        client_threads = torch.get_num_threads()
+        after = client.info().batching  # what the daemon batched during the runs
+        batching = {"enabled": bool(after.enabled), "batches": int(after.batches),
+                    "batched_steps": int(after.batched_steps)}
+    daemon_exit = daemon.exit_code if daemon is not None else None
+    if daemon is not None and daemon_exit != 0:
+        raise SplitlmError(f"the bench's trunk daemon exited with {daemon_exit}:\n{daemon.final_log}")
+
+    chat = None
+    if opts.chat_json is not None:
+        try:
+            chat = report.read_chat(opts.chat_json)
+        except ValueError as e:
+            raise UsageError(f"--chat-json: {e}") from None
+    wire_torch = wire_dtype or parts.trunk_dtype
+    hidden = int(model.source.config.hidden_size)
+    summary = report.summarise(samples, conc, hidden, torch.empty((), dtype=wire_torch).element_size(), memory, chat)
+    meta: dict[str, Any] = {
+        "command": "splitlm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "started": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "elapsed_s": time.perf_counter() - t_start,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
+        "prompt_lengths": sorted(prompts),
+        "concurrency_prompt_length": conc_len,
+        "plan": {
+            "model": model.source.model_id, "layers": model.num_layers, "hidden_size": hidden,
+            "split": [parts.plan.start, parts.plan.end], "fingerprint": parts.fingerprint.digest,
+            "dtype": str(parts.trunk_dtype).removeprefix("torch."), "weights": parts.fingerprint.precision,
+            "wire_dtype": str(wire_torch).removeprefix("torch."), "batching": batching["enabled"],
+        },
+        "threads": {"client": client_threads,
+                    "daemon": opts.daemon_threads if opts.trunk is None and opts.daemon_threads else "default"},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "loadavg_start": load_start, "loadavg_end": _loadavg()},
+        "daemon_batching": batching,
+        "daemon_exit_code": daemon_exit,
+    }
+    title = f"{model.source.model_id} split {parts.plan.start}:{parts.plan.end}"
+    print(report.text_table(summary, f"splitlm bench: {title}, {meta['plan']['weights']} weights, "
+                            f"{opts.repeats} round(s), {opts.new_tokens} tokens per run, load average "
+                            f"{report.load_text(meta['machine'])}"))
+    plot_files: dict[str, str] = {}
+    if opts.plots is not None:
+        from .plots import write
+
+        files = write(summary, opts.plots, title)
+        base = opts.markdown.parent if opts.markdown else Path.cwd()
+        plot_files = {k: os.path.relpath(v, base) for k, v in files.items()}
+    if opts.json_path is not None:
+        doc = {"meta": meta, "summary": summary, "samples": report.raw_samples(samples, conc),
+               "plots": plot_files}
+        opts.json_path.parent.mkdir(parents=True, exist_ok=True)
+        opts.json_path.write_text(json.dumps(_finite(doc), indent=1, default=str) + "\n")
+    if opts.markdown is not None:
+        existing = opts.markdown.read_text() if opts.markdown.is_file() else None
+        opts.markdown.parent.mkdir(parents=True, exist_ok=True)
+        opts.markdown.write_text(report.splice(existing, report.markdown(summary, meta, plot_files)))
+    return ExitCode.OK
