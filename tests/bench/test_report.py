@@ -79,6 +79,13 @@ def test_chat_json_forms(tmp_path) -> None:  # type: ignore[no-untyped-def]
     p.write_text('{"app_tokens_per_s_median": 19.0, "headless_tokens_per_s_median": 20.0, '
                  '"app_over_headless": 0.95}')  # scripts/bench_chat.py --json
     assert report.read_chat(p)["ratio"] == 0.95  # type: ignore[index]
+    p.write_text('{"app_tokens_per_s_median": 19.0, "headless_tokens_per_s_median": 20.0, '
+                 '"app_over_headless": 0.95, "idle_cpu_percent_of_one_core": {"chat_screen": 0.7}, '
+                 '"idle_window_s": {"chat_screen": 30}}')
+    chat = report.read_chat(p)
+    assert chat is not None
+    text = report.chat_text(chat)
+    assert "19.0 tokens/s against 20.0" in text and "0.7 % on the chat screen (30 s)" in text
     p.write_text('{"tokens": 3}')
     with pytest.raises(ValueError, match="expected"):
         report.read_chat(p)

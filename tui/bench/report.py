@@ -176,8 +176,11 @@ def read_chat(path: Path | None) -> dict[str, Any] | None:
              ("chat_tokens_per_s", "generate_tokens_per_s"))
     if isinstance(d, dict) and isinstance(d.get("app_over_headless"), (int, float)):
         d = {**d, "ratio": d["app_over_headless"]}
+    # the app's own figures ride along when bench_chat.py wrote them (tokens/s, idle CPU)
+    kept = {k: d[k] for k in (*pairs[0], "idle_cpu_percent_of_one_core", "idle_window_s")
+            if isinstance(d, dict) and k in d}
     if isinstance(d, dict) and isinstance(d.get("ratio"), (int, float)):
-        return {"ratio": float(d["ratio"]), "source": str(path)}
+        return {"ratio": float(d["ratio"]), "source": str(path), **kept}
     for app, head in pairs:
         if isinstance(d, dict) and all(isinstance(d.get(k), (int, float)) for k in (app, head)) and d[head]:
             return {"ratio": d[app] / d[head], "source": str(path), app: d[app], head: d[head]}
@@ -366,10 +369,30 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any], plots: dict[str, str
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in table_rows(summary)]
     lines += ["", "| goal | figure | target | measured | |", "|---|---|---|---|---|"]
     lines += [f"| {g['id']} | {g['figure']} | {g['goal']} | {g['shown']} | {_verdict(g)} |" for g in summary["goals"]]
+    if summary.get("chat"):
+        lines += ["", chat_text(summary["chat"])]
     if plots:
         lines.append("")
         lines += [f"![{title}]({path})" for title, path in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+def chat_text(chat: dict[str, Any]) -> str:
+    """One line on the chat app from ``--chat-json``: P7's two sides and its idle CPU."""
+    src = f", from {chat['source']}" if chat.get("source") else ""
+    text = f"The chat app (`splitlm chat` in tmux at 80x24{src}): "
+    app, head = chat.get("app_tokens_per_s_median"), chat.get("headless_tokens_per_s_median")
+    if isinstance(app, (int, float)) and isinstance(head, (int, float)):
+        text += f"{app:.1f} tokens/s against {head:.1f} for headless `splitlm generate` ({chat['ratio']:.3f}×)"
+    else:
+        text += f"{chat['ratio']:.3f}× the tokens/s of headless `splitlm generate`"
+    idle = chat.get("idle_cpu_percent_of_one_core")
+    if isinstance(idle, dict) and idle:
+        windows = chat.get("idle_window_s") or {}
+        parts = [f"{v:.1f} % on the {k.replace('_', ' ')}" + (f" ({windows[k]:.0f} s)" if k in windows else "")
+                 for k, v in idle.items()]
+        text += "; CPU while idle with the monitor stream on, of one core: " + ", ".join(parts)
+    return text + "."
 
 
 def _batching(b: dict[str, Any] | None) -> str:
