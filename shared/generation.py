@@ -181,25 +181,55 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> l
 
 class _Detokenizer:
     """Incremental text: a delta becomes final once no stop string could still begin in it and
-    it does not end in a partial UTF-8 character."""
+    it does not end in a partial UTF-8 character.
+
+    Each push decodes a short window, not the whole reply: the last tokens that spelled some text
+    alone (``prefix_text``) and with the new ones (``window_text``); the new text is what the
+    window adds. Decoding the whole reply every token cost 0.24 ms at 1000 tokens on SmolLM2's
+    tokenizer and grew with the reply. A tokenizer whose spelling of the window's start depends
+    on tokens before it (the window no longer starts with ``prefix_text``) gets the whole reply
+    decoded for that push instead.
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.emitted = ""
+        self.decoded = ""  # the text of ids[:read]
+        self.prefix = 0  # the window starts here: the last tokens that spelled some text
+        self.read = 0
 
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def _advance(self, ids: list[int]) -> bool:
+        """Extend ``decoded`` to all of ``ids``; False while they end in a partial character."""
+        prefix_text = self.text(ids[self.prefix : self.read])
+        window_text = self.text(ids[self.prefix :])
+        if window_text.endswith("\ufffd"):
+            return False  # a partial UTF-8 character: wait for the token that completes it
+        if window_text.startswith(prefix_text):
+            self.decoded += window_text[len(prefix_text) :]
+        else:
+            self.decoded = self.text(ids)
+        if len(window_text) > len(prefix_text):
+            # the new tokens spelled something: they start the next window. Tokens that spell
+            # nothing (skipped specials) never do: a window starting there would lose the space
+            # a SentencePiece decoder drops at the start of a text
+            self.prefix = self.read
+        self.read = len(ids)
+        return True
+
     def push(self, ids: list[int]) -> tuple[str, bool]:
         """The new final text after ``ids``, and whether a stop string was reached."""
-        full = self.text(ids)
-        for s in self.stop:
-            at = full.find(s)
+        searched = len(self.decoded)
+        if not self._advance(ids):
+            return "", False
+        full = self.decoded
+        for s in self.stop:  # only where the new text could complete one: earlier ones stopped us
+            at = full.find(s, max(0, searched - len(s) + 1))
             if s and at >= 0:
                 return self._emit(full[:at]), True
-        if full.endswith("\ufffd"):
-            return "", False
         hold = 0
         for s in self.stop:
             for k in range(min(len(s) - 1, len(full)), 0, -1):
