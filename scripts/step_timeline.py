@@ -1,0 +1,148 @@
+"""Where a split decode step's time goes beyond compute: a timeline of one step, both processes.
+
+Starts its own daemon with its handlers wrapped to take timestamps (this script with ``--serve``),
+wraps the client session's send and receive the same way, decodes with the split, and lines the
+two up by step (``time.perf_counter`` is CLOCK_MONOTONIC, one clock for both processes on Linux).
+Prints the median of each leg over the decode steps of the last run:
+
+    up       client hands the step to gRPC -> the daemon's handler has the message
+    to-exec  handler has it -> the compute thread starts (decode, checks, executor hand-off)
+    compute  the trunk's forward and the encode of its output (what the reply reports)
+    back     compute done -> the handler has the result again (the event loop wakes)
+    down     the handler returns the reply -> the client has it
+
+A measurement tool, not a test: ``.venv/bin/python scripts/step_timeline.py [--model M]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import prompt_ids, stop, wait_info
+
+
+def serve(argv: list[str]) -> int:
+    """The daemon, its handlers timed; the records go to ``$TIMELINE_OUT`` at exit."""
+    import atexit
+
+    from splitlm.daemon import cli, service
+
+    records: list[dict[str, float]] = []
+    now: dict[str, float] = {}
+    next_request, step, run_step = (
+        service.TrunkService._next_request, service.TrunkService._step, service.TrunkService._run_step,
+    )
+
+    async def timed_next(self: Any, requests: Any) -> Any:
+        req = await next_request(self, requests)
+        now["got"] = time.perf_counter()
+        return req
+
+    async def timed_step(self: Any, s: Any, req: Any) -> Any:
+        t0 = time.perf_counter()
+        reply = await step(self, s, req)
+        records.append({**now, "step0": t0, "step1": time.perf_counter()})
+        return reply
+
+    def timed_run(self: Any, *args: Any, **kw: Any) -> Any:
+        now["c0"] = time.perf_counter()
+        out = run_step(self, *args, **kw)
+        now["c1"] = time.perf_counter()
+        return out
+
+    service.TrunkService._next_request = timed_next  # type: ignore[method-assign]
+    service.TrunkService._step = timed_step  # type: ignore[method-assign]
+    service.TrunkService._run_step = timed_run  # type: ignore[method-assign]
+    atexit.register(lambda: Path(os.environ["TIMELINE_OUT"]).write_text(json.dumps(records)))
+    return cli.main(argv)
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["--serve"]:
+        return serve(sys.argv[2:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    from splitlm.shared import client as cl
+    from splitlm.shared import session as ss
+    from splitlm.shared.failover import NO_FAILOVER
+    from splitlm.shared.generation import GenerationSettings, LocalPipeline, generate
+
+    tmp = Path(tempfile.mkdtemp(prefix="splitlm-timeline-"))
+    sock, out = tmp / "t.sock", tmp / "daemon.json"
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "--model", args.model, "--listen", f"unix:{sock}", "--log-level", "WARNING"],
+        env=dict(os.environ, TIMELINE_OUT=str(out)),
+    )
+    sent: list[float] = []
+    got: list[float] = []
+    send, receive = cl.TrunkSession._send, cl.TrunkSession._receive
+
+    def timed_send(self: Any, req: Any) -> None:
+        sent.append(time.perf_counter())
+        send(self, req)
+
+    def timed_receive(self: Any) -> Any:
+        reply = receive(self)
+        got.append(time.perf_counter())
+        return reply
+
+    cl.TrunkSession._send = timed_send  # type: ignore[method-assign]
+    cl.TrunkSession._receive = timed_receive  # type: ignore[method-assign]
+    lat: dict[str, list[float]] = {"full": [], "split": []}
+    try:
+        client = cl.TrunkClient(f"unix:{sock}")
+        info = wait_info(client, proc)
+        model = ss.load_model(args.model)
+        parts = ss.split_parts(model, info, torch.float32, torch.device("cpu"), with_full=True)
+        assert parts.full is not None
+        ids = prompt_ids(16, int(model.source.config.vocab_size))
+        for rnd in range(args.rounds + 1):  # round 0 warms up
+            for mode in ("full", "split"):
+                sent.clear()
+                got.clear()
+                pipe = LocalPipeline(parts.full) if mode == "full" else ss.split_pipeline(parts, client, retry=NO_FAILOVER)
+                r = generate(pipe, model.tokenizer, ids, GenerationSettings(max_new_tokens=args.tokens), eos_ids=[])
+                pipe.close()
+                if rnd:
+                    lat[mode].append(statistics.median(r.per_token_s))
+        client.close()
+    finally:
+        stop(proc)
+    steps = json.loads(out.read_text())
+    # the last split run: its open is the first send and reply; then the prefill, then decode steps
+    sent, got, steps = sent[1:], got[1:], steps[-(len(sent) - 1):]
+    legs = {
+        "up": [d["got"] - s for s, d in zip(sent, steps)],
+        "to-exec": [d["c0"] - d["step0"] for d in steps],
+        "compute": [d["c1"] - d["c0"] for d in steps],
+        "back": [d["step1"] - d["c1"] for d in steps],
+        "down": [g - d["step1"] for g, d in zip(got, steps)],
+    }
+    print(f"{'leg':10} {'p50 ms':>9} {'max ms':>9}   (decode steps of the last split run)")
+    for name, v in legs.items():
+        v = v[1:]  # drop the prefill
+        print(f"{name:10} {statistics.median(v) * 1e3:9.3f} {max(v) * 1e3:9.3f}")
+    wire = sum(statistics.median(v[1:]) for k, v in legs.items() if k != "compute")
+    full, split = statistics.median(lat["full"]), statistics.median(lat["split"])
+    print(f"legs but compute: {wire * 1e3:.3f} ms; per token: full {full * 1e3:.2f} ms, split {split * 1e3:.2f} ms, "
+          f"split / full {split / full:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
