@@ -11,7 +11,10 @@ Prints the median of each leg over the decode steps of the last run:
     back     compute done -> the handler has the result again (the event loop wakes)
     down     the handler returns the reply -> the client has it
 
-A measurement tool, not a test: ``.venv/bin/python scripts/step_timeline.py [--model M]``.
+``--pipe`` prints the floor to compare with: a bare pipe round trip between two processes, back to
+back and after the cores have idled for 1-40 ms (as they do during a trunk step).
+
+A measurement tool, not a test: ``.venv/bin/python scripts/step_timeline.py [--model M] [--pipe]``.
 """
 
 from __future__ import annotations
@@ -66,6 +69,28 @@ def serve(argv: list[str]) -> int:
     return cli.main(argv)
 
 
+def pipe_floor(rounds: int = 60) -> None:
+    """Round trips of one byte between this process and a forked child, idling between them."""
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child echoes until it reads 'q'
+        while os.read(r1, 1) != b"q":
+            os.write(w2, b"x")
+        os._exit(0)
+    for gap in (0.0, 0.001, 0.01, 0.04):
+        lat = []
+        for _ in range(rounds):
+            time.sleep(gap)
+            t = time.perf_counter()
+            os.write(w1, b"p")
+            os.read(r2, 1)
+            lat.append(time.perf_counter() - t)
+        print(f"pipe round trip after {gap * 1e3:4.0f} ms idle: p50 {statistics.median(lat) * 1e6:6.1f} us")
+    os.write(w1, b"q")
+    os.waitpid(pid, 0)
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--serve"]:
         return serve(sys.argv[2:])
@@ -73,7 +98,10 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pipe", action="store_true", help="also print the bare pipe round-trip floor")
     args = ap.parse_args()
+    if args.pipe:
+        pipe_floor()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 

@@ -177,7 +177,7 @@ def read_chat(path: Path | None) -> dict[str, Any] | None:
     if isinstance(d, dict) and isinstance(d.get("app_over_headless"), (int, float)):
         d = {**d, "ratio": d["app_over_headless"]}
     # the app's own figures ride along when bench_chat.py wrote them (tokens/s, idle CPU)
-    kept = {k: d[k] for k in (*pairs[0], "idle_cpu_percent_of_one_core", "idle_window_s")
+    kept = {k: d[k] for k in (*pairs[0], "idle_cpu_percent_of_one_core", "idle_window_s", "client_threads")
             if isinstance(d, dict) and k in d}
     if isinstance(d, dict) and isinstance(d.get("ratio"), (int, float)):
         return {"ratio": float(d["ratio"]), "source": str(path), **kept}
@@ -380,7 +380,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any], plots: dict[str, str
 def chat_text(chat: dict[str, Any]) -> str:
     """One line on the chat app from ``--chat-json``: P7's two sides and its idle CPU."""
     src = f", from {chat['source']}" if chat.get("source") else ""
-    text = f"The chat app (`splitlm chat` in tmux at 80x24{src}): "
+    threads = f", {chat['client_threads']} client thread(s)" if chat.get("client_threads") else ""
+    text = f"The chat app (`splitlm chat` in tmux at 80x24{threads}{src}): "
     app, head = chat.get("app_tokens_per_s_median"), chat.get("headless_tokens_per_s_median")
     if isinstance(app, (int, float)) and isinstance(head, (int, float)):
         text += f"{app:.1f} tokens/s against {head:.1f} for headless `splitlm generate` ({chat['ratio']:.3f}×)"
