@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require this bearer token on every RPC but health")
     p.add_argument("--insecure", action="store_true", default=None,
                    help="allow a non-loopback TCP address without TLS and a token (logged as a warning)")
+    p.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP; default off)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
@@ -198,7 +200,7 @@ def run(loaded: Loaded[DaemonSettings]) -> int:
         log.info("batching: decode steps of concurrent sessions run as one batch (window %g s)", batching.window_s)
     try:
         asyncio.run(serve(service, listen, args.shutdown_grace, security=security, notifier=notifier,
-                          keepalive_s=args.keepalive))
+                          keepalive_s=args.keepalive, metrics=args.metrics))
     finally:
         notifier.close()
     return ExitCode.OK

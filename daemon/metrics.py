@@ -95,6 +95,15 @@ class QueueGauge:
             leave()
 
 
+@dataclass
+class StepTotals:
+    """Every step since the daemon started (Prometheus counters: they only grow)."""
+
+    steps: int = 0
+    positions: int = 0
+    compute_s: float = 0.0
+
+
 class StepRecorder:
     """Steps the trunk completed, kept for ``horizon_s``; and the compute queue.
 
@@ -110,6 +119,7 @@ class StepRecorder:
         self.clock = clock
         self.queue = QueueGauge()
         self._steps: deque[tuple[float, int, float]] = deque()  # (completed at, positions, compute s)
+        self.totals = StepTotals()
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -118,6 +128,9 @@ class StepRecorder:
         """One step completed now: ``positions`` computed in ``compute_s`` seconds."""
         now = self.clock()
         self._steps.append((now, positions, compute_s))
+        self.totals.steps += 1
+        self.totals.positions += positions
+        self.totals.compute_s += compute_s
         self._prune(now)
 
     def _prune(self, now: float) -> None:

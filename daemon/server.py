@@ -20,6 +20,7 @@ from ..shared.paths import unix_path
 from .auth import Security
 from .handlers import add_trunk_service
 from .notify import Notifier, heartbeat
+from .prometheus import MetricsServer
 from .service import TrunkService
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ async def serve(
     security: Security | None = None,
     notifier: Notifier | None = None,
     keepalive_s: float = 30.0,
+    metrics: str | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then let in-flight steps finish within ``grace_s``.
 
@@ -86,6 +88,7 @@ async def serve(
         security: TLS for TCP addresses and the token interceptor (``check_exposure`` made it).
         notifier: systemd notifications: READY=1 once listening, WATCHDOG=1 from this loop,
             STATUS= lines, STOPPING=1 at shutdown.
+        metrics: ``host:port`` to serve Prometheus metrics on (None: off).
 
     Raises:
         SplitlmError: an address cannot be bound (in use, no permission).
@@ -116,6 +119,12 @@ async def serve(
             why = "address in use or not permitted"
         if not bound:
             raise SplitlmError(f"cannot listen on {address}: {why}")
+    exporter = MetricsServer(metrics, service.metrics_snapshot) if metrics else None
+    if exporter is not None:
+        try:
+            await exporter.start()
+        except OSError as e:
+            raise SplitlmError(f"cannot serve metrics on {metrics}: {e.strerror or e}") from None
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -143,6 +152,8 @@ async def serve(
         service.begin_shutdown()
         await service.monitor.close()  # monitor streams never end by themselves: end them first
         await server.stop(grace_s)
+        if exporter is not None:
+            await exporter.close()
         for sock in sockets:
             if sock.is_socket():
                 sock.unlink()

@@ -6,6 +6,7 @@ Torch work runs on one executor thread per device, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
+import psutil
 import torch
 
 from ..protos import trunk_pb2 as pb
@@ -26,6 +28,7 @@ from .batcher import BatchPolicy, StepBatcher
 from .budget import CacheBudget, bytes_per_position
 from .metrics import StepRecorder
 from .monitor import HostProbe, MonitorHub, TrunkState, requested_interval
+from .prometheus import Snapshot, process_figures
 from .sessions import SessionStore, TrunkSession
 from .status import SessionRefused, code_for
 
@@ -92,6 +95,7 @@ class TrunkService(pb_grpc.TrunkServicer):
         self._stopping: asyncio.Future[None] | None = None
         self.metrics = StepRecorder()
         self.monitor = MonitorHub(HostProbe(), self.metrics, self._trunk_state)
+        self._process = psutil.Process()
         self.batcher = (
             StepBatcher(part, executor, batching, self.metrics.queue) if batching is not None else None
         )
@@ -130,6 +134,32 @@ class TrunkService(pb_grpc.TrunkServicer):
             return pb.Batching(enabled=False)
         stats = self.batcher.stats
         return pb.Batching(enabled=True, batches=stats.batches, batched_steps=stats.rows)
+
+    async def metrics_snapshot(self) -> Snapshot:
+        """One Prometheus scrape's figures (``--metrics``). Loop only; psutil and NVML in a thread."""
+        (rss, cpu), (gpus, gpu_status) = await asyncio.gather(
+            asyncio.to_thread(process_figures, self._process),
+            asyncio.to_thread(self.monitor.probe.gpus),
+        )
+        p, stats = self.plan, (self.batcher.stats if self.batcher is not None else None)
+        return Snapshot(
+            plan={"model": p.model_id, "family": p.family, "layers": f"{p.trunk_start}:{p.trunk_end}",
+                  "num_layers": str(p.num_layers), "device": p.device, "weights": p.weights or "float32",
+                  "fingerprint": p.fingerprint},
+            sessions_open=len(self.sessions),
+            max_sessions=self.limits.max_sessions,
+            steps_queued=len(self.metrics.queue),
+            cache_bytes=self.sessions.cache_bytes(),
+            cache_budget_bytes=self.limits.max_cache_bytes,
+            totals=dataclasses.replace(self.metrics.totals),
+            rss_bytes=rss,
+            cpu_seconds=cpu,
+            gpus=gpus,
+            gpu_status=gpu_status,
+            batches=stats.batches if stats is not None else None,
+            batched_steps=stats.rows if stats is not None else None,
+            stopping=self.stopping,
+        )
 
     def _trunk_state(self) -> TrunkState:
         return TrunkState(len(self.sessions), self.sessions.cache_bytes())

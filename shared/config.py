@@ -214,6 +214,17 @@ class Addresses(Reader):
         return out
 
 
+class HostPort(Reader):
+    """One TCP address, ``host:port`` (``[::1]:port`` for IPv6)."""
+
+    allowed = "host:port, e.g. 127.0.0.1:9464"
+
+    def __call__(self, raw: object) -> str:
+        if not isinstance(raw, str) or raw.strip().startswith("unix:") or not _is_address(raw.strip()):
+            raise ValueError
+        return raw.strip()
+
+
 def _is_address(a: str) -> bool:
     if a.startswith("unix:"):
         return len(a) > len("unix:")
@@ -315,6 +326,9 @@ class DaemonSettings:
     )
     insecure: bool = setting(
         False, Boolean(), "allow a non-loopback TCP address without TLS and a token"
+    )
+    metrics: str | None = setting(
+        None, HostPort(), "serve Prometheus metrics over plain HTTP at host:port (unset: off)"
     )
     log_level: str = setting("INFO", _LOG_LEVELS, "logging level")
 
