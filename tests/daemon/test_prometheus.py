@@ -11,7 +11,7 @@ from splitlm.daemon.prometheus import MetricsServer, Snapshot, render
 from tests.conftest import free_port
 from tests.daemon.test_monitor import FakeNvml
 
-LINE = re.compile(r'^[a-z_:][a-z0-9_:]*(\{([a-z_]+="([^"\\]|\\.)*",?)*\})? [-+0-9.eE]+(Inf|NaN)?$|^NaN$')
+LINE = re.compile(r'^[a-z_:][a-z0-9_:]*(\{([a-z_]+="([^"\\]|\\.)*",?)*\})? ([-+0-9.eE]+|[+-]Inf|NaN)$')
 
 
 def parse(text: str) -> dict[str, list[tuple[str, float]]]:
