@@ -140,6 +140,12 @@ class HostProbe:
             gpu_status=status,
         )
 
+    def process_figures(self) -> tuple[int, float]:
+        """The daemon's RSS and its CPU seconds (user + system), for Prometheus counters."""
+        with self._process.oneshot():
+            cpu = self._process.cpu_times()
+            return int(self._process.memory_info().rss), float(cpu.user + cpu.system)
+
     def _ensure_nvml(self) -> tuple[Any | None, str]:
         """The initialised NVML module, or None and why. Tried once: no GPU appears later."""
         with self._lock:

@@ -20,8 +20,6 @@ import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
-import psutil
-
 from ..shared.monitor import GpuSample
 from .metrics import StepTotals
 
@@ -136,13 +134,6 @@ def render(s: Snapshot) -> str:
         if samples:
             add(name, "gauge", help, *samples)
     return "\n".join(line for f in families for line in f.lines()) + "\n"
-
-
-def process_figures(process: psutil.Process) -> tuple[int, float]:
-    """The daemon's RSS and CPU seconds (user + system). Blocks: call from a worker thread."""
-    with process.oneshot():
-        cpu = process.cpu_times()
-        return int(process.memory_info().rss), float(cpu.user + cpu.system)
 
 
 async def _respond(writer: asyncio.StreamWriter, status: str, body: str, content_type: str = "text/plain") -> None:

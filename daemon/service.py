@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-import psutil
 import torch
 
 from ..protos import trunk_pb2 as pb
@@ -28,7 +27,7 @@ from .batcher import BatchPolicy, StepBatcher
 from .budget import CacheBudget, bytes_per_position
 from .metrics import StepRecorder
 from .monitor import HostProbe, MonitorHub, TrunkState, requested_interval
-from .prometheus import Snapshot, process_figures
+from .prometheus import Snapshot
 from .sessions import SessionStore, TrunkSession
 from .status import SessionRefused, code_for
 
@@ -95,7 +94,6 @@ class TrunkService(pb_grpc.TrunkServicer):
         self._stopping: asyncio.Future[None] | None = None
         self.metrics = StepRecorder()
         self.monitor = MonitorHub(HostProbe(), self.metrics, self._trunk_state)
-        self._process = psutil.Process()
         self.batcher = (
             StepBatcher(part, executor, batching, self.metrics.queue) if batching is not None else None
         )
@@ -138,7 +136,7 @@ class TrunkService(pb_grpc.TrunkServicer):
     async def metrics_snapshot(self) -> Snapshot:
         """One Prometheus scrape's figures (``--metrics``). Loop only; psutil and NVML in a thread."""
         (rss, cpu), (gpus, gpu_status) = await asyncio.gather(
-            asyncio.to_thread(process_figures, self._process),
+            asyncio.to_thread(self.monitor.probe.process_figures),
             asyncio.to_thread(self.monitor.probe.gpus),
         )
         p, stats = self.plan, (self.batcher.stats if self.batcher is not None else None)

@@ -177,8 +177,8 @@ def read_chat(path: Path | None) -> dict[str, Any] | None:
     if isinstance(d, dict) and isinstance(d.get("app_over_headless"), (int, float)):
         d = {**d, "ratio": d["app_over_headless"]}
     # the app's own figures ride along when bench_chat.py wrote them (tokens/s, idle CPU)
-    kept = {k: d[k] for k in (*pairs[0], "idle_cpu_percent_of_one_core", "idle_window_s", "client_threads")
-            if isinstance(d, dict) and k in d}
+    extras = (*pairs[0], "idle_cpu_percent_of_one_core", "idle_window_s", "client_threads")
+    kept = {k: d[k] for k in extras if k in d} if isinstance(d, dict) else {}
     if isinstance(d, dict) and isinstance(d.get("ratio"), (int, float)):
         return {"ratio": float(d["ratio"]), "source": str(path), **kept}
     for app, head in pairs:
