@@ -684,7 +684,7 @@ class _ArgType:
         try:
             return self.read(raw)
         except (ValueError, TypeError):
-            raise argparse.ArgumentTypeError(f"{raw!r}: allowed: {self.read.allowed}") from None
+            raise argparse.ArgumentTypeError(f"expected {self.read.allowed}, got {raw!r}") from None
 
 
 def help_text(option: Option) -> str:

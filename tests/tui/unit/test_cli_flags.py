@@ -179,7 +179,20 @@ def test_registry_entries_are_consistent() -> None:
         assert len(envs) == len(set(envs))
         for o in config.options(cls):
             assert o.commands and set(o.commands) <= set(config.COMMANDS), o.key
-            assert o.help and "%" not in o.help.replace("%%", "") or "%" in config.help_text(o)
+
+
+def test_help_shows_each_settings_default_and_variable() -> None:
+    """``--help`` of every command renders (argparse formats help with %) and names, for each
+    setting, its environment variable and its default when it has one."""
+    for command, parser in _all_parsers().items():
+        text = " ".join(parser.format_help().split())  # unwrapped
+        for o in config.options_for(command):
+            assert o.option_string in text, (command, o.key)
+            if o.env:
+                assert f"env {o.env}" in text, (command, o.key)
+            default = o.default_value()
+            if default not in (None, "", ()) and not o.switch:
+                assert f"default: {o.read.show(default)}" in text, (command, o.key)
 
 
 PRECISION_NAMES = {"float32", "bfloat16", "float16", "int8"}
