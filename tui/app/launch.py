@@ -85,7 +85,7 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
     layered = {o.key: o for o in options(type(loaded.settings))}
 
     def given(key: str) -> bool:
-        return loaded.sources[key] == layered[key].option_string
+        return bool(loaded.sources[key] == layered[key].option_string)
 
     before = [  # the top-level flags (``splitlm --log-level DEBUG chat``)
         part for o in options_for(SPLITLM) if o.key in layered and given(o.key)
