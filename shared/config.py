@@ -753,8 +753,10 @@ class Loaded(Generic[S]):
 
 
 def env_name(cls: type, key: str) -> str:
-    f = {f.name: f for f in dataclasses.fields(cls)}[key]
-    return f.metadata.get("env") or ENV_PREFIX + key.upper()
+    """The environment variable of the setting ``key`` of ``cls``."""
+    env = {o.key: o.env for o in options(cls)}[key]
+    assert env is not None  # every settings field has one
+    return env
 
 
 def flag_name(key: str) -> str:
@@ -825,7 +827,7 @@ def load(
             allowed), an unknown key in the file, or an unreadable file.
     """
     env = os.environ if env is None else env
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {o.key: o for o in options(cls)}
     path, required, note = config_file(file_name, config, env, system)
     table: dict[str, Any] = {}
     if path is not None and (required or path.is_file()):
@@ -840,11 +842,11 @@ def load(
         path = None
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for key, f in fields.items():
-        read: Reader = f.metadata["read"]
-        ename = f.metadata.get("env") or ENV_PREFIX + key.upper()
+    for key, option in fields.items():
+        read = option.read
+        ename = option.env or ""
         layers = (
-            (flags.get(key), flag_name(key)),
+            (flags.get(key), option.option_string),
             (env.get(ename) or None, ename),
             (table.get(key), str(path)),
         )
