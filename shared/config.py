@@ -574,7 +574,7 @@ class Option:
 
     @property
     def switch(self) -> bool:
-        """A flag without a value (``store_true``)."""
+        """A flag without a value: ``--KEY`` (and ``--no-KEY`` for a layered one)."""
         return isinstance(self.read, Boolean)
 
     def default_value(self) -> Any:
@@ -582,10 +582,10 @@ class Option:
 
     def argv(self, value: Any) -> list[str]:
         """The flags that give ``value`` (``[]`` for an unset value or a switch that is off)."""
-        if value is None or (self.switch and not value):
+        if value is None or (self.switch and not value and not self.layered):
             return []
         if self.switch:
-            return [self.option_string]
+            return [self.option_string if value else "--no-" + self.option_string[2:]]
         if self.repeat and isinstance(value, (list, tuple)):
             return [part for v in value for part in (self.option_string, self.read.show(v))]
         return [self.option_string, self.read.show(value)]
@@ -712,8 +712,10 @@ def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
     group: Any = None
     for o in options_for(command):
         kwargs: dict[str, Any] = {"dest": o.key, "help": help_text(o)}
-        if o.switch:
-            kwargs.update(action="store_true", default=None if o.layered else o.default)
+        if o.switch and o.layered:  # --no-KEY turns off what the environment or file turned on
+            kwargs.update(action=argparse.BooleanOptionalAction, default=None)
+        elif o.switch:
+            kwargs.update(action="store_true", default=o.default)
         else:
             kwargs.update(
                 default=None if o.layered else o.default_value(),

@@ -375,5 +375,7 @@ def test_every_setting_layers_flag_env_file_default(  # type: ignore[no-untyped-
         check([], None, file_raw, read(file_raw), str(cfg))
         default = option.default_value()
         check([], None, None, default, _config.DEFAULT)
+        if option.switch:  # a flag turns off what the environment turned on
+            check(["--no-" + option.option_string[2:]], "true", "true", False, option.option_string)
     finally:
         torch.set_num_threads(threads)

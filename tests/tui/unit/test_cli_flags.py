@@ -150,15 +150,14 @@ def test_every_flag_has_one_definition() -> None:
         declared = {o.option_string: o for o in config.options_for(command)}
         seen = set()
         for action in parser._actions:
-            for flag in action.option_strings:
-                if flag in ("-h", "--help", "--version"):
-                    continue
-                matches = [o for o in config.options_for(command) if o.option_string == flag]
-                assert len(matches) <= 1, f"{command} {flag}: {len(matches)} registry entries"
-                if matches:
-                    assert action.dest == matches[0].key, (command, flag, action.dest)
-                    seen.add(flag)
-                else:
+            flags = [f for f in action.option_strings if f not in ("-h", "--help", "--version")]
+            matches = [o for o in config.options_for(command) if o.option_string in flags]
+            assert len(matches) <= 1, f"{command} {flags}: {len(matches)} registry entries"
+            if matches:  # (a layered switch's --no-KEY belongs to its entry)
+                assert action.dest == matches[0].key, (command, flags, action.dest)
+                seen.add(matches[0].option_string)
+            else:
+                for flag in flags:
                     own.setdefault(flag, []).append(command)
         assert seen == set(declared), f"{command}: registry flags missing from its parser"
     for flag, commands in own.items():
