@@ -77,9 +77,16 @@ class Reader:
 
 
 class Text(Reader):
+    """A non-empty string, stripped; ``verbatim``: kept as given (a stop string may be ``"\\n"``)."""
+
     allowed = "a non-empty string"
 
+    def __init__(self, verbatim: bool = False) -> None:
+        self.verbatim = verbatim
+
     def __call__(self, raw: object) -> str:
+        if self.verbatim and isinstance(raw, str) and raw:
+            return raw
         if not isinstance(raw, str) or not raw.strip():
             raise ValueError
         return raw.strip()
@@ -608,7 +615,7 @@ CLIENT_FLAGS: tuple[Option, ...] = (
            commands=(*SESSIONS, "bench"), metavar="N"),
     Option("max_new_tokens", Integer(1), "generate at most this many tokens per reply",
            default=256, commands=SESSIONS, metavar="N"),
-    Option("stop", Text(), "stop string; repeatable", commands=("generate", "compare"),
+    Option("stop", Text(verbatim=True), "stop string; repeatable", commands=("generate", "compare"),
            metavar="S", repeat=True),
     Option("no_chat", Boolean(), "tokenize the raw prompt, no chat template", default=False,
            commands=("generate", "compare")),

@@ -220,3 +220,18 @@ def test_no_module_but_the_registry_spells_a_precision_choice_list() -> None:
     choices = {a.dest: tuple(a.choices) for a in p._actions if a.choices}
     assert choices["weights"] == ("auto", *config.WEIGHT_PRECISIONS)
     assert choices["dtype"] == ("auto", *config.COMPUTE_DTYPES)
+
+
+def test_flag_values_keep_their_meaning() -> None:
+    """What argparse read before the registry, it reads the same: stop strings verbatim
+    (whitespace is a real stop), the bench's seed 0 when unset, a bad value named with the flag."""
+    from splitlm.tui.bench.options import BenchOptions
+
+    p = cli.build_parser()
+    assert p.parse_args(["generate", "--stop", "\n", "--stop", " END", "hi"]).stop == ["\n", " END"]
+    assert p.parse_args(["generate", "hi"]).stop is None
+    bench = p.parse_args(["bench"])
+    assert BenchOptions.from_args(bench, None).seed == 0
+    assert p.parse_args(["bench", "--split", "2:5"]).split == (2, 5)
+    with pytest.raises(SystemExit):
+        p.parse_args(["chat", "--max-new-tokens", "0"])
