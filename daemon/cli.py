@@ -23,61 +23,21 @@ log = logging.getLogger("splitlm.daemon")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..shared.paths import default_address
+    """The flags of ``splitlm-trunkd``: the registry's (``shared.config``) and two of its own."""
+    from ..shared.config import TRUNKD, add_flags
 
-    # every default is None: the layered loader tells "given" from "not given" and fills defaults
     p = argparse.ArgumentParser(
         prog="splitlm-trunkd",
         description="Serve the trunk (middle layers) of a language model over gRPC. "
         "Clients run the bottom and top themselves; only hidden states cross the wire.",
-        epilog="Each option KEY can also come from the environment (SPLITLM_KEY, e.g. SPLITLM_MAX_SESSIONS) "
+        epilog="Each setting KEY can also come from the environment (SPLITLM_KEY, e.g. SPLITLM_MAX_SESSIONS) "
         "or the TOML config file (key = value, e.g. max_sessions = 8); flags win over the environment, the "
         "environment over the file. --print-config shows the effective values and where each came from.",
     )
-    p.add_argument("--config", default=None, metavar="PATH",
-                   help="TOML config file (default: ~/.config/splitlm/trunkd.toml; under systemd "
-                   "/etc/splitlm/trunkd.toml)")
     p.add_argument("--print-config", action="store_true",
                    help="print the effective settings and their sources, then exit")
-    p.add_argument("--model", default=None, help="smollm2 (default), a .gguf file, a directory, or a hub id")
-    p.add_argument("--split", default=None, metavar="A:B", help="trunk layers [A, B), 0 < A < B < L (default: family's)")
-    p.add_argument("--listen", action="append", default=None, metavar="ADDR",
-                   help=f"unix:/path or host:port; repeatable (default: {default_address()})")
-    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (auto, the default: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--weights", default=None, choices=["auto", "float32", "bfloat16", "int8"],
-                   help="weight precision of the trunk: float32, bfloat16, or int8 (weight int8, "
-                   "float32 activations; CPU); auto, the default, follows --dtype")
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--max-sessions", default=None, metavar="N", help="sessions open at once (default 64)")
-    p.add_argument("--max-context", default=None, metavar="N", help="positions per session (default: the model's)")
-    p.add_argument("--max-cache-bytes", default=None, metavar="SIZE",
-                   help="trunk KV cache of all sessions together, e.g. 8GiB (default auto: 90%% of free GPU "
-                   "memory after loading, half the available RAM on a CPU)")
-    p.add_argument("--max-message-bytes", default=None, metavar="SIZE", help="gRPC message limit (default 256MiB)")
-    p.add_argument("--idle-timeout", default=None, metavar="DURATION",
-                   help="close sessions idle this long, e.g. 30m (default 30m; 0: never)")
-    p.add_argument("--shutdown-grace", default=None, metavar="DURATION",
-                   help="on SIGTERM, time in-flight steps get to finish (default 10s)")
-    p.add_argument("--keepalive", default=None, metavar="DURATION",
-                   help="ping idle connections this often and drop peers that do not answer (default 30s)")
-    p.add_argument("--batch", action="store_true", default=None,
-                   help="run the decode steps of concurrent sessions as one batch through the trunk: "
-                   "more tokens/s in all, outputs equal to solo runs to float rounding, not bit for bit "
-                   "(default off)")
-    p.add_argument("--batch-window", default=None, metavar="DURATION",
-                   help="with --batch: wait this long for more steps before running a batch (default 0)")
-    p.add_argument("--threads", default=None, metavar="N", help="torch intra-op threads")
-    p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve TCP addresses over TLS with this certificate")
-    p.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
-    p.add_argument("--token-file", default=None, metavar="PATH",
-                   help="require this bearer token on every RPC but health")
-    p.add_argument("--insecure", action="store_true", default=None,
-                   help="allow a non-loopback TCP address without TLS and a token (logged as a warning)")
-    p.add_argument("--metrics", default=None, metavar="HOST:PORT",
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP; default off)")
-    p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
     p.add_argument("--version", action="store_true", help="print the version and exit")
+    add_flags(p, TRUNKD)
     return p
 
 

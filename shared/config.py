@@ -9,6 +9,14 @@ fields declare, with ``setting(...)``, their default, how a raw value is read an
 Names: the key ``max_sessions`` is the flag ``--max-sessions``, the environment variable
 ``SPLITLM_MAX_SESSIONS`` and the TOML key ``max_sessions``.
 
+This module is also the one registry of options: every option of ``splitlm-trunkd`` and of the
+``splitlm`` subcommands is declared once, here (key, reader, default, choices, environment
+variable, TOML key, help, the commands that take it), and ``add_flags(parser, command)`` makes
+the argparse flags from it. Layered settings are the fields of the two dataclasses; options that
+are flags only (sampling, ``--json``, ...) but taken by several commands are ``CLIENT_FLAGS``.
+A flag only one command has (``generate --full``, the bench's ``--warmup``) stays with that
+command.
+
 The TOML file: ``--config PATH`` when given (it must exist); for the daemon under systemd
 ``$CONFIGURATION_DIRECTORY/trunkd.toml`` (``/etc/splitlm/trunkd.toml`` with the unit's
 ``ConfigurationDirectory=splitlm``; or ``/etc/splitlm/trunkd.toml`` when it exists and
@@ -19,6 +27,7 @@ A default file that does not exist is simply skipped.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -28,7 +37,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import platformdirs
 
@@ -61,11 +70,23 @@ class Reader:
     def __call__(self, raw: object) -> Any:
         raise NotImplementedError
 
+    def show(self, value: Any) -> str:
+        """``value`` as a user types it (help texts, the command ``chat --serve`` rebuilds); reading
+        it back gives ``value`` again."""
+        return str(value)
+
 
 class Text(Reader):
+    """A non-empty string, stripped; ``verbatim``: kept as given (a stop string may be ``"\\n"``)."""
+
     allowed = "a non-empty string"
 
+    def __init__(self, verbatim: bool = False) -> None:
+        self.verbatim = verbatim
+
     def __call__(self, raw: object) -> str:
+        if self.verbatim and isinstance(raw, str) and raw:
+            return raw
         if not isinstance(raw, str) or not raw.strip():
             raise ValueError
         return raw.strip()
@@ -110,6 +131,58 @@ class Integer(Reader):
         return raw
 
 
+def format_number(value: float) -> str:
+    """A number short (``0.25``, ``180``) but exact: reading it back gives ``value``."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
+class Number(Reader):
+    """A finite number, maybe bounded (``[minimum, maximum]``)."""
+
+    def __init__(self, minimum: float | None = None, maximum: float | None = None) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+        if minimum is not None and maximum is not None:
+            self.allowed = f"a number from {minimum:g} to {maximum:g}"
+        elif minimum is not None:
+            self.allowed = f"a number >= {minimum:g}"
+        else:
+            self.allowed = "a number"
+
+    def __call__(self, raw: object) -> float:
+        if isinstance(raw, bool):
+            raise ValueError
+        value = float(raw) if isinstance(raw, (str, int, float)) else math.nan
+        if not math.isfinite(value):
+            raise ValueError
+        if (self.minimum is not None and value < self.minimum) or (
+            self.maximum is not None and value > self.maximum
+        ):
+            raise ValueError
+        return value
+
+    def show(self, value: Any) -> str:
+        return format_number(value)
+
+
+class SplitRange(Reader):
+    """Trunk layers ``A:B`` as a pair of ints (the model's range is checked once it is known)."""
+
+    allowed = "A:B, two layer indices such as 2:28"
+
+    def __call__(self, raw: object) -> tuple[int, int]:
+        if isinstance(raw, (tuple, list)) and len(raw) == 2 and all(type(x) is int for x in raw):
+            return (raw[0], raw[1])
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", raw) if isinstance(raw, str) else None
+        if not m:
+            raise ValueError
+        return int(m.group(1)), int(m.group(2))
+
+    def show(self, value: Any) -> str:
+        return f"{value[0]}:{value[1]}"
+
+
 class Boolean(Reader):
     allowed = "true or false (also 1/0, yes/no, on/off)"
     _WORDS = {
@@ -129,6 +202,9 @@ class Boolean(Reader):
         if isinstance(raw, str) and raw.strip().lower() in self._WORDS:
             return self._WORDS[raw.strip().lower()]
         raise ValueError
+
+    def show(self, value: Any) -> str:
+        return "on" if value else "off"
 
 
 _SIZE_UNITS = {
@@ -173,6 +249,13 @@ class ByteSize(Reader):
             raise ValueError
         return raw
 
+    def show(self, value: Any) -> str:
+        if isinstance(value, int):
+            for unit in ("TiB", "GiB", "MiB", "KiB"):
+                if value >= _SIZE_UNITS[unit.lower()] and value % _SIZE_UNITS[unit.lower()] == 0:
+                    return f"{value // _SIZE_UNITS[unit.lower()]}{unit}"
+        return str(value)
+
 
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "m": 60.0, "min": 60.0, "h": 3600.0}
 
@@ -198,6 +281,12 @@ class Duration(Reader):
             raise ValueError
         return float(raw)
 
+    def show(self, value: Any) -> str:
+        for unit, size in (("h", 3600), ("m", 60)):
+            if value >= size and value % size == 0:
+                return f"{value / size:g}{unit}"
+        return f"{format_number(value)}s" if value else "0"
+
 
 class Addresses(Reader):
     """A list of addresses: a TOML array, repeated flags, or a comma-separated string."""
@@ -212,6 +301,9 @@ class Addresses(Reader):
         if not out or len(out) != len(items) or not all(_is_address(a) for a in out):
             raise ValueError
         return out
+
+    def show(self, value: Any) -> str:
+        return ",".join(value)
 
 
 class HostPort(Reader):
@@ -239,17 +331,27 @@ def setting(
     *,
     env: str | None = None,
     default_factory: Callable[[], Any] | None = None,
+    commands: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    repeat: bool = False,
 ) -> Any:
-    """Declare one key of a settings dataclass.
+    """Declare one key of a settings dataclass: its one definition, for every layer.
 
     Args:
         default: the value nobody set; None means "unset" (the program decides).
-        read: reads a raw value from a flag, the environment or the file.
-        help: one line, for ``--print-config``.
+        read: reads a raw value from a flag, the environment or the file; a ``Choice`` also
+            gives the flag its choices, a ``Boolean`` makes it a switch.
+        help: one line, for ``--help`` and ``--print-config``.
         env: the environment variable when it is not ``SPLITLM_<KEY>``.
         default_factory: computes the default (e.g. from the runtime dir) instead of ``default``.
+        commands: the commands whose parsers get the flag (None: the class's ``COMMANDS``).
+        metavar: the flag's value in ``--help`` (None: ``KEY``, or the choices).
+        repeat: the flag may be given several times (a list, e.g. ``--listen``).
     """
-    meta = {"read": read, "help": help, "env": env}
+    meta = {
+        "read": read, "help": help, "env": env, "commands": commands, "metavar": metavar,
+        "repeat": repeat,
+    }
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -267,106 +369,373 @@ def _default_trunk() -> str:
     return default_address()
 
 
+# ---- the commands: `trunkd` is splitlm-trunkd; `splitlm` the client's top-level parser (before
+# the subcommand); the rest are the client's subcommands
+
+TRUNKD = "trunkd"
+SPLITLM = "splitlm"
+CLIENT_COMMANDS = ("generate", "compare", "chat", "bench", "info", "monitor")
+LOCAL_PARTS = ("generate", "compare", "chat", "bench")
+"""The commands that run parts of the model here."""
+SESSIONS = ("generate", "compare", "chat")
+"""The commands that hold split sessions: failover and sampling apply."""
+COMMANDS = (TRUNKD, SPLITLM, *CLIENT_COMMANDS)
+
+# ---- the precision names, spelled here and nowhere else
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+"""``--dtype`` besides ``auto``."""
+WEIGHT_PRECISIONS = ("float32", "bfloat16", "int8")
+"""``--weights`` besides ``auto`` (``shared.models.precision``)."""
+NARROW_WIRE_DTYPES = ("bfloat16", "float16")
+"""``--wire-dtype`` besides ``exact``: half the bytes of float32."""
+
 _LOG_LEVELS = Choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", fold_case=True)
-_DTYPES = Choice("auto", "float32", "bfloat16", "float16")
-_WEIGHTS = Choice("auto", "float32", "bfloat16", "int8")
-_WIRE_DTYPES = Choice("exact", "bfloat16", "float16")
+_DTYPES = Choice("auto", *COMPUTE_DTYPES)
+_WEIGHTS = Choice("auto", *WEIGHT_PRECISIONS)
+_WIRE_DTYPES = Choice("exact", *NARROW_WIRE_DTYPES)
+_INT8 = "int8: weight int8, float32 activations, CPU only"
+_LOG_HELP = "logging level: " + ", ".join(_LOG_LEVELS.options)
 
 
 @dataclass(frozen=True)
 class DaemonSettings:
     """What ``splitlm-trunkd`` runs with; see the README's "Daemon options" for each key."""
 
+    COMMANDS: ClassVar[tuple[str, ...]] = (TRUNKD,)
+
     model: str = setting("smollm2", Text(), "smollm2, a .gguf file, a model directory or a hub id")
     # checked against the model's layer count once it is known (the message names the valid range)
-    split: str | None = setting(None, Text(), "trunk layers A:B (unset: the family's default)")
+    split: str | None = setting(
+        None, Text(), "trunk layers A:B, 0 < A < B < L (unset: the family's default)", metavar="A:B"
+    )
     listen: tuple[str, ...] = setting(
-        None, Addresses(), "where to listen", default_factory=_default_listen
+        None, Addresses(), "where to listen: unix:/path or host:port; repeatable",
+        default_factory=_default_listen, metavar="ADDR", repeat=True,
     )
     dtype: str = setting("auto", _DTYPES, "compute dtype (auto: float32 on CPU, bfloat16 on GPU)")
     weights: str = setting(
-        "auto", _WEIGHTS, "weight precision: float32, bfloat16 or int8 (auto: as --dtype)"
+        "auto", _WEIGHTS, f"weight precision of the trunk ({_INT8}; auto: as --dtype)"
     )
     device: str = setting("auto", Text(), "auto, cpu, cuda or cuda:N")
     threads: int | None = setting(
-        None, Integer(1), "torch intra-op threads (unset: torch's choice)"
+        None, Integer(1), "torch intra-op threads (unset: torch's choice)", metavar="N"
     )
-    max_sessions: int = setting(64, Integer(1), "sessions open at once")
+    max_sessions: int = setting(64, Integer(1), "sessions open at once", metavar="N")
     max_context: int | None = setting(
-        None, Integer(1), "positions per session (unset: the model's)"
+        None, Integer(1), "positions per session (unset: the model's)", metavar="N"
     )
     max_cache_bytes: int | str = setting(
         "auto",
         ByteSize(1, auto=True),
-        "trunk KV cache of all sessions together "
-        "(auto: 90% of free GPU memory, half the free RAM on CPU)",
+        "trunk KV cache of all sessions together, e.g. 8GiB "
+        "(auto: 90% of free GPU memory after loading, half the free RAM on CPU)",
+        metavar="SIZE",
     )
     max_message_bytes: int = setting(
-        256 * 2**20, ByteSize(1), "gRPC message size limit, both directions"
+        256 * 2**20, ByteSize(1), "gRPC message size limit, both directions", metavar="SIZE"
     )
-    idle_timeout: float = setting(1800.0, Duration(0, "never"), "close a session idle this long")
+    idle_timeout: float = setting(
+        1800.0, Duration(0, "never"), "close a session idle this long (0: never)", metavar="DURATION"
+    )
     shutdown_grace: float = setting(
-        10.0, Duration(0), "on SIGTERM, how long in-flight steps may finish"
+        10.0, Duration(0), "on SIGTERM, how long in-flight steps may finish", metavar="DURATION"
     )
     keepalive: float = setting(
-        30.0, Duration(1), "ping idle connections this often; dead peers are dropped"
+        30.0, Duration(1), "ping idle connections this often; dead peers are dropped",
+        metavar="DURATION",
     )
     batch: bool = setting(
-        False, Boolean(), "run concurrent sessions' decode steps as one batch (equal to float rounding)"
+        False, Boolean(),
+        "run concurrent sessions' decode steps as one batch: more tokens/s in all, outputs equal "
+        "to solo runs to float rounding, not bit for bit",
     )
     batch_window: float = setting(
-        0.0, Duration(0), "with batch: wait this long for more steps before a batch (0: none)"
+        0.0, Duration(0), "with batch: wait this long for more steps before a batch (0: none)",
+        metavar="DURATION",
     )
     tls_cert: Path | None = setting(
-        None, PathValue(), "PEM certificate: serve TCP addresses over TLS"
+        None, PathValue(), "PEM certificate: serve TCP addresses over TLS", metavar="PEM"
     )
-    tls_key: Path | None = setting(None, PathValue(), "PEM private key of --tls-cert")
+    tls_key: Path | None = setting(
+        None, PathValue(), "PEM private key of --tls-cert", metavar="PEM"
+    )
     token_file: Path | None = setting(
-        None, PathValue(), "file holding the bearer token clients must send"
+        None, PathValue(), "file holding the bearer token clients must send (all RPCs but health)",
+        metavar="PATH",
     )
     insecure: bool = setting(
-        False, Boolean(), "allow a non-loopback TCP address without TLS and a token"
+        False, Boolean(),
+        "allow a non-loopback TCP address without TLS and a token (logged as a warning)",
     )
     metrics: str | None = setting(
-        None, HostPort(), "serve Prometheus metrics over plain HTTP at host:port (unset: off)"
+        None, HostPort(),
+        "serve Prometheus metrics at http://HOST:PORT/metrics, plain HTTP (unset: off)",
+        metavar="HOST:PORT",
     )
-    log_level: str = setting("INFO", _LOG_LEVELS, "logging level")
+    log_level: str = setting("INFO", _LOG_LEVELS, _LOG_HELP, metavar="LEVEL")
 
 
 @dataclass(frozen=True)
 class ClientSettings:
     """What ``splitlm`` (CLI and TUI) connects with."""
 
+    COMMANDS: ClassVar[tuple[str, ...]] = SESSIONS
+    """The commands of a key that names none: those that hold split sessions."""
+
     trunk: str = setting(
-        None, Text(), "the daemon: unix:/path or host:port", default_factory=_default_trunk
+        None, Text(), "the daemon: unix:/path or host:port", default_factory=_default_trunk,
+        commands=CLIENT_COMMANDS, metavar="ADDR",
     )
     model: str | None = setting(
-        None, Text(), "the local model (unset: the daemon's, when it resolves here)"
+        None, Text(),
+        "the local model: smollm2, a .gguf file, a directory or a hub id (unset: the daemon's "
+        "when it resolves here, else smollm2)",
+        commands=LOCAL_PARTS,
     )
-    token_file: Path | None = setting(None, PathValue(), "file holding the daemon's bearer token")
+    token_file: Path | None = setting(
+        None, PathValue(), "file holding the daemon's bearer token", commands=CLIENT_COMMANDS,
+        metavar="PATH",
+    )
     tls_ca: Path | None = setting(
-        None, PathValue(), "PEM CA (or self-signed) certificate: connect over TLS"
+        None, PathValue(), "PEM CA (or self-signed) certificate: connect over TLS",
+        commands=CLIENT_COMMANDS, metavar="PEM",
     )
-    dtype: str = setting("auto", _DTYPES, "compute dtype of the local parts")
+    dtype: str = setting(
+        "auto", _DTYPES, "compute dtype of the local parts (auto: float32 on CPU, bfloat16 on GPU)",
+        commands=LOCAL_PARTS,
+    )
     weights: str = setting(
-        "auto", _WEIGHTS, "weight precision here: float32, bfloat16 or int8 (auto: the daemon's)"
+        "auto", _WEIGHTS,
+        f"weight precision here ({_INT8}); must be the daemon's (auto: the daemon's; "
+        "with no daemon: as --dtype)",
+        commands=LOCAL_PARTS,
     )
     wire_dtype: str = setting(
-        "exact", _WIRE_DTYPES, "hidden states on the wire (exact: the trunk's dtype)"
+        "exact", _WIRE_DTYPES,
+        "hidden states on the wire (exact: the trunk's dtype; bfloat16, float16: half the bytes "
+        "of float32)",
+        commands=LOCAL_PARTS,
     )
     device: str = setting("auto", Text(), "auto, cpu, cuda or cuda:N")
     threads: int | None = setting(
-        None, Integer(1), "torch intra-op threads of the local parts (unset: torch's choice)"
+        None, Integer(1), "torch intra-op threads of the local parts (unset: torch's choice)",
+        commands=LOCAL_PARTS, metavar="N",
     )
-    log_level: str = setting("WARNING", _LOG_LEVELS, "logging level")
+    log_level: str = setting(
+        "WARNING", _LOG_LEVELS, _LOG_HELP, commands=(SPLITLM,), metavar="LEVEL"
+    )
     retry_deadline: float = setting(
         180.0, Duration(0, "turns failover off"),
-        "when the daemon goes away mid-session, keep reconnecting this long",
+        "when the daemon goes away mid-session, keep reconnecting this long, then rebuild its "
+        "cache and continue (0: fail at once)",
+        metavar="DURATION",
     )
     retry_initial: float = setting(
-        0.25, Duration(0.01), "first wait before reconnecting; doubles per attempt"
+        0.25, Duration(0.01), "first wait before reconnecting; doubles per attempt",
+        metavar="DURATION",
     )
-    retry_max_delay: float = setting(2.0, Duration(0.01), "longest wait between two attempts")
+    retry_max_delay: float = setting(
+        2.0, Duration(0.01), "longest wait between two attempts", metavar="DURATION"
+    )
+
+
+# ---- the registry
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option, as the registry declares it.
+
+    Attributes:
+        key: the argparse ``dest``, the settings field and the TOML key.
+        read: reads a raw value (its ``allowed`` is the error text; a ``Choice`` gives choices).
+        help: one line for ``--help``; the default and the environment variable are appended.
+        default: the value nobody set (for layered keys: see ``default_factory``).
+        commands: the commands that take it (``TRUNKD``, ``SPLITLM`` or a client subcommand).
+        layered: True for a settings field (flag > environment > file > default); False for a
+            flag alone, whose parser default is the real default and whose value is read by
+            argparse.
+        env: the environment variable (None for a flag alone).
+        metavar: the value's name in ``--help``.
+        flag: the option string, ``--key`` unless it differs.
+        repeat: the flag may be repeated (a list).
+        default_factory: computes the default (layered keys only).
+    """
+
+    key: str
+    read: Reader
+    help: str
+    default: Any = None
+    commands: tuple[str, ...] = ()
+    layered: bool = False
+    env: str | None = None
+    metavar: str | None = None
+    flag: str = ""
+    repeat: bool = False
+    default_factory: Callable[[], Any] | None = None
+
+    @property
+    def option_string(self) -> str:
+        return self.flag or flag_name(self.key)
+
+    @property
+    def switch(self) -> bool:
+        """A flag without a value: ``--KEY`` (and ``--no-KEY`` for a layered one)."""
+        return isinstance(self.read, Boolean)
+
+    def default_value(self) -> Any:
+        return self.default_factory() if self.default_factory is not None else self.default
+
+    def argv(self, value: Any) -> list[str]:
+        """The flags that give ``value`` (``[]`` for an unset value or a switch that is off)."""
+        if value is None or (self.switch and not value and not self.layered):
+            return []
+        if self.switch:
+            return [self.option_string if value else "--no-" + self.option_string[2:]]
+        if self.repeat and isinstance(value, (list, tuple)):
+            return [part for v in value for part in (self.option_string, self.read.show(v))]
+        return [self.option_string, self.read.show(value)]
+
+
+CLIENT_FLAGS: tuple[Option, ...] = (
+    Option("config", PathValue(),
+           "client TOML config file (unset: client.toml in the user config dir, e.g. "
+           "~/.config/splitlm/client.toml; it must exist when given)",
+           commands=CLIENT_COMMANDS, metavar="PATH"),
+    Option("temperature", Number(), "sampling temperature; 0 is greedy", default=0.0,
+           commands=SESSIONS, metavar="T"),
+    Option("top_k", Integer(0), "keep the k most likely tokens (0: all)", default=0,
+           commands=SESSIONS, metavar="K"),
+    Option("top_p", Number(), "nucleus sampling mass, in (0, 1] (1: all)", default=1.0,
+           commands=SESSIONS, metavar="P"),
+    Option("seed", Integer(0),
+           "random seed: the sampler's (unset: a fresh one per reply); the bench's torch seed "
+           "(unset: 0)",
+           commands=(*SESSIONS, "bench"), metavar="N"),
+    Option("max_new_tokens", Integer(1), "generate at most this many tokens per reply",
+           default=256, commands=SESSIONS, metavar="N"),
+    Option("stop", Text(verbatim=True), "stop string; repeatable", commands=("generate", "compare"),
+           metavar="S", repeat=True),
+    Option("no_chat", Boolean(), "tokenize the raw prompt, no chat template", default=False,
+           commands=("generate", "compare")),
+    Option("json", Boolean(), "print JSON instead of text (monitor: one object per sample)",
+           default=False, commands=("generate", "compare", "info", "monitor")),
+    Option("json_path", PathValue(), "write every raw sample and the summary as JSON",
+           commands=("bench",), metavar="PATH", flag="--json"),
+    Option("split", SplitRange(),
+           "trunk layers of the daemon the bench starts (unset: the family's); with --trunk "
+           "it must match the daemon's",
+           commands=("bench",), metavar="A:B"),
+    Option("batch", Boolean(),
+           "start the daemon with --batch (cross-session batching of decode steps)",
+           default=False, commands=("bench",)),
+)
+"""The client's options that are flags alone (no environment variable, no TOML key) but that
+several commands take, or whose flag another program spells too."""
+
+DAEMON_FLAGS: tuple[Option, ...] = (
+    Option("config", PathValue(),
+           "TOML config file (unset: trunkd.toml in the user config dir; under systemd "
+           "/etc/splitlm/trunkd.toml; it must exist when given)",
+           commands=(TRUNKD,), metavar="PATH"),
+)
+
+
+def options(cls: type) -> tuple[Option, ...]:
+    """The layered options of a settings dataclass, in declaration order."""
+    out = []
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        out.append(Option(
+            key=f.name, read=m["read"], help=m["help"],
+            default=None if f.default is dataclasses.MISSING else f.default,
+            default_factory=None if f.default_factory is dataclasses.MISSING else f.default_factory,
+            commands=m.get("commands") or cls.COMMANDS,  # type: ignore[attr-defined]
+            layered=True, env=m.get("env") or ENV_PREFIX + f.name.upper(),
+            metavar=m.get("metavar"), repeat=bool(m.get("repeat")),
+        ))
+    return tuple(out)
+
+
+def registry() -> tuple[Option, ...]:
+    """Every option of both programs."""
+    return (*options(DaemonSettings), *DAEMON_FLAGS, *options(ClientSettings), *CLIENT_FLAGS)
+
+
+def options_for(command: str) -> tuple[Option, ...]:
+    """The options ``command`` takes, in the order ``--help`` lists them.
+
+    Raises:
+        ValueError: an unknown command.
+    """
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
+    return tuple(o for o in registry() if command in o.commands)
+
+
+def default_of(key: str, command: str = "chat") -> Any:
+    """The default of ``command``'s option ``key`` (what the app's own defaults start from)."""
+    return next(o for o in options_for(command) if o.key == key).default_value()
+
+
+class _ArgType:
+    """An argparse ``type`` from a reader: a bad value is argparse's error (exit 2, naming the
+    flag and what is allowed)."""
+
+    def __init__(self, read: Reader) -> None:
+        self.read = read
+        self.__name__ = type(read).__name__
+
+    def __call__(self, raw: str) -> Any:
+        try:
+            return self.read(raw)
+        except (ValueError, TypeError):
+            raise argparse.ArgumentTypeError(f"expected {self.read.allowed}, got {raw!r}") from None
+
+
+def help_text(option: Option) -> str:
+    """``option``'s help with its default and environment variable (``%`` escaped for argparse)."""
+    notes = []
+    default = None if option.switch else option.default_value()
+    if default not in (None, "", ()):
+        notes.append(f"default: {option.read.show(default)}")
+    if option.env:
+        notes.append(f"env {option.env}")
+    text = option.help + (f" [{'; '.join(notes)}]" if notes else "")
+    return text.replace("%", "%%")
+
+
+SETTINGS_TITLE = "settings (flags > SPLITLM_* environment > config file > defaults)"
+
+
+def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add the flags of every registry option ``command`` takes to ``parser``.
+
+    Layered settings go in their own help section, with default None so that ``flags_from``
+    tells "given" from "not given"; their raw strings are read by ``load``. Flags alone carry
+    their real default and are read by argparse.
+    """
+    group: Any = None
+    for o in options_for(command):
+        kwargs: dict[str, Any] = {"dest": o.key, "help": help_text(o)}
+        if o.switch and o.layered:  # --no-KEY turns off what the environment or file turned on
+            kwargs.update(action=argparse.BooleanOptionalAction, default=None)
+        elif o.switch:
+            kwargs.update(action="store_true", default=o.default)
+        else:
+            kwargs.update(
+                default=None if o.layered else o.default_value(),
+                metavar=o.metavar,
+                type=str if o.layered else _ArgType(o.read),
+            )
+            if o.repeat:
+                kwargs["action"] = "append"
+            if isinstance(o.read, Choice) and not o.read.fold_case:
+                kwargs["choices"] = o.read.options
+        if o.layered and group is None:
+            group = parser.add_argument_group(SETTINGS_TITLE)
+        (group if o.layered else parser).add_argument(o.option_string, **kwargs)
 
 
 S = TypeVar("S")
@@ -393,8 +762,10 @@ class Loaded(Generic[S]):
 
 
 def env_name(cls: type, key: str) -> str:
-    f = {f.name: f for f in dataclasses.fields(cls)}[key]
-    return f.metadata.get("env") or ENV_PREFIX + key.upper()
+    """The environment variable of the setting ``key`` of ``cls``."""
+    env = {o.key: o.env for o in options(cls)}[key]
+    assert env is not None  # every settings field has one
+    return env
 
 
 def flag_name(key: str) -> str:
@@ -465,7 +836,7 @@ def load(
             allowed), an unknown key in the file, or an unreadable file.
     """
     env = os.environ if env is None else env
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {o.key: o for o in options(cls)}
     path, required, note = config_file(file_name, config, env, system)
     table: dict[str, Any] = {}
     if path is not None and (required or path.is_file()):
@@ -480,11 +851,11 @@ def load(
         path = None
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for key, f in fields.items():
-        read: Reader = f.metadata["read"]
-        ename = f.metadata.get("env") or ENV_PREFIX + key.upper()
+    for key, option in fields.items():
+        read = option.read
+        ename = option.env or ""
         layers = (
-            (flags.get(key), flag_name(key)),
+            (flags.get(key), option.option_string),
             (env.get(ename) or None, ename),
             (table.get(key), str(path)),
         )

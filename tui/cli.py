@@ -7,6 +7,7 @@ Cheap flags are answered before torch or transformers are imported.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -21,86 +22,40 @@ if TYPE_CHECKING:
 log = logging.getLogger("splitlm.client")
 
 
-def _add_target(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trunk", default=None, metavar="ADDR", help="the daemon: unix:/path or host:port [env SPLITLM_TRUNK]")
-    p.add_argument("--token-file", default=None, metavar="PATH",
-                   help="file with the daemon's bearer token [env SPLITLM_TOKEN_FILE]")
-    p.add_argument("--tls-ca", default=None, metavar="PEM",
-                   help="certificate to verify a TLS daemon with; TCP then uses TLS [env SPLITLM_TLS_CA]")
-    p.add_argument("--config", default=None, metavar="PATH",
-                   help="client TOML config (default: ~/.config/splitlm/client.toml); flags > SPLITLM_* > file")
-
-
-def _add_failover(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--retry-deadline", default=None, metavar="S",
-                   help="when the daemon goes away mid-session, keep reconnecting this long, then "
-                   "rebuild its cache and continue (default 180; 0: fail at once) [env SPLITLM_RETRY_DEADLINE]")
-    p.add_argument("--retry-initial", default=None, metavar="S",
-                   help="first wait before reconnecting; doubles per attempt (default 0.25) "
-                   "[env SPLITLM_RETRY_INITIAL]")
-    p.add_argument("--retry-max-delay", default=None, metavar="S",
-                   help="longest wait between two attempts (default 2) [env SPLITLM_RETRY_MAX_DELAY]")
-
-
-def _add_generation(p: argparse.ArgumentParser, greedy_default: bool = True) -> None:
-    p.add_argument("--model", default=None, help="smollm2, a .gguf file, a directory or a hub id [env SPLITLM_MODEL]")
-    p.add_argument("--no-chat", action="store_true", help="tokenize the raw prompt, no chat template")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: all)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--stop", action="append", default=[], metavar="S", help="stop string; repeatable")
-    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype of the local parts (default auto) [env SPLITLM_DTYPE]")
-    p.add_argument("--weights", default=None, choices=["auto", "float32", "bfloat16", "int8"],
-                   help="weight precision: float32, bfloat16, or int8 (weight int8, float32 activations; "
-                   "CPU); must be the daemon's; auto, the default: the daemon's (--full: --dtype's) "
-                   "[env SPLITLM_WEIGHTS]")
-    p.add_argument("--wire-dtype", default=None, choices=["exact", "bfloat16", "float16"],
-                   help="hidden states on the wire: exact (default: the trunk's dtype), or bfloat16/"
-                   "float16, half the bytes of float32 [env SPLITLM_WIRE_DTYPE]")
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N [env SPLITLM_DEVICE]")
-    p.add_argument("--threads", default=None, type=int, metavar="N",
-                   help="torch intra-op threads here (default: torch's, one per core) [env SPLITLM_THREADS]")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.add_argument("prompt", help="the prompt; - reads standard input")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The ``splitlm`` parser: each subcommand's flags come from the registry (``shared.config``)
+    and a few of its own."""
+    from ..shared.config import SPLITLM, add_flags
+
     p = argparse.ArgumentParser(
         prog="splitlm",
         description="Split inference client: the bottom and top of the model run here, the trunk in a "
         "splitlm-trunkd daemon; hidden states (not text, not logits) cross the wire.",
+        epilog="Each setting KEY can also come from the environment (SPLITLM_KEY) or the client's TOML "
+        "config file (key = value); flags win over the environment, the environment over the file. "
+        "`splitlm COMMAND --help` lists a command's flags.",
     )
     p.add_argument("--version", action="store_true", help="print the version and exit")
-    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default), ERROR [env SPLITLM_LOG_LEVEL]")
+    add_flags(p, SPLITLM)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     g = sub.add_parser("generate", help="generate a reply (split through the daemon, or --full locally)")
-    _add_target(g)
     g.add_argument("--full", action="store_true", help="run the whole model here; no daemon needed")
-    _add_failover(g)
-    _add_generation(g)
+    add_flags(g, "generate")
+    g.add_argument("prompt", help="the prompt; - reads standard input")
     c = sub.add_parser("compare", help="the same prompt full and split in one run: agreement and ratios")
-    _add_target(c)
-    _add_failover(c)
-    _add_generation(c)
+    add_flags(c, "compare")
+    c.add_argument("prompt", help="the prompt; - reads standard input")
     i = sub.add_parser("info", help="what the daemon serves")
-    _add_target(i)
-    i.add_argument("--json", action="store_true")
+    add_flags(i, "info")
     m = sub.add_parser("monitor", help="the daemon's CPU, memory, GPUs and trunk load, one sample per interval")
-    _add_target(m)
     m.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between samples, 0.25-10 (default 1)")
-    m.add_argument("--json", action="store_true", help="one JSON object per line instead of one text line")
+    add_flags(m, "monitor")
     b = sub.add_parser("bench", help="full model and split side by side: TTFT, latency, wire bytes, memory, "
                        "concurrency, the issue-6 goals")
-    _add_target(b)
     from .bench.options import add_arguments as add_bench_arguments  # argparse only, no torch
 
     add_bench_arguments(b)
     ch = sub.add_parser("chat", help="the terminal chat app (what bare `splitlm` opens)")
-    _add_target(ch)
-    _add_failover(ch)
     from .app.launch import add_chat_arguments  # no Textual import: the flags only
 
     add_chat_arguments(ch)
@@ -160,8 +115,7 @@ def _apply_config(args: argparse.Namespace) -> None:
         config.ClientSettings, config.flags_from(args, config.ClientSettings),
         config=getattr(args, "config", None), file_name="client",
     )
-    for key in ("trunk", "model", "dtype", "weights", "wire_dtype", "device", "threads", "token_file", "tls_ca", "log_level",
-                "retry_deadline", "retry_initial", "retry_max_delay"):
+    for key in (f.name for f in dataclasses.fields(loaded.settings)):  # those this command has a flag for
         if hasattr(args, key):
             setattr(args, key, getattr(loaded.settings, key))
     args.client_config = loaded
@@ -191,7 +145,7 @@ def _settings(args: argparse.Namespace) -> GenerationSettings:
     from ..shared.sampling import SamplingSettings
 
     sampling = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), sampling=sampling)
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()), sampling=sampling)
 
 
 def _retry(args: argparse.Namespace) -> Any:

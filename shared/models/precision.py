@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..config import WEIGHT_PRECISIONS
 from ..errors import UsageError
 
 if TYPE_CHECKING:
@@ -40,8 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = ("float32", "bfloat16", "int8")
-"""The values of ``--weights`` (besides ``auto``)."""
+WEIGHTS = WEIGHT_PRECISIONS
+"""The values of ``--weights`` (besides ``auto``), as the settings registry declares them."""
 
 _FLOAT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

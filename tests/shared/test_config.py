@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from splitlm.shared import config as _config
 from splitlm.shared.config import (
     ClientSettings,
     ConfigError,
@@ -18,6 +19,7 @@ from splitlm.shared.config import (
     render,
 )
 from tests.conftest import run_cli
+from tests.shared.option_samples import flag_argv, samples
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -296,3 +298,84 @@ def test_client_failover_settings_are_layered_too(tmp_path: Path) -> None:
     assert (policy.deadline_s, policy.max_delay_s, policy.initial_delay_s) == (90.0, 3.0, 0.25)
     with pytest.raises(ConfigError, match=r'retry_deadline = "-1" from SPLITLM_RETRY_DEADLINE'):
         load(ClientSettings, {}, env={"SPLITLM_RETRY_DEADLINE": "-1"}, file_name="client")
+
+
+# ---- the registry: flags > env > TOML > defaults for every setting of both programs, through
+# the programs' own parsers (an option added to the registry is covered by adding it)
+
+
+
+def _toml_line(option: _config.Option, raw: str) -> str:
+    if isinstance(option.read, _config.Boolean):
+        return f"{option.key} = {raw}"
+    if isinstance(option.read, _config.Integer):
+        return f"{option.key} = {int(raw)}"
+    if option.repeat:
+        return f'{option.key} = ["{raw}"]'
+    return f'{option.key} = "{raw}"'
+
+
+def _effective(option: _config.Option, flag: list[str], cfg: Path, capsys) -> tuple[object, str]:  # type: ignore[no-untyped-def]
+    """The value and source ``option`` ends up with when its program starts with ``flag``."""
+    if _config.TRUNKD in option.commands:
+        from splitlm.daemon.cli import main
+
+        assert main(["--config", str(cfg), "--print-config", *flag]) == 0
+        out = capsys.readouterr().out
+        line = next(x for x in out.splitlines() if x.lstrip("# ").startswith(f"{option.key} ="))
+        value = tomllib.loads(out).get(option.key)  # as --print-config renders it: read it back
+        source = line.split("  # ", 1)[1].split(" - ")[0].removesuffix(": unset")
+        return (None if value is None else option.read(value)), source
+    from splitlm.tui import cli
+
+    if option.commands == (_config.SPLITLM,):  # a flag before the subcommand
+        argv = [*flag, "info", "--config", str(cfg)]
+    else:
+        command = option.commands[0]
+        prompt = ["hi"] if command in ("generate", "compare") else []
+        argv = [command, "--config", str(cfg), *flag, *prompt]
+    args = cli.build_parser().parse_args(argv)
+    cli._apply_config(args)
+    loaded = args.client_config
+    return getattr(loaded.settings, option.key), loaded.sources[option.key]
+
+
+@pytest.mark.parametrize(
+    "option", [o for o in _config.registry() if o.layered], ids=lambda o: f"{o.commands[0]}:{o.key}"
+)
+def test_every_setting_layers_flag_env_file_default(  # type: ignore[no-untyped-def]
+    option, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import os
+
+    import torch
+
+    for name in list(os.environ):
+        if name.startswith(_config.ENV_PREFIX):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    threads = torch.get_num_threads()
+    flag_raw, env_raw, file_raw = samples(option)
+    cfg = tmp_path / "settings.toml"
+    read = option.read
+
+    def check(flag: list[str], env: str | None, file: str | None, want_value: object, want_source: str) -> None:
+        cfg.write_text(_toml_line(option, file) + "\n" if file is not None else "")
+        if env is None:
+            monkeypatch.delenv(option.env or "", raising=False)
+        else:
+            monkeypatch.setenv(option.env or "", env)
+        value, source = _effective(option, flag, cfg, capsys)
+        assert (value, source) == (want_value, want_source)
+
+    try:
+        flag = flag_argv(option, flag_raw)
+        check(flag, env_raw, file_raw, read(flag_raw), option.option_string)
+        check([], env_raw, file_raw, read(env_raw), option.env)
+        check([], None, file_raw, read(file_raw), str(cfg))
+        default = option.default_value()
+        check([], None, None, default, _config.DEFAULT)
+        if option.switch:  # a flag turns off what the environment turned on
+            check(["--no-" + option.option_string[2:]], "true", "true", False, option.option_string)
+    finally:
+        torch.set_num_threads(threads)

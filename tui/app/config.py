@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ...shared.config import default_of
 from ...shared.errors import UsageError
 
 if TYPE_CHECKING:
@@ -36,11 +37,12 @@ class ChatSettings:
         system_prompt: sent as a ``system`` message first when not empty.
     """
 
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
+    # the first values are the chat flags' defaults, declared once in the settings registry
+    max_new_tokens: int = default_of("max_new_tokens")
+    temperature: float = default_of("temperature")
+    top_k: int = default_of("top_k")
+    top_p: float = default_of("top_p")
+    seed: int | None = default_of("seed")
     system_prompt: str = ""
 
     def __post_init__(self) -> None:
@@ -123,10 +125,10 @@ class AppConfig:
     data_dir: Path = field(default_factory=lambda: default_data_dir())
     log_file: Path = field(default_factory=lambda: default_log_dir() / LOG_NAME)
     animations: bool = True
-    dtype: str = "auto"
-    weights: str = "auto"
-    wire_dtype: str = "exact"
-    device: str = "auto"
+    dtype: str = default_of("dtype")
+    weights: str = default_of("weights")
+    wire_dtype: str = default_of("wire_dtype")
+    device: str = default_of("device")
     settings: ChatSettings = field(default_factory=ChatSettings)
     retry: RetryPolicy | None = None
     monitor_interval_s: float = 1.0

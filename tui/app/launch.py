@@ -31,23 +31,15 @@ time; while the UI renders, each hand-back can wait a whole interval. Shorter, t
 pace while the screen redraws (scripts/bench_chat.py measures the app against headless)."""
 
 
+LAUNCHER_FLAGS = ("serve", "host", "port", "paths")
+"""The ``dest`` of the flags that are about this process, not the app: ``--serve`` does not hand
+them to the app it starts."""
+
+
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
-    """The chat's own flags (the CLI adds the target and failover flags it shares)."""
-    p.add_argument("--model", default=None, help="the local model (default: the daemon's) [env SPLITLM_MODEL]")
-    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype of the local parts [env SPLITLM_DTYPE]")
-    p.add_argument("--weights", default=None, choices=["auto", "float32", "bfloat16", "int8"],
-                   help="weight precision here; must be the daemon's (auto, the default: the daemon's) "
-                   "[env SPLITLM_WEIGHTS]")
-    p.add_argument("--wire-dtype", default=None, choices=["exact", "bfloat16", "float16"],
-                   help="hidden states on the wire (exact, the default: the trunk's dtype) "
-                   "[env SPLITLM_WIRE_DTYPE]")
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N [env SPLITLM_DEVICE]")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: all)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random per reply)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    """The flags of ``splitlm chat``: the registry's (``shared.config``) and the app's own."""
+    from ...shared.config import add_flags
+
     p.add_argument("--system", default="", metavar="TEXT", help="system prompt (default: none)")
     p.add_argument("--no-animation", action="store_true",
                    help="no animations, no blinking cursor (automatic when SSH_CONNECTION is set)")
@@ -59,6 +51,7 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve", action="store_true", help="serve the app to a browser with textual-serve")
     p.add_argument("--host", default="localhost", help="--serve: address to listen on (default localhost)")
     p.add_argument("--port", type=int, default=8000, help="--serve: port (default 8000)")
+    add_flags(p, "chat")
 
 
 def setup_logging(log_file: Path, level: str) -> None:
@@ -74,26 +67,56 @@ def setup_logging(log_file: Path, level: str) -> None:
     logging.captureWarnings(True)
 
 
+def serve_argv(args: argparse.Namespace) -> list[str]:
+    """The ``splitlm`` arguments that start, per browser tab, the app this ``chat --serve`` would
+    have run: every chat flag the user gave, rebuilt from the parsed values.
+
+    It walks the chat parser itself, so a flag added later is carried too. A layered setting
+    (``shared.config``) is passed on only when it came from a flag: the child reads the same
+    environment and config file, and reports the same source for each value. The launcher's own
+    flags (``LAUNCHER_FLAGS``) stay here.
+    """
+    from ...shared.config import SPLITLM, format_number, options, options_for
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_chat_arguments(parser)
+    loaded = args.client_config
+    registered = {o.key: o for o in options_for("chat")}
+    layered = {o.key: o for o in options(type(loaded.settings))}
+
+    def given(key: str) -> bool:
+        return bool(loaded.sources[key] == layered[key].option_string)
+
+    before = [  # the top-level flags (``splitlm --log-level DEBUG chat``)
+        part for o in options_for(SPLITLM) if o.key in layered and given(o.key)
+        for part in o.argv(getattr(loaded.settings, o.key))
+    ]
+    after: list[str] = []
+    for action in parser._actions:
+        key = action.dest
+        if key in LAUNCHER_FLAGS or not action.option_strings:
+            continue
+        if key in layered:
+            if given(key):
+                after += layered[key].argv(getattr(loaded.settings, key))
+            continue
+        value = getattr(args, key)
+        if value == action.default:
+            continue
+        if key == "config":
+            value = Path(value).resolve()  # the child may start elsewhere
+        if key in registered:
+            after += registered[key].argv(value)
+        elif action.nargs == 0:
+            after.append(action.option_strings[-1])
+        else:
+            after += [action.option_strings[-1], format_number(value) if isinstance(value, float) else str(value)]
+    return [*before, "chat", *after]
+
+
 def serve_command(args: argparse.Namespace) -> str:
-    """The ``splitlm chat`` command line textual-serve starts per browser tab (``--serve`` off)."""
-    cmd = [sys.executable, "-m", "splitlm.tui.cli", "chat", "--trunk", args.trunk]
-    for flag, value in (
-        ("--model", args.model), ("--dtype", args.dtype), ("--device", args.device),
-        ("--weights", getattr(args, "weights", None)), ("--wire-dtype", getattr(args, "wire_dtype", None)),
-        ("--token-file", getattr(args, "token_file", None)), ("--tls-ca", getattr(args, "tls_ca", None)),
-        ("--config", getattr(args, "config", None)), ("--temperature", args.temperature),
-        ("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed),
-        ("--max-new-tokens", args.max_new_tokens), ("--data-dir", args.data_dir),
-        ("--monitor-interval", args.monitor_interval),
-        ("--retry-deadline", getattr(args, "retry_deadline", None)),
-    ):
-        if value is not None:
-            cmd += [flag, str(value)]
-    if args.system:
-        cmd += ["--system", args.system]
-    if args.no_animation:
-        cmd.append("--no-animation")
-    return shlex.join(cmd)
+    """The command line textual-serve starts per browser tab (``serve_argv``)."""
+    return shlex.join([sys.executable, "-m", "splitlm.tui.cli", *serve_argv(args)])
 
 
 def retry_policy(args: argparse.Namespace) -> Any:

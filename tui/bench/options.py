@@ -15,10 +15,6 @@ DEFAULT_PROMPT_LENGTHS = (16, 64, 256, 512, 1024)
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32)
 QUICK_PROMPT_LENGTHS = (16, 512, 1024)
 QUICK_CONCURRENCY = (1, 8)
-WIRE_DTYPES = ("exact", "bfloat16", "float16")
-"""``--wire-dtype``, as ``splitlm generate`` takes it (``shared.config``'s choices)."""
-WEIGHTS = ("auto", "float32", "bfloat16", "int8")
-"""``--weights``, as ``splitlm generate`` and ``splitlm-trunkd`` take it."""
 
 
 MAX_LENGTH = 0
@@ -64,20 +60,11 @@ def bounded_int(minimum: int, maximum: int) -> Callable[[str], int]:
     return parse
 
 
-def split_arg(raw: str) -> tuple[int, int]:
-    a, sep, b = raw.partition(":")
-    if not sep or not a.strip().isdigit() or not b.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"expected A:B such as 2:28, got {raw!r}")
-    return int(a), int(b)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The bench's own flags (``--trunk`` and the TLS/token flags come from the CLI's target)."""
-    p.add_argument("--model", default=None,
-                   help="smollm2 (default), a .gguf file, a directory or a hub id [env SPLITLM_MODEL]")
-    p.add_argument("--split", type=split_arg, default=None, metavar="A:B",
-                   help="trunk layers of the daemon the bench starts (default: the family's); "
-                   "with --trunk it must match the daemon's")
+    """The bench's flags: the registry's (``shared.config``: the target, ``--model``, the
+    precision, ``--threads``, ``--split``, ``--batch``, ``--seed``, ``--json``) and its own."""
+    from ...shared.config import add_flags
+
     p.add_argument("--prompt-lengths", type=int_list(1, 1 << 20, allow_max=True), default=None,
                    metavar="N,N,...",
                    help="prompt lengths in tokens (default 16,64,256,512,1024; lengths past the "
@@ -90,25 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="recorded rounds; full and split alternate within each (default 3; --quick 1)")
     p.add_argument("--concurrency", type=int_list(1, 256), default=None, metavar="N,N,...",
                    help="concurrent sessions to measure (default 1,2,4,8,16,32; --quick 1,8)")
-    p.add_argument("--seed", type=int, default=0, help="seed for torch (greedy needs none; default 0)")
-    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype, here and in the daemon the bench starts (default auto) "
-                   "[env SPLITLM_DTYPE]")
-    p.add_argument("--weights", default=None, choices=WEIGHTS,
-                   help="weight precision of the full model, the client side and the daemon the bench "
-                   "starts (auto, the default: as --dtype; with --trunk: the daemon's) [env SPLITLM_WEIGHTS]")
-    p.add_argument("--wire-dtype", default=None, choices=WIRE_DTYPES,
-                   help="hidden states on the wire (default exact: the trunk's dtype) [env SPLITLM_WIRE_DTYPE]")
-    p.add_argument("--threads", type=bounded_int(1, 1024), default=None, metavar="N",
-                   help="torch threads of the client side and of the full model (default: torch's) "
-                   "[env SPLITLM_THREADS]")
     p.add_argument("--daemon-threads", type=bounded_int(1, 1024), default=None, metavar="N",
                    help="--threads of the daemon the bench starts (default: --threads when given, "
                    "else the daemon's default)")
-    p.add_argument("--batch", action="store_true",
-                   help="start the daemon with --batch (cross-session batching of decode steps)")
-    p.add_argument("--json", dest="json_path", type=Path, default=None, metavar="PATH",
-                   help="write every raw sample and the summary as JSON")
     p.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write PNG plots here")
     p.add_argument("--markdown", type=Path, default=None, metavar="PATH",
                    help="write the results section of BENCHMARKS.md")
@@ -119,6 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a short run (~2 min on SmolLM2): prompts 16,512,1024, 16 tokens, 1 round, "
                    "concurrency 1,8")
+    add_flags(p, "bench")
 
 
 @dataclass(frozen=True)
@@ -180,7 +152,7 @@ class BenchOptions:
             warmup=1 if args.warmup is None else args.warmup,
             repeats=args.repeats or (1 if q else 3),
             concurrency=args.concurrency or (QUICK_CONCURRENCY if q else DEFAULT_CONCURRENCY),
-            seed=args.seed,
+            seed=0 if args.seed is None else args.seed,
             dtype=_unset(args.dtype, "auto"),
             weights=_unset(args.weights, "auto"),
             wire_dtype=_unset(args.wire_dtype, "exact"),
