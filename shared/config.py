@@ -367,6 +367,11 @@ class ClientSettings:
         0.25, Duration(0.01), "first wait before reconnecting; doubles per attempt"
     )
     retry_max_delay: float = setting(2.0, Duration(0.01), "longest wait between two attempts")
+    step_deadline: float = setting(
+        60.0, Duration(0.1),
+        "a step's reply must come within this, plus an allowance per position that grows with "
+        "the step latency seen; then reconnect (or fail)",
+    )
 
 
 S = TypeVar("S")
