@@ -45,6 +45,9 @@ KEEPALIVE_MS = 30_000
 CLOSE_WAIT_S = 2.0
 """How long closing a session waits for the daemon to end its stream before cancelling it."""
 
+MONITOR_LATE_S = 10.0
+"""How late past its interval a monitor sample may be before the stream counts as stalled."""
+
 RECONNECT_BACKOFF_MAX_MS = 2_000
 """The longest a channel waits between connection attempts (= failover's default max delay)."""
 
@@ -167,12 +170,14 @@ class TrunkClient:
                 raise self.unreachable(e.details() or e.code().name) from None
             raise _trunk_error(e) from None
 
-    def monitor(self, interval_s: float = 1.0) -> MonitorStream:
+    def monitor(self, interval_s: float = 1.0, late_s: float = MONITOR_LATE_S) -> MonitorStream:
         """Subscribe to the daemon's monitor: one sample per ``interval_s`` (0.25-10 s).
 
-        Nothing is sent until the stream is iterated; errors surface from the iteration.
+        Nothing is sent until the stream is iterated; errors surface from the iteration. A
+        sample more than ``late_s`` past its interval ends the stream with ``DaemonUnreachable``
+        (a daemon that stalls while answering pings; the caller reconnects).
         """
-        return MonitorStream(self, interval_s)
+        return MonitorStream(self, interval_s, late_s)
 
     def open_session(
         self,
@@ -217,28 +222,49 @@ class MonitorStream:
     ``cancel()`` may be called from any thread; the iteration then ends quietly.
 
     Raises (from the iteration):
-        DaemonUnreachable: no daemon answers, it went away, or it is shutting down.
+        DaemonUnreachable: no daemon answers, it went away, it is shutting down, or a sample
+            is more than ``late_s`` overdue.
         TrunkError: any other status, e.g. INVALID_ARGUMENT for an interval out of range.
     """
 
-    def __init__(self, client: TrunkClient, interval_s: float) -> None:
+    def __init__(self, client: TrunkClient, interval_s: float, late_s: float = MONITOR_LATE_S) -> None:
         self.client = client
         self.interval_s = interval_s
+        self.late_s = late_s
         self._cancelled = threading.Event()
+        self._stalled = False
         self._call = client.stub.Monitor(pb.MonitorRequest(interval_s=interval_s), wait_for_ready=False)
+
+    def _stall(self) -> None:  # on the watchdog's thread
+        self._stalled = True
+        self._call.cancel()
 
     def __iter__(self) -> Iterator[MonitorSample]:
         from .monitor import MonitorSample
 
-        try:
-            for msg in self._call:
-                yield MonitorSample.from_pb(msg)
-        except grpc.RpcError as e:
-            if self._cancelled.is_set() and e.code() == grpc.StatusCode.CANCELLED:
-                return
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
-                raise self.client.unreachable(e.details() or "connection lost") from None
-            raise _trunk_error(e) from None
+        # the first sample may take a whole interval more (the sampler's first delta)
+        bound = 2 * self.interval_s + self.late_s
+        replies: Iterator[pb.MonitorSample] = iter(self._call)
+        while True:
+            handle = self.client.watchdog.arm(bound, self._stall)
+            try:
+                msg = next(replies)
+            except StopIteration:
+                break
+            except grpc.RpcError as e:
+                if self._stalled:
+                    raise self.client.unreachable(
+                        f"no monitor sample within {bound:.1f} s; the daemon may be stalled"
+                    ) from None
+                if self._cancelled.is_set() and e.code() == grpc.StatusCode.CANCELLED:
+                    return
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    raise self.client.unreachable(e.details() or "connection lost") from None
+                raise _trunk_error(e) from None
+            finally:
+                self.client.watchdog.disarm(handle)  # only waiting for the daemon is bounded
+            yield MonitorSample.from_pb(msg)
+            bound = self.interval_s + self.late_s
         if not self._cancelled.is_set():
             raise self.client.unreachable("the daemon ended the monitor stream")
 

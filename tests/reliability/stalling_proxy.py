@@ -9,7 +9,8 @@ The proxy runs a ``grpc.aio`` server on its own event loop thread; each ``Sessio
 its own upstream stream to the daemon and forwards both ways. A stalling stream forwards the
 open and the first ``answer_steps`` step replies, then drops every reply after them and holds the
 stream open until the client cancels it (which cancels the upstream stream, so the daemon frees
-the session).
+the session). With ``stall_sessions=None`` the monitor stream stalls the same way after
+``answer_steps`` samples.
 """
 
 from __future__ import annotations
@@ -50,6 +51,22 @@ class _Forwarder(pb_grpc.TrunkServicer):
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:  # noqa: N802
         self.stats.infos += 1
         return await self.stub.Info(request, timeout=10)
+
+    async def Monitor(  # noqa: N802
+        self, request: pb.MonitorRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.MonitorSample]:
+        """Forwards samples; a stalling proxy stops after ``answer_steps`` of them."""
+        call = self.stub.Monitor(request)
+        sent = 0
+        try:
+            async for sample in call:
+                if self.stall_sessions is None and sent >= self.answer_steps:
+                    self.stats.stalled_event.set()
+                    continue  # still sampled upstream; the client never hears of it
+                sent += 1
+                yield sample
+        finally:
+            call.cancel()
 
     async def Session(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.SessionRequest], context: grpc.aio.ServicerContext

@@ -243,3 +243,25 @@ def test_the_watchdog_fires_only_what_stays_armed() -> None:
         assert not dog.disarm(kept)  # it already ran
     finally:
         dog.close()
+
+
+def test_a_stalled_monitor_stream_ends_instead_of_waiting_forever(stalled: Callable[..., Any]) -> None:
+    """The monitor stream was the other unbounded wait: 2 samples, then the proxy stops sending
+    them (and still answers Info): the iteration ends with ``DaemonUnreachable`` once a sample
+    is ``late_s`` past its interval, so the chat app's feed reconnects instead of freezing."""
+    from splitlm.shared.errors import DaemonUnreachable
+
+    _, proxy, _ = stalled(answer_steps=2, stall_sessions=None)
+    client = TrunkClient(proxy.address, connect_timeout_s=10)
+    try:
+        got: list[object] = []
+        stream = client.monitor(0.25, late_s=1.0)
+        t0 = time.monotonic()
+        with pytest.raises(DaemonUnreachable, match=r"no monitor sample within 1\.2 s"):
+            _bounded(lambda: [got.append(s) for s in stream], 60)
+        took = time.monotonic() - t0
+        assert len(got) == 2 and proxy.stats.stalled_event.is_set()
+        assert took < 2 * 0.25 + 2 * 1.25 + 3.0, f"the stall ended the stream after {took:.1f} s"
+        assert client.info().plan.trunk_start == 2  # the server itself still answers
+    finally:
+        client.close()
