@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
+from splitlm.protos import trunk_pb2_grpc as pb_grpc
 from splitlm.shared import session as ss
 from splitlm.shared.client import TrunkClient
 from splitlm.shared.deadline import StepClock, StepDeadline, StepDeadlineExceeded, Watchdog
@@ -266,3 +267,39 @@ def test_a_stalled_monitor_stream_ends_instead_of_waiting_forever(stalled: Calla
         log.info("monitor stream stalled after 2 samples: ended %.2f s after subscribing (bound 1.25 s a sample)", took)
     finally:
         client.close()
+
+
+class _SilentTrunk(pb_grpc.TrunkServicer):
+    """Takes Session streams and never answers, not even the open (a daemon wedged before it
+    could reply); its connection is healthy and answers pings."""
+
+    def Session(self, request_iterator, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        for _ in request_iterator:  # until the client cancels the stream
+            pass
+        return
+        yield
+
+
+def test_the_first_open_is_bounded_too(tmp_path: Path) -> None:
+    """Opening a session waited without a bound (only a resume's open had one): now it waits at
+    most the step deadline's floor and names what it waited for."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from splitlm.shared.plan import Fingerprint
+
+    address = f"unix:{tmp_path / 'silent.sock'}"
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_TrunkServicer_to_server(_SilentTrunk(), server)
+    assert server.add_insecure_port(address)
+    server.start()
+    client = TrunkClient(address, step_deadline=StepDeadline(floor_s=1.0))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StepDeadlineExceeded, match=r"no reply within 1\.0 s to the open"):
+            _bounded(lambda: client.open_session(Fingerprint("c", "w", 2, 4), torch.float32), 30)
+        assert time.monotonic() - t0 < 1.0 + 3.0
+    finally:
+        client.close()
+        server.stop(0)
