@@ -156,7 +156,7 @@ class StepBatcher:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), left)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin on Python 3.10 (an alias from 3.11)
                 return
 
     def _compute(self, take: list[_Waiting[object]]) -> tuple[list[Outcome], int]:

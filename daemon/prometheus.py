@@ -184,7 +184,7 @@ class MetricsServer:
             except (asyncio.LimitOverrunError, ValueError):
                 await _respond(writer, "431 Request Header Fields Too Large", "request too large\n")
                 return
-            except (asyncio.IncompleteReadError, TimeoutError):
+            except (asyncio.IncompleteReadError, asyncio.TimeoutError):  # 3.10: not the builtin
                 return
             method, _, rest = head.decode("latin-1").partition(" ")
             path = rest.split(" ", 1)[0].split("?", 1)[0]

@@ -11,12 +11,14 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import grpc
 
 from ..protos import trunk_pb2 as pb
 from ..protos import trunk_pb2_grpc as pb_grpc
+from .deadline import StepClock, StepDeadline, StepDeadlineExceeded, Watchdog
 from .errors import DaemonUnreachable, TrunkError
 from .version import __version__
 
@@ -42,6 +44,9 @@ KEEPALIVE_MS = 30_000
 
 CLOSE_WAIT_S = 2.0
 """How long closing a session waits for the daemon to end its stream before cancelling it."""
+
+MONITOR_LATE_S = 10.0
+"""How late past its interval a monitor sample may be before the stream counts as stalled."""
 
 RECONNECT_BACKOFF_MAX_MS = 2_000
 """The longest a channel waits between connection attempts (= failover's default max delay)."""
@@ -83,6 +88,9 @@ class TrunkClient:
         connect_timeout_s: how long ``info`` waits for the daemon to answer.
         token: bearer token sent with every call (the daemon's ``--token-file``).
         tls_ca: PEM certificate(s) to verify the daemon with; TCP addresses then use TLS.
+        step_deadline: how long a session's open and steps may wait for their replies
+            (``--step-deadline``); past it the stream is cancelled and the step fails with
+            ``StepDeadlineExceeded`` (failover then reconnects and replays).
     """
 
     def __init__(
@@ -94,6 +102,7 @@ class TrunkClient:
         connect_timeout_s: float = 5.0,
         token: str | None = None,
         tls_ca: bytes | None = None,
+        step_deadline: StepDeadline | None = None,
     ) -> None:
         from .auth import BearerToken
         from .paths import unix_path
@@ -101,6 +110,8 @@ class TrunkClient:
         self.address = address
         self.source = source
         self.connect_timeout_s = connect_timeout_s
+        self.step_deadline = step_deadline or StepDeadline()
+        self.watchdog = Watchdog()  # one thread bounds every wait of this client's streams
         self.tls = tls_ca is not None and unix_path(address) is None
         options = channel_options(max_message_bytes)
         if self.tls:
@@ -114,7 +125,7 @@ class TrunkClient:
 
     @classmethod
     def from_settings(cls, settings: ClientSettings, source: str = "--trunk", **kwargs: float) -> TrunkClient:
-        """A client for ``settings.trunk`` with its token file and CA read.
+        """A client for ``settings.trunk`` with its token file, CA and step deadline.
 
         Raises:
             UsageError: the token file or the CA file cannot be read.
@@ -123,7 +134,11 @@ class TrunkClient:
 
         token = read_token(settings.token_file) if settings.token_file else None
         ca = read_pem(settings.tls_ca, "tls_ca") if settings.tls_ca else None
-        return cls(settings.trunk, source=source, token=token, tls_ca=ca, **kwargs)  # type: ignore[arg-type]
+        deadline = StepDeadline(floor_s=settings.step_deadline)
+        return cls(
+            settings.trunk, source=source, token=token, tls_ca=ca, step_deadline=deadline,
+            **kwargs,  # type: ignore[arg-type]
+        )
 
     def unreachable(self, detail: str) -> DaemonUnreachable:
         from .paths import unix_path
@@ -155,12 +170,14 @@ class TrunkClient:
                 raise self.unreachable(e.details() or e.code().name) from None
             raise _trunk_error(e) from None
 
-    def monitor(self, interval_s: float = 1.0) -> MonitorStream:
+    def monitor(self, interval_s: float = 1.0, late_s: float = MONITOR_LATE_S) -> MonitorStream:
         """Subscribe to the daemon's monitor: one sample per ``interval_s`` (0.25-10 s).
 
-        Nothing is sent until the stream is iterated; errors surface from the iteration.
+        Nothing is sent until the stream is iterated; errors surface from the iteration. A
+        sample more than ``late_s`` past its interval ends the stream with ``DaemonUnreachable``
+        (a daemon that stalls while answering pings; the caller reconnects).
         """
-        return MonitorStream(self, interval_s)
+        return MonitorStream(self, interval_s, late_s)
 
     def open_session(
         self,
@@ -179,19 +196,23 @@ class TrunkClient:
             TrunkError: the daemon refused (FAILED_PRECONDITION for a plan mismatch,
                 RESOURCE_EXHAUSTED for a full session table).
         """
-        session = TrunkSession(self, fingerprint, wire_dtype)
+        clock = StepClock(self.step_deadline)  # one per logical session: a resume keeps it
+        session = TrunkSession(self, fingerprint, wire_dtype, clock=clock)
         if retry is None or not retry.enabled:
             return session
         from .failover import FailoverSession
 
         return FailoverSession(
             session,
-            lambda timeout_s: TrunkSession(self, fingerprint, wire_dtype, open_timeout_s=timeout_s),
+            lambda timeout_s: TrunkSession(
+                self, fingerprint, wire_dtype, open_timeout_s=timeout_s, clock=clock
+            ),
             retry,
             on_reconnect,
         )
 
     def close(self) -> None:
+        self.watchdog.close()
         self.channel.close()
 
 
@@ -201,28 +222,49 @@ class MonitorStream:
     ``cancel()`` may be called from any thread; the iteration then ends quietly.
 
     Raises (from the iteration):
-        DaemonUnreachable: no daemon answers, it went away, or it is shutting down.
+        DaemonUnreachable: no daemon answers, it went away, it is shutting down, or a sample
+            is more than ``late_s`` overdue.
         TrunkError: any other status, e.g. INVALID_ARGUMENT for an interval out of range.
     """
 
-    def __init__(self, client: TrunkClient, interval_s: float) -> None:
+    def __init__(self, client: TrunkClient, interval_s: float, late_s: float = MONITOR_LATE_S) -> None:
         self.client = client
         self.interval_s = interval_s
+        self.late_s = late_s
         self._cancelled = threading.Event()
+        self._stalled = False
         self._call = client.stub.Monitor(pb.MonitorRequest(interval_s=interval_s), wait_for_ready=False)
+
+    def _stall(self) -> None:  # on the watchdog's thread
+        self._stalled = True
+        self._call.cancel()
 
     def __iter__(self) -> Iterator[MonitorSample]:
         from .monitor import MonitorSample
 
-        try:
-            for msg in self._call:
-                yield MonitorSample.from_pb(msg)
-        except grpc.RpcError as e:
-            if self._cancelled.is_set() and e.code() == grpc.StatusCode.CANCELLED:
-                return
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
-                raise self.client.unreachable(e.details() or "connection lost") from None
-            raise _trunk_error(e) from None
+        # the first sample may take a whole interval more (the sampler's first delta)
+        bound = 2 * self.interval_s + self.late_s
+        replies: Iterator[pb.MonitorSample] = iter(self._call)
+        while True:
+            handle = self.client.watchdog.arm(bound, self._stall)
+            try:
+                msg = next(replies)
+            except StopIteration:
+                break
+            except grpc.RpcError as e:
+                if self._stalled:
+                    raise self.client.unreachable(
+                        f"no monitor sample within {bound:.1f} s; the daemon may be stalled"
+                    ) from None
+                if self._cancelled.is_set() and e.code() == grpc.StatusCode.CANCELLED:
+                    return
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    raise self.client.unreachable(e.details() or "connection lost") from None
+                raise _trunk_error(e) from None
+            finally:
+                self.client.watchdog.disarm(handle)  # only waiting for the daemon is bounded
+            yield MonitorSample.from_pb(msg)
+            bound = self.interval_s + self.late_s
         if not self._cancelled.is_set():
             raise self.client.unreachable("the daemon ended the monitor stream")
 
@@ -234,7 +276,20 @@ class MonitorStream:
 class TrunkSession:
     """One open session: its stream, its step ids and the bytes it moved.
 
+    Every wait for a reply is bounded: the open by the step deadline's floor, a step (or a
+    pipelined replay) by ``clock.budget`` of its positions. Past it the stream is cancelled and
+    ``StepDeadlineExceeded`` raised, so a daemon that stalls while answering keepalive pings
+    cannot hang the client.
+
     Not thread-safe: one thread steps a session at a time.
+
+    Args:
+        client: the daemon's connection.
+        fingerprint: the plan the session is for.
+        wire_dtype: the dtype hidden states travel in.
+        open_timeout_s: bound for the open's reply (failover passes what is left of its deadline);
+            never longer than the step deadline's floor.
+        clock: the session's observed step latency (shared by a failover session's streams).
     """
 
     def __init__(
@@ -243,10 +298,12 @@ class TrunkSession:
         fingerprint: Fingerprint,
         wire_dtype: torch.dtype,
         open_timeout_s: float | None = None,
+        clock: StepClock | None = None,
     ) -> None:
         self.client = client
         self.fingerprint = fingerprint
         self.wire_dtype = wire_dtype
+        self.clock = clock or StepClock(client.step_deadline)
         self.bytes_sent = 0
         self.bytes_received = 0
         self._ids = itertools.count(1)  # step ids; a fixed32 on the wire
@@ -270,9 +327,10 @@ class TrunkSession:
         if not self._call.add_callback(self._done.set):
             self._done.set()
         self._responses: Iterator[pb.SessionReply] = self._call
-        self._timed_out: float | None = None
+        self._timed_out: tuple[float, str] | None = None  # (bound, what) once a bound expired
         self._send(open_msg)
-        with self._bounded(open_timeout_s):
+        floor = self.clock.deadline.floor_s
+        with self._bounded(floor if open_timeout_s is None else min(open_timeout_s, floor), "the open"):
             reply = self._receive()
         if not reply.HasField("opened"):
             raise TrunkError("INTERNAL", "the daemon answered the open with something else")
@@ -287,30 +345,19 @@ class TrunkSession:
             yield item  # type: ignore[misc]
 
     @contextlib.contextmanager
-    def _bounded(self, timeout_s: float | None) -> Iterator[None]:
+    def _bounded(self, timeout_s: float, what: str) -> Iterator[None]:
         """Cancel the stream if the replies read inside take longer than ``timeout_s`` in all;
-        ``_receive`` then raises ``DaemonUnreachable`` naming the wait. ``None``: no bound."""
-        if timeout_s is None:
-            yield
-            return
-        lock, done = threading.Lock(), [False]
+        ``_receive`` then raises ``StepDeadlineExceeded`` naming ``what`` and the bound."""
 
-        def expire() -> None:
-            with lock:  # never cancel a stream whose replies all came in just before the bound
-                if done[0]:
-                    return
-                self._timed_out = timeout_s
-                self._call.cancel()
+        def expire() -> None:  # on the watchdog's thread
+            self._timed_out = (timeout_s, what)
+            self._call.cancel()
 
-        timer = threading.Timer(max(0.0, timeout_s), expire)
-        timer.daemon = True
-        timer.start()
+        handle = self.client.watchdog.arm(timeout_s, expire)
         try:
             yield
         finally:
-            with lock:
-                done[0] = True
-            timer.cancel()
+            self.client.watchdog.disarm(handle)
 
     def _send(self, req: pb.SessionRequest) -> None:
         self.bytes_sent += req.ByteSize()
@@ -322,9 +369,7 @@ class TrunkSession:
         except grpc.RpcError as e:
             self.close()
             if self._timed_out is not None:
-                raise self.client.unreachable(
-                    f"no reply within {self._timed_out:.1f} s; gave up on this stream"
-                ) from None
+                raise self._overdue(*self._timed_out) from None
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 raise self.client.unreachable(e.details() or "connection lost") from None
             raise _trunk_error(e) from None
@@ -334,21 +379,33 @@ class TrunkSession:
         self.bytes_received += reply.ByteSize()
         return reply
 
+    def _overdue(self, bound_s: float, what: str) -> StepDeadlineExceeded:
+        return StepDeadlineExceeded(
+            f"no reply within {bound_s:.1f} s to {what} from the trunk daemon at "
+            f"{self.client.address}: it may be stalled or overloaded; gave up on this stream\n"
+            f"  the bound: {self.clock.deadline.explain()}\n"
+            "  a slow daemon that is still working: raise it with --step-deadline S "
+            "(SPLITLM_STEP_DEADLINE, step_deadline in client.toml)"
+        )
+
     def step(self, hidden: torch.Tensor, position: int) -> tuple[torch.Tensor, float]:
         """Send hidden states ``(1, t, H)`` for ``[position, position + t)``.
 
         Returns:
             The trunk's output ``(1, t, H)`` (in the wire dtype) and its compute time in seconds.
+
+        Raises:
+            StepDeadlineExceeded: no reply within the step's budget (the stream is then closed).
+            DaemonUnreachable, TrunkError: the stream broke, or the daemon refused the step.
         """
-        step_id = next(self._ids)
-        req = pb.SessionRequest()
-        req.step.step_id = step_id
-        req.step.position = position
         from . import codec
 
-        codec.encode(hidden, self.wire_dtype, out=req.step.hidden)
+        req = pb.SessionRequest()
+        req.step.step_id = next(self._ids)
+        req.step.position = position
+        codec.encode(hidden, self.wire_dtype, out=req.step.hidden)  # no copy of a big prefill
         self._send(req)
-        result = self._result(step_id)
+        result = self._await([req.step.step_id], int(hidden.shape[1]))[0]
         return codec.decode(result.hidden), result.compute_us / 1e6
 
     def step_tensor(self, hidden: pb.Tensor, position: int) -> pb.StepResult:
@@ -363,10 +420,13 @@ class TrunkSession:
         Costs the daemon's compute plus one round trip, not one round trip per step.
 
         Args:
-            timeout_s: all replies must be in within this (failover's remaining deadline);
-                otherwise the stream is cancelled and ``DaemonUnreachable`` raised.
+            timeout_s: a tighter bound than the step budget (failover's remaining deadline).
+
+        Raises:
+            StepDeadlineExceeded: the replies were not all in within the bound.
         """
         ids = []
+        positions = 0
         for hidden, position in steps:
             req = pb.SessionRequest()
             req.step.step_id = next(self._ids)
@@ -374,8 +434,27 @@ class TrunkSession:
             req.step.hidden.CopyFrom(hidden)
             self._send(req)
             ids.append(req.step.step_id)
-        with self._bounded(timeout_s):
-            return [self._result(step_id) for step_id in ids]
+            positions += int(hidden.shape[1]) if len(hidden.shape) > 1 else 1
+        return self._await(ids, positions, timeout_s)
+
+    def _await(
+        self, ids: list[int], positions: int, timeout_s: float | None = None
+    ) -> list[pb.StepResult]:
+        """The replies of the steps ``ids`` (sent, ``positions`` in all), all within the step
+        budget of their positions (one floor for the lot) or ``timeout_s`` if tighter; the time
+        they took teaches the session's clock."""
+        bound = self.clock.budget(positions)
+        if timeout_s is not None:
+            bound = min(bound, timeout_s)
+        what = (
+            f"step {ids[0]} ({positions} position{'s' if positions != 1 else ''})" if len(ids) == 1
+            else f"a replay of {len(ids)} steps ({positions} positions)"
+        )
+        t0 = time.monotonic()
+        with self._bounded(bound, what):
+            results = [self._result(step_id) for step_id in ids]
+        self.clock.observe(positions, time.monotonic() - t0)
+        return results
 
     def _result(self, step_id: int) -> pb.StepResult:
         reply = self._receive()

@@ -538,6 +538,12 @@ class ClientSettings:
     retry_max_delay: float = setting(
         2.0, Duration(0.01), "longest wait between two attempts", metavar="DURATION"
     )
+    step_deadline: float = setting(
+        60.0, Duration(0.1),
+        "a step's reply must come within this, plus an allowance per position that grows with "
+        "the step latency seen; then reconnect (or fail)",
+        metavar="DURATION",
+    )
 
 
 # ---- the registry

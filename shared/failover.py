@@ -14,7 +14,10 @@ costs ``hidden_size x itemsize`` bytes per position (2,304 B for SmolLM2 in floa
 the client recomputes nothing.
 
 Which errors are worth a retry: the stream breaking (UNAVAILABLE: daemon killed, restarted,
-connection reset; CANCELLED or ABORTED from a daemon that closes sessions as it stops). Anything
+connection reset; CANCELLED or ABORTED from a daemon that closes sessions as it stops), and a
+step with no reply within its deadline (``StepDeadlineExceeded``: a daemon stalled while its
+connection still answers keepalive pings; the stream is cancelled and the session replayed on a
+new one, where a daemon that stalls again runs out the retry deadline). Anything
 else (FAILED_PRECONDITION for a plan mismatch, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) is an
 answer, not an outage, and surfaces at once.
 """
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Union
 import torch
 
 from . import codec
+from .deadline import StepDeadlineExceeded
 from .errors import DaemonUnreachable, SplitlmError, TrunkError, UsageError
 
 if TYPE_CHECKING:
@@ -289,15 +293,11 @@ class FailoverSession:
         broke = time.monotonic()
         log.info("session %s broke: %s; reconnecting", self._stream.session_id, describe(error))
         self._retire(self._stream)
-        last = describe(error)
+        last, stalled = describe(error), isinstance(error, StepDeadlineExceeded)
         for attempt, delay in enumerate(self.policy.delays(self._rng), start=1):
             elapsed = time.monotonic() - broke
             if elapsed + delay > self.policy.deadline_s:
-                raise FailoverGaveUp(
-                    f"lost the trunk daemon and it did not take the session back within "
-                    f"{self.policy.deadline_s:.0f} s ({attempt - 1} attempts; last error: {last}); "
-                    "--retry-deadline sets how long to wait"
-                )
+                raise self._gave_up(attempt - 1, last, stalled)
             self._notify(Reconnecting(attempt, delay, last, elapsed, self.policy.deadline_s))
             if self._cancel.wait(delay):
                 raise FailoverCancelled("cancelled while reconnecting to the trunk daemon")
@@ -306,7 +306,7 @@ class FailoverSession:
             except SplitlmError as e:
                 if not is_transient(e):
                     raise
-                last = describe(e)
+                last, stalled = describe(e), stalled or isinstance(e, StepDeadlineExceeded)
                 continue
             t0 = time.monotonic()
             try:
@@ -318,7 +318,7 @@ class FailoverSession:
                 self._retire(stream)
                 if not is_transient(e):
                     raise
-                last = describe(e)
+                last, stalled = describe(e), stalled or isinstance(e, StepDeadlineExceeded)
                 continue
             self._stream = stream
             done = time.monotonic()
@@ -342,6 +342,23 @@ class FailoverSession:
             self._notify(event)
             return results[-1]
         raise AssertionError("unreachable: delays() is endless")  # pragma: no cover
+
+    def _gave_up(self, attempts: int, last: str, stalled: bool) -> FailoverGaveUp:
+        """The error when the retry deadline ran out; names the step deadline when a stalled
+        daemon (not only a missing one) was part of why, and the setting that raises each."""
+        text = (
+            f"lost the trunk daemon and it did not take the session back within "
+            f"{self.policy.deadline_s:.0f} s ({attempts} attempts; last error: {last}); "
+            "--retry-deadline sets how long to wait"
+        )
+        if stalled:
+            deadline = self._stream.clock.deadline
+            text += (
+                f"; the daemon stopped answering steps within the step deadline "
+                f"({deadline.explain()}): a daemon that is slow rather than stuck needs a "
+                "larger --step-deadline"
+            )
+        return FailoverGaveUp(text)
 
     def _remaining(self, broke: float) -> float:
         """What is left of the deadline: every wait of a resume (open, replay) is bounded by it,
