@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from ..protos import trunk_pb2 as pb
 from ..shared.client import KEEPALIVE_MS, channel_options
 from ..shared.errors import SplitlmError
-from ..shared.paths import unix_path
+from ..shared.paths import runtime_dir, unix_path
 from .auth import Security
 from .handlers import add_trunk_service
 from .notify import Notifier, heartbeat
@@ -40,15 +40,16 @@ the owner may add or remove files there (as systemd's ``RuntimeDirectoryMode=075
 
 def prepare_unix_socket(address: str) -> Path | None:
     """Make the socket's missing directories (each ``DIR_MODE`` less the umask, not only the
-    last) and remove a stale socket file left by a dead daemon. Directories that exist are left
-    as they are.
+    last; the user's runtime dir itself 0700, as XDG wants it) and remove a stale socket file
+    left by a dead daemon. Directories that exist are left as they are.
     """
     path = unix_path(address)
     if path is None:
         return None
+    user_runtime = None if os.environ.get("RUNTIME_DIRECTORY") else runtime_dir().parent
     missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
-    for d in reversed(missing):
-        d.mkdir(mode=DIR_MODE, exist_ok=True)  # mkdir applies the umask
+    for d in reversed(missing):  # mkdir applies the umask
+        d.mkdir(mode=0o700 if d == user_runtime else DIR_MODE, exist_ok=True)
     if path.is_socket():
         path.unlink()
     return path

@@ -76,3 +76,18 @@ def test_a_stale_socket_is_replaced_and_an_unmakeable_dir_is_a_clear_error(tmp_p
             listen_on(grpc.aio.server(), Security(), [f"unix:{tmp_path / 'file' / 'x' / 'trunk.sock'}"])
 
     asyncio.run(main())
+
+
+def test_the_users_runtime_dir_if_made_is_private(
+    tmp_path: Path, umask: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without $XDG_RUNTIME_DIR platformdirs names /tmp/runtime-$UID and leaves it to be made:
+    XDG wants it 0700, the daemon's own directory below is 0750 as anywhere."""
+    import splitlm.daemon.server as server_mod
+
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    monkeypatch.setattr(server_mod, "runtime_dir", lambda: tmp_path / "runtime-0" / "splitlm")
+    os.umask(0)
+    sock = server_mod.prepare_unix_socket(f"unix:{tmp_path / 'runtime-0' / 'splitlm' / 'trunk.sock'}")
+    assert sock is not None
+    assert (mode(tmp_path / "runtime-0"), mode(sock.parent)) == (0o700, DIR_MODE)
