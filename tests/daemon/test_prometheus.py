@@ -175,3 +175,23 @@ def test_metrics_without_prometheus_client_is_a_clear_usage_error(monkeypatch: p
         asyncio.run(server.start())
     assert info.value.exit_code == ExitCode.USAGE
     assert server._server is None  # nothing was bound
+
+
+def test_server_binds_the_configured_address_only() -> None:
+    """127.0.0.1 is not every address: the same port on 127.0.0.2 (also loopback) is closed."""
+
+    async def main() -> None:
+        async def collect() -> Snapshot:
+            return snapshot()
+
+        port = free_port()
+        server = MetricsServer(f"127.0.0.1:{port}", collect)
+        await server.start()
+        try:
+            assert (await _request(port, b"GET /metrics HTTP/1.1\r\n\r\n"))[0] == "HTTP/1.1 200 OK"
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.2", port)
+        finally:
+            await server.close()
+
+    asyncio.run(main())
