@@ -114,16 +114,21 @@ def start_by_hand(model: Path, log: Path, sockets: list[Path], *flags: str,
             stdout=fh, stderr=subprocess.STDOUT, env=e, umask=0,
         )
     deadline = time.monotonic() + 180
-    for sock in sockets:
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-            try:
-                with grpc.insecure_channel(f"unix:{sock}") as ch:
-                    health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                break
-            except grpc.RpcError:
-                time.sleep(0.2)
+    try:
+        for sock in sockets:
+            while True:
+                assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+                assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+                try:
+                    with grpc.insecure_channel(f"unix:{sock}") as ch:
+                        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    break
+                except grpc.RpcError:
+                    time.sleep(0.2)
+    except BaseException:
+        proc.kill()  # a daemon that never answered where expected must not outlive the test
+        proc.wait()
+        raise
     return proc
 
 
