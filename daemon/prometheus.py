@@ -3,29 +3,37 @@
 The ``Monitor`` stream is for people and scripts watching now; a Prometheus server wants counters
 it can rate over any window, pulled when it likes. So this endpoint reports totals since start
 (steps, positions, trunk compute seconds, batches) and gauges read at scrape time (sessions,
-queue, trunk cache, process memory and CPU, each GPU), in the text exposition format 0.0.4.
-Host-wide CPU and memory are left to node_exporter.
+queue, trunk cache, process memory and CPU, each GPU). Host-wide CPU and memory are left to
+node_exporter.
 
-A small HTTP/1.1 server on the daemon's event loop (``asyncio.start_server``): ``GET /metrics``,
-nothing else. The blocking reads (psutil, NVML) run in a worker thread. What it exposes carries no
-text and no hidden states, only load figures and the plan's names; it has no TLS or token, so
-bind it to loopback or a network the scrapers share.
+The exposition is ``prometheus_client``'s (``pip install 'splitlm[daemon]'``): ``SnapshotCollector``
+yields the metric families of one ``Snapshot``, built per scrape, so there is no registry and no
+state between scrapes; the format follows the scraper's ``Accept`` header (Prometheus' text format
+0.0.4 by default, OpenMetrics when asked). The HTTP side is a small HTTP/1.1 server on the daemon's
+event loop (``asyncio.start_server``), bound to the configured address only: ``GET /metrics``,
+nothing else. The snapshot's blocking reads (psutil, NVML) and the rendering run in worker
+threads, so a scrape never holds the loop. What it exposes carries no text and no hidden states,
+only load figures and the plan's names; it has no TLS or token, so bind it to loopback or a
+network the scrapers share.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from ..shared.errors import UsageError
 from ..shared.monitor import GpuSample
 from .metrics import StepTotals
 
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST_BYTES = 8192
 """A request line and headers longer than this get 431: scrapers send a few hundred bytes."""
 READ_TIMEOUT_S = 10.0
@@ -59,85 +67,114 @@ class Snapshot:
     stopping: bool = False
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+GPU_GAUGES = (
+    ("splitlm_gpu_utilization_percent", "GPU busy over NVML's sample period, 0-100.", "utilization_percent"),
+    ("splitlm_gpu_memory_used_bytes", "GPU memory in use.", "memory_used_bytes"),
+    ("splitlm_gpu_memory_total_bytes", "GPU memory in all.", "memory_total_bytes"),
+    ("splitlm_gpu_temperature_celsius", "GPU temperature (absent when the board does not report it).",
+     "temperature_c"),
+    ("splitlm_gpu_power_watts", "GPU power draw (absent when the board does not report it).", "power_w"),
+)
+"""Per-GPU gauges (labels ``gpu``, ``name``): metric name, help, ``GpuSample`` attribute."""
+
+OPTIONAL_GAUGES = (
+    ("splitlm_trunk_cache_used_bytes", "Of which positions in use.", "cache_used_bytes"),
+)
+"""Gauges from ``Snapshot`` fields that a daemon may not have (absent or None: not exported)."""
 
 
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+def require_client() -> None:
+    """Raises:
+        UsageError: ``prometheus_client`` is not installed (``--metrics`` needs it).
+    """
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            "--metrics needs the prometheus_client package: pip install 'splitlm[daemon]'"
+        ) from None
 
 
-def _number(v: float) -> str:
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(int(v)) if float(v).is_integer() and abs(v) < 2**53 else repr(float(v))
+class SnapshotCollector:
+    """The metric families of one ``Snapshot``, for ``prometheus_client``'s encoders.
+
+    A ``prometheus_client`` collector is anything with ``collect()``; this one holds a snapshot
+    taken for one scrape and is dropped after it, so the figures are read at scrape time and
+    nothing is registered globally. Any thread (it only reads the frozen snapshot).
+    """
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self.snapshot
+
+        def gauge(name: str, help: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, help, value=value)
+
+        def counter(name: str, help: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(name, help, value=value)  # "_total" is the sample's suffix
+
+        info = GaugeMetricFamily("splitlm_trunk_info", "The trunk this daemon serves (value always 1).",
+                                 labels=list(s.plan))
+        info.add_metric(list(s.plan.values()), 1)
+        yield info
+        yield gauge("splitlm_up", "1 while serving, 0 once shutting down.", 0 if s.stopping else 1)
+        yield gauge("splitlm_sessions_open", "Sessions holding a trunk cache.", s.sessions_open)
+        yield gauge("splitlm_sessions_max", "The session cap (--max-sessions).", s.max_sessions)
+        yield gauge("splitlm_steps_queued", "Steps waiting for the compute thread.", s.steps_queued)
+        yield gauge("splitlm_trunk_cache_bytes", "Trunk KV cache held by all sessions.", s.cache_bytes)
+        for name, help, attr in OPTIONAL_GAUGES:
+            if (value := getattr(s, attr, None)) is not None:
+                yield gauge(name, help, value)
+        if s.cache_budget_bytes is not None:
+            yield gauge("splitlm_trunk_cache_budget_bytes", "The trunk cache cap (--max-cache-bytes).",
+                        s.cache_budget_bytes)
+        yield counter("splitlm_steps_total", "Trunk steps completed.", s.totals.steps)
+        yield counter("splitlm_positions_total", "Positions the trunk computed (a 20-token prefill counts 20).",
+                      s.totals.positions)
+        yield counter("splitlm_trunk_compute_seconds_total", "Time the trunk spent computing steps.",
+                      s.totals.compute_s)
+        if s.batches is not None and s.batched_steps is not None:
+            yield counter("splitlm_batches_total", "Batched forwards of 2 or more sessions' steps (--batch).",
+                          s.batches)
+            yield counter("splitlm_batched_steps_total", "Steps that ran in those batches.", s.batched_steps)
+        yield gauge("process_resident_memory_bytes", "Resident memory of the daemon.", s.rss_bytes)
+        yield counter("process_cpu_seconds_total", "User and system CPU time of the daemon.", s.cpu_seconds)
+        gpus = GaugeMetricFamily("splitlm_gpus", "NVIDIA GPUs NVML reads; the reason label says why when 0.",
+                                 labels=["reason"] if s.gpu_status else [])
+        gpus.add_metric([s.gpu_status] if s.gpu_status else [], len(s.gpus))
+        yield gpus
+        for name, help, attr in GPU_GAUGES:
+            family = GaugeMetricFamily(name, help, labels=["gpu", "name"])
+            for g in s.gpus:
+                if (v := getattr(g, attr)) is not None:
+                    family.add_metric([str(g.index), g.name], float(v))
+            if family.samples:
+                yield family
 
 
-@dataclass
-class _Family:
-    name: str
-    kind: str  # counter or gauge
-    help: str
-    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+def encode(snapshot: Snapshot, accept: str = "") -> tuple[bytes, str]:
+    """The exposition of one snapshot in the format ``accept`` (an HTTP ``Accept`` header) asks
+    for, and its content type: Prometheus' text format 0.0.4 unless OpenMetrics (or text 1.0.0)
+    is asked for. Any thread."""
+    from prometheus_client.exposition import choose_encoder
 
-    def lines(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} {self.kind}"
-        for labels, value in self.samples:
-            yield f"{self.name}{_labels(labels)} {_number(value)}"
+    encoder, content_type = choose_encoder(accept)
+    return encoder(SnapshotCollector(snapshot)), content_type
 
 
 def render(s: Snapshot) -> str:
-    """The exposition text of one snapshot."""
-    families: list[_Family] = []
-
-    def add(name: str, kind: str, help: str, *samples: tuple[dict[str, str], float]) -> None:
-        families.append(_Family(name, kind, help, list(samples)))
-
-    add("splitlm_trunk_info", "gauge", "The trunk this daemon serves (value always 1).", (s.plan, 1))
-    add("splitlm_up", "gauge", "1 while serving, 0 once shutting down.", ({}, 0 if s.stopping else 1))
-    add("splitlm_sessions_open", "gauge", "Sessions holding a trunk cache.", ({}, s.sessions_open))
-    add("splitlm_sessions_max", "gauge", "The session cap (--max-sessions).", ({}, s.max_sessions))
-    add("splitlm_steps_queued", "gauge", "Steps waiting for the compute thread.", ({}, s.steps_queued))
-    add("splitlm_trunk_cache_bytes", "gauge", "Trunk KV cache held by all sessions.", ({}, s.cache_bytes))
-    if s.cache_budget_bytes is not None:
-        add("splitlm_trunk_cache_budget_bytes", "gauge", "The trunk cache cap (--max-cache-bytes).",
-            ({}, s.cache_budget_bytes))
-    add("splitlm_steps_total", "counter", "Trunk steps completed.", ({}, s.totals.steps))
-    add("splitlm_positions_total", "counter", "Positions the trunk computed (a 20-token prefill counts 20).",
-        ({}, s.totals.positions))
-    add("splitlm_trunk_compute_seconds_total", "counter", "Time the trunk spent computing steps.",
-        ({}, s.totals.compute_s))
-    if s.batches is not None and s.batched_steps is not None:
-        add("splitlm_batches_total", "counter", "Batched forwards of 2 or more sessions' steps (--batch).",
-            ({}, s.batches))
-        add("splitlm_batched_steps_total", "counter", "Steps that ran in those batches.", ({}, s.batched_steps))
-    add("process_resident_memory_bytes", "gauge", "Resident memory of the daemon.", ({}, s.rss_bytes))
-    add("process_cpu_seconds_total", "counter", "User and system CPU time of the daemon.", ({}, s.cpu_seconds))
-    add("splitlm_gpus", "gauge", "NVIDIA GPUs NVML reads; the reason label says why when 0.",
-        ({"reason": s.gpu_status} if s.gpu_status else {}, len(s.gpus)))
-    gpu = [
-        ("splitlm_gpu_utilization_percent", "GPU busy over NVML's sample period, 0-100.", "utilization_percent"),
-        ("splitlm_gpu_memory_used_bytes", "GPU memory in use.", "memory_used_bytes"),
-        ("splitlm_gpu_memory_total_bytes", "GPU memory in all.", "memory_total_bytes"),
-        ("splitlm_gpu_temperature_celsius", "GPU temperature (absent when the board does not report it).",
-         "temperature_c"),
-        ("splitlm_gpu_power_watts", "GPU power draw (absent when the board does not report it).", "power_w"),
-    ]
-    for name, help, attr in gpu:
-        samples = [({"gpu": str(g.index), "name": g.name}, float(v))
-                   for g in s.gpus if (v := getattr(g, attr)) is not None]
-        if samples:
-            add(name, "gauge", help, *samples)
-    return "\n".join(line for f in families for line in f.lines()) + "\n"
+    """The text format (0.0.4) of one snapshot."""
+    return encode(s)[0].decode()
 
 
-async def _respond(writer: asyncio.StreamWriter, status: str, body: str, content_type: str = "text/plain") -> None:
-    data = body.encode()
+async def _respond(
+    writer: asyncio.StreamWriter, status: str, body: str | bytes, content_type: str = "text/plain"
+) -> None:
+    data = body.encode() if isinstance(body, str) else body
     writer.write(
         f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\n"
         "Connection: close\r\n\r\n".encode() + data
@@ -166,8 +203,10 @@ class MetricsServer:
         """Bind and listen.
 
         Raises:
+            UsageError: ``prometheus_client`` is not installed.
             OSError: the address cannot be bound (in use, not permitted).
         """
+        require_client()
         self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=MAX_REQUEST_BYTES)
         log.info("Prometheus metrics on http://%s/metrics (plain HTTP, no token)", self.address)
 
@@ -184,18 +223,22 @@ class MetricsServer:
             except (asyncio.LimitOverrunError, ValueError):
                 await _respond(writer, "431 Request Header Fields Too Large", "request too large\n")
                 return
-            except (asyncio.IncompleteReadError, asyncio.TimeoutError):  # 3.10: not the builtin
+            except (asyncio.IncompleteReadError, asyncio.TimeoutError):  # not TimeoutError on 3.10
                 return
-            method, _, rest = head.decode("latin-1").partition(" ")
+            request, *headers = head.decode("latin-1").split("\r\n")
+            method, _, rest = request.partition(" ")
             path = rest.split(" ", 1)[0].split("?", 1)[0]
             if path != "/metrics":
                 await _respond(writer, "404 Not Found", "splitlm-trunkd serves GET /metrics only\n")
             elif method != "GET":
                 await _respond(writer, "405 Method Not Allowed", "GET /metrics\n")
             else:
+                accept = next((v.strip() for k, _, v in (h.partition(":") for h in headers)
+                               if k.strip().lower() == "accept"), "")
                 snapshot = await self.collect()
+                body, content_type = await asyncio.to_thread(encode, snapshot, accept)
                 self.scrapes += 1
-                await _respond(writer, "200 OK", render(snapshot), CONTENT_TYPE)
+                await _respond(writer, "200 OK", body, content_type)
         except ConnectionError:
             pass
         except Exception:  # a bad scrape must never take the daemon down

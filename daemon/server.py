@@ -6,7 +6,9 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import grpc
@@ -16,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from ..protos import trunk_pb2 as pb
 from ..shared.client import KEEPALIVE_MS, channel_options
 from ..shared.errors import SplitlmError
-from ..shared.paths import unix_path
+from ..shared.paths import runtime_dir, unix_path
 from .auth import Security
 from .handlers import add_trunk_service
 from .notify import Notifier, heartbeat
@@ -28,15 +30,72 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trunk"].full_name
 
 
+SOCKET_MODE = 0o660
+"""A unix socket is read-write for the daemon's user and group, never for others (connecting
+needs write permission); the umask can take more away, never add."""
+DIR_MODE = 0o750
+"""Directories the daemon creates on the way to its socket: the group may reach the socket, only
+the owner may add or remove files there (as systemd's ``RuntimeDirectoryMode=0750``)."""
+
+
 def prepare_unix_socket(address: str) -> Path | None:
-    """Make the socket's directory and remove a stale socket file left by a dead daemon."""
+    """Make the socket's missing directories (each ``DIR_MODE`` less the umask, not only the
+    last; the user's runtime dir itself 0700, as XDG wants it) and remove a stale socket file
+    left by a dead daemon. Directories that exist are left as they are.
+    """
     path = unix_path(address)
     if path is None:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    user_runtime = None if os.environ.get("RUNTIME_DIRECTORY") else runtime_dir().parent
+    missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+    for d in reversed(missing):  # mkdir applies the umask
+        d.mkdir(mode=0o700 if d == user_runtime else DIR_MODE, exist_ok=True)
     if path.is_socket():
         path.unlink()
     return path
+
+
+@contextmanager
+def socket_umask() -> Iterator[None]:
+    """The process umask, plus the bits ``SOCKET_MODE`` leaves out, while grpc binds a socket.
+
+    grpc binds *and listens* on a unix socket in ``add_insecure_port``, before ``start``, and the
+    kernel checks permissions at ``connect``: a socket born 0777 and chmod-ed afterwards would let
+    another user queue a connection in between that the server serves once started. Under this
+    umask the socket is born with its final mode. The umask is process-wide: a file another thread
+    creates meanwhile gets a stricter mode, never a looser one. Loop thread, at start-up only.
+    """
+    old = os.umask(0o777)  # reading the umask means setting it: set the strictest meanwhile
+    os.umask(old | (0o777 & ~SOCKET_MODE))
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def listen_on(server: grpc.aio.Server, security: Security, listen: list[str]) -> list[Path]:
+    """Bind every address, unix sockets with their final mode from birth; their paths.
+
+    Raises:
+        SplitlmError: an address cannot be bound (in use, no permission).
+    """
+    sockets = []
+    for address in listen:
+        try:
+            sock = prepare_unix_socket(address)
+            with socket_umask() if sock is not None else nullcontext():
+                bound = security.add_port(server, address)
+        except RuntimeError as e:
+            bound, why = 0, str(e)
+        except OSError as e:  # a directory on the way cannot be made
+            bound, why = 0, f"{e.strerror or e}: {e.filename}"
+        else:
+            why = "address in use or not permitted"
+        if not bound:
+            raise SplitlmError(f"cannot listen on {address}: {why}")
+        if sock is not None:
+            sockets.append(sock)
+    return sockets
 
 
 def server_options(max_message_bytes: int, keepalive_s: float) -> list[tuple[str, int]]:
@@ -106,19 +165,7 @@ async def serve(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    sockets = []
-    for address in listen:
-        sock = prepare_unix_socket(address)
-        if sock is not None:
-            sockets.append(sock)
-        try:
-            bound = security.add_port(server, address)
-        except RuntimeError as e:
-            bound, why = 0, str(e)
-        else:
-            why = "address in use or not permitted"
-        if not bound:
-            raise SplitlmError(f"cannot listen on {address}: {why}")
+    sockets = listen_on(server, security, listen)
     exporter = MetricsServer(metrics, service.metrics_snapshot) if metrics else None
     if exporter is not None:
         try:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
+import sys
+
+import pytest
 
 from splitlm.daemon.metrics import StepRecorder, StepTotals
 from splitlm.daemon.monitor import HostProbe
-from splitlm.daemon.prometheus import MetricsServer, Snapshot, render
+from splitlm.daemon.prometheus import MetricsServer, Snapshot, encode, render
+from splitlm.shared.errors import ExitCode, UsageError
 from tests.conftest import free_port
 from tests.daemon.test_monitor import FakeNvml
 
@@ -66,7 +71,48 @@ class TestRender:
 
     def test_labels_are_escaped(self) -> None:
         (labels, value), = parse(render(snapshot()))["splitlm_trunk_info"]
-        assert labels == '{model="tiny \\"llama\\"\\\\x",layers="2:4",fingerprint="abc"}' and value == 1
+        # prometheus_client writes label names in sorted order (the hand-written one kept the plan's)
+        assert labels == '{fingerprint="abc",layers="2:4",model="tiny \\"llama\\"\\\\x"}' and value == 1
+
+    def test_every_name_and_type_as_before_prometheus_client(self) -> None:
+        """The names, types and order of the hand-written exposition this replaced: dashboards
+        and alerts keep working."""
+        text = render(snapshot(batches=4, batched_steps=11))
+        types = [tuple(line.split()[2:4]) for line in text.splitlines() if line.startswith("# TYPE ")]
+        assert types == [
+            ("splitlm_trunk_info", "gauge"), ("splitlm_up", "gauge"), ("splitlm_sessions_open", "gauge"),
+            ("splitlm_sessions_max", "gauge"), ("splitlm_steps_queued", "gauge"),
+            ("splitlm_trunk_cache_bytes", "gauge"), ("splitlm_trunk_cache_budget_bytes", "gauge"),
+            ("splitlm_steps_total", "counter"), ("splitlm_positions_total", "counter"),
+            ("splitlm_trunk_compute_seconds_total", "counter"), ("splitlm_batches_total", "counter"),
+            ("splitlm_batched_steps_total", "counter"), ("process_resident_memory_bytes", "gauge"),
+            ("process_cpu_seconds_total", "counter"), ("splitlm_gpus", "gauge"),
+            ("splitlm_gpu_utilization_percent", "gauge"), ("splitlm_gpu_memory_used_bytes", "gauge"),
+            ("splitlm_gpu_memory_total_bytes", "gauge"), ("splitlm_gpu_temperature_celsius", "gauge"),
+            ("splitlm_gpu_power_watts", "gauge"),
+        ]
+        assert all(f"# HELP {name} " in text for name, _ in types)
+
+    def test_openmetrics_when_the_scraper_asks(self) -> None:
+        body, content_type = encode(snapshot(), "application/openmetrics-text;version=1.0.0,text/plain;q=0.5")
+        text = body.decode()
+        assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+        assert text.endswith("# EOF\n")
+        assert "# TYPE splitlm_steps counter" in text and "\nsplitlm_steps_total 10.0\n" in text
+        assert encode(snapshot(), "")[1] == "text/plain; version=0.0.4; charset=utf-8"
+
+    def test_a_field_the_snapshot_grows_is_rendered_when_present(self) -> None:
+        """``splitlm_trunk_cache_used_bytes`` comes from a field another change adds to
+        ``Snapshot``: exported when the snapshot has it, absent otherwise."""
+        assert "splitlm_trunk_cache_used_bytes" not in parse(render(snapshot()))
+
+        @dataclasses.dataclass(frozen=True)
+        class Grown(Snapshot):
+            cache_used_bytes: int = 0
+
+        grown = Grown(**{f.name: getattr(snapshot(), f.name) for f in dataclasses.fields(Snapshot)},
+                      cache_used_bytes=1024)
+        assert parse(render(grown))["splitlm_trunk_cache_used_bytes"] == [("", 1024)]
 
     def test_no_gpu_says_why_and_batching_counts(self) -> None:
         gpus, status = HostProbe(nvml=FakeNvml(init_error=FakeNvml.NVMLError_LibraryNotFound())).gpus()
@@ -111,6 +157,40 @@ def test_server_answers_get_metrics_only_and_survives_garbage() -> None:
             writer.close()
             status, _ = await _request(port, b"GET /metrics?x=1 HTTP/1.0\r\n\r\n")
             assert status == "HTTP/1.1 200 OK" and server.scrapes == 2
+            status, body = await _request(
+                port, b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text; version=1.0.0\r\n\r\n"
+            )
+            assert status == "HTTP/1.1 200 OK" and body.endswith("# EOF\n")
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+
+
+def test_metrics_without_prometheus_client_is_a_clear_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails as if absent
+    server = MetricsServer(f"127.0.0.1:{free_port()}", lambda: None)  # type: ignore[arg-type,return-value]
+    with pytest.raises(UsageError, match=r"pip install 'splitlm\[daemon\]'") as info:
+        asyncio.run(server.start())
+    assert info.value.exit_code == ExitCode.USAGE
+    assert server._server is None  # nothing was bound
+
+
+def test_server_binds_the_configured_address_only() -> None:
+    """127.0.0.1 is not every address: the same port on 127.0.0.2 (also loopback) is closed."""
+
+    async def main() -> None:
+        async def collect() -> Snapshot:
+            return snapshot()
+
+        port = free_port()
+        server = MetricsServer(f"127.0.0.1:{port}", collect)
+        await server.start()
+        try:
+            assert (await _request(port, b"GET /metrics HTTP/1.1\r\n\r\n"))[0] == "HTTP/1.1 200 OK"
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.2", port)
         finally:
             await server.close()
 

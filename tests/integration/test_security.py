@@ -226,6 +226,59 @@ def test_health_answers_without_a_token_reflection_does_not(secure_daemon: Secur
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+@pytest.mark.parametrize("where", ["tcp+tls", "unix"])
+def test_stock_reflection_client_lists_and_resolves_with_the_token(
+    secure_daemon: SecureDaemon, where: str
+) -> None:
+    """grpc's own reflection client, with the token as stock call credentials (``authorization:
+    Bearer``, what ``grpcurl -H`` sends): the services are listed and Trunk's methods resolve to
+    their message types."""
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    d = secure_daemon
+    transport = (
+        grpc.ssl_channel_credentials(d.pki.cert_pem)
+        if where == "tcp+tls"
+        else grpc.local_channel_credentials(grpc.LocalConnectionType.UDS)
+    )
+    creds = grpc.composite_channel_credentials(transport, grpc.access_token_call_credentials(TOKEN))
+    with grpc.secure_channel(d.tcp if where == "tcp+tls" else d.unix, creds) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        assert sorted(db.get_services()) == [
+            "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "splitlm.v1.Trunk",
+        ]
+        pool = DescriptorPool(db)
+        trunk = pool.FindServiceByName("splitlm.v1.Trunk")
+        methods = {
+            m.name: (m.input_type.full_name, m.output_type.full_name,
+                     m.client_streaming, m.server_streaming)
+            for m in trunk.methods
+        }
+        ours = pb.DESCRIPTOR.services_by_name["Trunk"]
+        assert methods == {
+            m.name: (m.input_type.full_name, m.output_type.full_name,
+                     m.client_streaming, m.server_streaming)
+            for m in ours.methods
+        }
+        assert {"Info", "Session", "Monitor"} <= methods.keys()
+        # a message type resolves field by field (what a stock client needs to build a request)
+        step = pool.FindMessageTypeByName("splitlm.v1.SessionRequest")
+        assert [f.name for f in step.fields] == [
+            f.name for f in pb.DESCRIPTOR.message_types_by_name["SessionRequest"].fields
+        ]
+        health = pool.FindServiceByName("grpc.health.v1.Health")
+        assert {m.name for m in health.methods} >= {"Check", "Watch"}
+        # newer clients (grpcurl) ask for reflection v1 first and fall back to v1alpha only on
+        # UNIMPLEMENTED: with the token that is the answer, not UNAUTHENTICATED
+        v1 = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+        with pytest.raises(grpc.RpcError) as info:
+            list(v1(iter([b""]), timeout=5))
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_plain_tcp_to_a_tls_port_fails_cleanly(secure_daemon: SecureDaemon) -> None:
     client = _client(secure_daemon, tls=False)
     t0 = time.monotonic()
