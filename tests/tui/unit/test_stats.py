@@ -1,12 +1,12 @@
-"""Latency figures and agreement: pure helpers."""
+"""The app's latency figures (``shared.stats`` re-exported) and agreement: pure helpers."""
 
 from __future__ import annotations
 
 import math
 
+from splitlm.shared.comparison import Agreement
 from splitlm.shared.generation import GenerationResult
 from splitlm.tui.app.stats import (
-    Agreement,
     ReplyStats,
     TokenTiming,
     fmt_bytes,
@@ -24,9 +24,10 @@ def result() -> GenerationResult:
     )
 
 
-def test_percentile_is_nearest_rank() -> None:
+def test_percentile_interpolates_between_ranks() -> None:
+    # was nearest rank (0.95 of 1..4 gave 4); now the one definition every face shares
     assert percentile([3, 1, 2], 0.5) == 2
-    assert percentile([1, 2, 3, 4], 0.95) == 4
+    assert math.isclose(percentile([1, 2, 3, 4], 0.95), 3.85)
     assert math.isnan(percentile([], 0.5))
 
 
@@ -34,7 +35,7 @@ def test_reply_stats_split_each_token_three_ways() -> None:
     s = ReplyStats.of(result())
     assert s.tokens == 4 and s.ttft_s == 0.2
     assert s.per_token_s == [0.05, 0.1, 0.05]
-    assert s.p50_s == 0.05 and s.p95_s == 0.1
+    assert s.p50_s == 0.05 and math.isclose(s.p95_s, 0.095)
     assert math.isclose(s.tokens_per_s, 3 / 0.2)
     assert s.bytes_per_token == 200
     own, trunk, wire = s.mean_split_s()
