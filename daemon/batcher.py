@@ -54,10 +54,6 @@ class BatchStats:
     batches: int = 0
     rows: int = 0
 
-    @property
-    def mean_rows(self) -> float:
-        return self.rows / self.batches if self.batches else 0.0
-
 
 @dataclass
 class _Waiting(Generic[T]):

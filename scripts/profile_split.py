@@ -62,7 +62,7 @@ def main() -> int:
         client = TrunkClient(f"unix:{sock}")
         info = wait_info(client, proc)
         model = ss.load_model(args.model)
-        parts = ss.split_parts(model, info, torch.float32, torch.device("cpu"), with_full=True)
+        parts = ss.split_parts(model, info, torch.device("cpu"), with_full=True)
         assert parts.full is not None
         vocab = int(model.source.config.vocab_size)
         results: dict[str, dict[str, list[float]]] = {}

@@ -93,18 +93,6 @@ def main() -> int:
 
         astub = loop.run_until_complete(make_channel())
 
-        async def aio_session(run_step: object) -> list[float]:
-            call = astub.Session()
-            await call.write(open_request())
-            await call.read()
-            out = []
-            for i in range(args.steps):
-                t0 = time.perf_counter()
-                reply = await run_step(call, i)  # type: ignore[operator]
-                out.append(time.perf_counter() - t0 - reply.result.compute_us / 1e6)
-            await call.done_writing()
-            return out
-
         async def one(call: object, i: int) -> pb.SessionReply:
             await call.write(step_request(i))  # type: ignore[attr-defined]
             return await call.read()  # type: ignore[attr-defined,no-any-return]

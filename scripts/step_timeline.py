@@ -136,7 +136,7 @@ def main() -> int:
         client = cl.TrunkClient(f"unix:{sock}")
         info = wait_info(client, proc)
         model = ss.load_model(args.model)
-        parts = ss.split_parts(model, info, torch.float32, torch.device("cpu"), with_full=True)
+        parts = ss.split_parts(model, info, torch.device("cpu"), with_full=True)
         assert parts.full is not None
         ids = prompt_ids(16, int(model.source.config.vocab_size))
         for rnd in range(args.rounds + 1):  # round 0 warms up

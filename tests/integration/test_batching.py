@@ -52,7 +52,7 @@ def _together(address: str, model_dir, prompts) -> list:  # type: ignore[no-unty
     one after the other (loading is not thread-safe); then the generations run concurrently."""
     client = TrunkClient(address)
     model = ss.LoadedModel(*_source(model_dir))
-    parts = ss.split_parts(model, client.info(), torch.float32, torch.device("cpu"))
+    parts = ss.split_parts(model, client.info(), torch.device("cpu"))
     pipes = [ss.split_pipeline(parts, client) for _ in prompts]
     try:
         return _concurrently([

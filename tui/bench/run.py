@@ -197,7 +197,7 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
 
     from ...shared import session as ss
     from ...shared.client import TrunkClient
-    from ...shared.models import resolve_device, resolve_dtype
+    from ...shared.models import resolve_device
     from ...shared.models.precision import client_weights
     from . import measure, report
     from .memory import MemoryRequest
@@ -233,8 +233,7 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
             model_spec = opts.model or ss.client_model_spec(None, info)
             model, tokenizer = _load_model(model_spec)
         device = resolve_device(getattr(args, "device", None) or "auto")
-        dtype = resolve_dtype(opts.dtype or args.dtype or "auto", device)
-        parts = ss.split_parts(model, info, dtype, device, with_full=True,
+        parts = ss.split_parts(model, info, device, with_full=True,
                                weights=client_weights(opts.weights, opts.dtype))
         assert parts.full is not None
         wire_dtype = getattr(torch, opts.wire_dtype) if opts.wire_dtype else None
