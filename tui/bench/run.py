@@ -197,12 +197,12 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
 
     from ...shared import session as ss
     from ...shared.client import TrunkClient
+    from ...shared.launcher import OwnedDaemon
     from ...shared.models import resolve_device
     from ...shared.models.precision import client_weights
     from . import measure, report
     from .memory import MemoryRequest
     from .memory import measure as measure_memory
-    from .trunkd import OwnedDaemon
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -220,10 +220,13 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
             model_spec = opts.model or "smollm2"
             model, tokenizer = _load_model(model_spec)
             _prompts(opts, tokenizer, int(model.source.config.vocab_size), _context(model, None), warn=False)
-            daemon = OwnedDaemon(daemon_args(opts, max(opts.concurrency)))
+            # a private socket; a non-zero exit at the end fails the run: a benchmark against a
+            # daemon that crashed on the way out proves nothing about the figures before
+            daemon = OwnedDaemon(daemon_args(opts, max(opts.concurrency)), name="the bench's trunk daemon")
             stack.callback(daemon.stop)
             print(f"splitlm bench: starting a trunk daemon ({model_spec}) ...", file=sys.stderr, flush=True)
-            client, info = daemon.start(TrunkClient)
+            info = daemon.start()
+            client = TrunkClient(daemon.address, source="the bench's own daemon")
             stack.callback(client.close)  # closed before the daemon stops (callbacks run last-first)
         else:
             client = client_factory()
