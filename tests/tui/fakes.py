@@ -72,4 +72,4 @@ def report() -> CompareReport:
     full, split = result(40), result(40)
     full = GenerationResult(**{**full.__dict__, "ttft_s": 0.08, "per_token_s": [x * 0.6 for x in full.per_token_s],
                                "bytes_sent": 0, "bytes_received": 0})
-    return CompareReport("Why is the sky blue?", Comparison(tuple(full.prompt_ids), full, split))
+    return CompareReport.of("Why is the sky blue?", Comparison(tuple(full.prompt_ids), full, split))

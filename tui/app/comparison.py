@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ...shared.comparison import Agreement, Comparison
+from ...shared.comparison import Comparison
 from ...shared.errors import SplitlmError
 from ...shared.stats import ReplyStats
 
@@ -28,30 +28,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CompareReport:
-    """Both runs of one prompt: the shared ``Comparison`` and the prompt's text."""
+    """Both runs of one prompt: the shared ``Comparison``, the prompt's text and each run's
+    figures (computed once, for the table)."""
 
     prompt: str
     comparison: Comparison
+    full: ReplyStats
+    split: ReplyStats
 
-    @property
-    def full_text(self) -> str:
-        return self.comparison.full.text
-
-    @property
-    def split_text(self) -> str:
-        return self.comparison.split.text
-
-    @property
-    def full(self) -> ReplyStats:
-        return self.comparison.full_stats
-
-    @property
-    def split(self) -> ReplyStats:
-        return self.comparison.split_stats
-
-    @property
-    def agreement(self) -> Agreement:
-        return self.comparison.agreement
+    @classmethod
+    def of(cls, prompt: str, comparison: Comparison) -> CompareReport:
+        return cls(prompt, comparison, comparison.full_stats, comparison.split_stats)
 
 
 class Comparer:
@@ -134,4 +121,4 @@ class Comparer:
         finally:
             split.close()
         progress("done", 2 * n, 2 * n)
-        return CompareReport(prompt, result)
+        return CompareReport.of(prompt, result)

@@ -1,10 +1,10 @@
-"""The app's latency figures (``shared.stats`` re-exported) and agreement: pure helpers."""
+"""The app's latency figures (``shared.stats`` re-exported) and how it writes them: pure helpers
+(agreement is ``tests/shared/test_comparison.py``'s)."""
 
 from __future__ import annotations
 
 import math
 
-from splitlm.shared.comparison import Agreement
 from splitlm.shared.generation import GenerationResult
 from splitlm.tui.app.stats import (
     ReplyStats,
@@ -50,15 +50,6 @@ def test_one_token_has_no_decode_speed() -> None:
     s = ReplyStats.of(r)
     assert s.tokens == 1 and math.isnan(s.tokens_per_s) and math.isnan(s.p50_s)
     assert all(math.isnan(x) for x in s.mean_split_s())
-
-
-def test_agreement() -> None:
-    same = Agreement.of([1, 2, 3], [1, 2, 3])
-    assert same.identical and same.first_difference is None and same.percent == 100
-    diff = Agreement.of([1, 2, 3, 4], [1, 2, 9, 4])
-    assert not diff.identical and diff.first_difference == 2 and diff.matching_prefix == 2 and diff.percent == 50
-    shorter = Agreement.of([1, 2, 3], [1, 2])
-    assert not shorter.identical and shorter.first_difference == 2
 
 
 def test_formatting() -> None:
