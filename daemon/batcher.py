@@ -54,10 +54,6 @@ class BatchStats:
     batches: int = 0
     rows: int = 0
 
-    @property
-    def mean_rows(self) -> float:
-        return self.rows / self.batches if self.batches else 0.0
-
 
 @dataclass
 class _Waiting(Generic[T]):
@@ -79,11 +75,9 @@ class StepBatcher:
     """
 
     def __init__(self, part: Part, executor: Executor, policy: BatchPolicy, queue: QueueGauge) -> None:
-        from ..shared.models.precision import int8_linear_count
-
-        if int8_linear_count(part.model):
-            # dynamic int8 layers scale their input per call: a row would depend on its batch-mates
-            raise ValueError("cross-session batching needs float weights, not int8 layers")
+        # int8 parts batch too: their weights are int8, their activations float32 (weight-only,
+        # see shared.models.precision), so a row depends on its batch-mates only by float
+        # rounding, as with float32 weights (tests/daemon/test_batcher.py measures both)
         self.part = part
         self.executor = executor
         self.policy = policy

@@ -117,13 +117,6 @@ def run(loaded: Loaded[DaemonSettings]) -> int:
 
     precision = resolve_precision(args.weights, resolve_dtype(args.dtype, device), args.dtype != "auto", device)
     dtype = precision.dtype
-    if args.batch and precision.tag == "int8":
-        from ..shared.errors import UsageError
-
-        raise UsageError(
-            "--batch does not go with --weights int8: int8 layers quantise their input per call, so a "
-            "batched row would depend on the other sessions' rows; use --batch with float32 or bfloat16"
-        )
     with notifier.extending(f"loading {source.spec} trunk layers {plan} on {device}"):
         part = build_part(source, family, PartSpec.trunk(plan.start, plan.end), dtype, device)
         apply_precision([part], precision)

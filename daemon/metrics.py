@@ -12,25 +12,16 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ..shared.stats import percentile
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-quantile (0-1) of ``values``, interpolating linearly between ranks; 0.0 if empty."""
-    if not values:
-        return 0.0
-    s = sorted(values)
-    rank = q * (len(s) - 1)
-    lo = int(rank)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (rank - lo)
 
 
 @dataclass(frozen=True)
@@ -40,7 +31,8 @@ class StepWindow:
     Attributes:
         seconds: the window's length.
         positions: positions computed by those steps (a prefill of 20 tokens counts 20).
-        p50_ms, p95_ms: step compute time percentiles; 0.0 without steps.
+        p50_ms, p95_ms: step compute time percentiles (``shared.stats.percentile``, the one
+            every face uses); 0.0 without steps, as the monitor's wire format says.
     """
 
     seconds: float
@@ -146,6 +138,6 @@ class StepRecorder:
             seconds=end - start,
             steps=len(picked),
             positions=sum(p for p, _ in picked),
-            p50_ms=percentile(times_ms, 0.50),
-            p95_ms=percentile(times_ms, 0.95),
+            p50_ms=percentile(times_ms, 0.50) if times_ms else 0.0,
+            p95_ms=percentile(times_ms, 0.95) if times_ms else 0.0,
         )

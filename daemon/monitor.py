@@ -339,11 +339,6 @@ class MonitorHub:
         """Intervals being sampled now (one sampler each)."""
         return sorted(self._samplers)
 
-    def samples_taken(self, interval_s: float) -> int:
-        """How many samples the live sampler at ``interval_s`` took (0 if none runs)."""
-        s = self._samplers.get(interval_s)
-        return s.samples if s else 0
-
     def build(self, interval_s: float, wall: float, host: HostFigures, w: StepWindow) -> MonitorSample:
         """One sample from a host reading and a step window (on the loop)."""
         state = self.state()

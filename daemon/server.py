@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -211,7 +210,3 @@ def make_executor() -> ThreadPoolExecutor:
     """One compute thread per device: steps of different sessions never race on the weights."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="trunk-compute")
 
-
-def env_threads() -> int | None:
-    value = os.environ.get("SPLITLM_THREADS")
-    return int(value) if value else None

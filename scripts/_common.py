@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from splitlm.shared.launcher import OwnedDaemon
 
 
 def ab_setup(doc: str | None, **ints: int) -> tuple[argparse.Namespace, Any, Any]:
@@ -85,59 +86,27 @@ def timed_decode(part: Any, ids: list[int], tokens: int, step: Callable[..., Any
     return Decode(statistics.median(lat[1:]) * 1e3, ttft * 1e3, out, logits)
 
 
-def spawn_daemon(
-    model: str, address: str, *extra: str, log: IO[bytes] | None = None, passive: bool = True
-) -> subprocess.Popen[bytes]:
-    """``python -m splitlm.daemon.cli --model MODEL --listen ADDRESS *extra`` as a subprocess, its
-    output to ``log`` (default: discarded), with passive OpenMP waits unless ``passive`` is off."""
-    cmd = [sys.executable, "-m", "splitlm.daemon.cli", "--model", model, "--listen", address, *extra]
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE") if passive else None
-    out: IO[bytes] | int = subprocess.DEVNULL if log is None else log
-    err = subprocess.DEVNULL if log is None else subprocess.STDOUT
-    return subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
-
-
-def wait_info(client: Any, proc: subprocess.Popen[bytes], timeout_s: float = 300, poll_s: float = 0.2) -> Any:
-    """The daemon's ``Info`` once it answers on ``client``. Re-raises ``DaemonUnreachable`` once
-    ``proc`` has exited or ``timeout_s`` has passed."""
-    from splitlm.shared.errors import DaemonUnreachable
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return client.info()
-        except DaemonUnreachable:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise
-            time.sleep(poll_s)
-
-
-def stop(*procs: subprocess.Popen[bytes] | None, timeout_s: float | None = 30) -> None:
-    """Terminate the daemons started here (``None``: none was) and wait for each to exit
-    (``timeout_s`` each; ``None``: as long as it takes)."""
-    for proc in procs:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout_s)
-
-
 def start_daemon(
-    model: str, address: str, log: Path, *extra: str, poll_s: float = 0.2, passive: bool = True
-) -> subprocess.Popen[bytes]:
-    """``spawn_daemon`` logging to ``log``, returned once it answers; ``SystemExit`` (the daemon
-    terminated) if it exits first or does not answer within 300 s."""
-    from splitlm.shared.client import TrunkClient
-    from splitlm.shared.errors import DaemonUnreachable
+    model: str, address: str, log: Path | None, *extra: str, poll_s: float = 0.2, timeout_s: float = 300,
+    program: list[str] | None = None,
+) -> OwnedDaemon:
+    """``splitlm-trunkd --model MODEL --listen ADDRESS *extra`` (``shared.launcher``, passive
+    OpenMP waits unless the environment says otherwise), its output to ``log`` (None: discarded),
+    returned once it answers; ``SystemExit`` if it exits first or does not answer in ``timeout_s``.
+    ``program`` replaces ``splitlm-trunkd`` (an instrumented server taking the same flags)."""
+    from splitlm.shared.launcher import DaemonStartError, OwnedDaemon
 
-    proc = spawn_daemon(model, address, *extra, log=log.open("wb"), passive=passive)
-    client = TrunkClient(address, connect_timeout_s=1.0)
+    d = OwnedDaemon(["--model", model, *extra], address=address, log_path=log, name="the daemon", program=program)
     try:
-        wait_info(client, proc, 300, poll_s)
-        return proc
-    except DaemonUnreachable:
-        if proc.poll() is not None:
-            raise SystemExit(f"the daemon exited: see {log}") from None
-        proc.terminate()
-        raise SystemExit("the daemon did not answer within 300 s") from None
-    finally:
-        client.close()
+        d.start(timeout_s, poll_s=poll_s)
+    except DaemonStartError as e:
+        raise SystemExit(str(e)) from None
+    return d
+
+
+def stop(*daemons: OwnedDaemon | None, timeout_s: float | None = 30) -> None:
+    """Stop the daemons started here (``None``: none was), ``timeout_s`` each (``None``: as long
+    as it takes)."""
+    for d in daemons:
+        if d is not None:
+            d.stop(timeout_s)

@@ -108,7 +108,7 @@ def main() -> None:  # noqa: C901, PLR0915 — a linear script
         for p in precisions:
             daemons[p] = start_daemon("smollm2", f"unix:{tmp / p}.sock", tmp / f"{p}.log", "--weights", p)
             clients[p] = TrunkClient(daemons[p].address)
-            parts = ss.split_parts(model, clients[p].info(), torch.float32, CPU)
+            parts = ss.split_parts(model, clients[p].info(), CPU)
             split[p] = _Fresh(parts, clients[p], None)
             full[p] = ss.full_pipeline(model, torch.float32, CPU, weights=p)
             if p == "float32":

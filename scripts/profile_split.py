@@ -17,7 +17,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from _common import prompt_ids, spawn_daemon, stop, wait_info
+from _common import prompt_ids, start_daemon, stop
 
 
 def _set_affinity(pid: int, cpus: set[int]) -> None:
@@ -56,13 +56,13 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="splitlm-prof-"))
     sock = tmp / "t.sock"
-    proc = spawn_daemon(args.model, f"unix:{sock}", "--threads", str(args.daemon_threads), "--log-level", "WARNING",
-                        *args.daemon_arg)
+    proc = start_daemon(args.model, f"unix:{sock}", None, "--threads", str(args.daemon_threads), "--log-level",
+                        "WARNING", *args.daemon_arg)
     try:
         client = TrunkClient(f"unix:{sock}")
-        info = wait_info(client, proc)
+        info = client.info()
         model = ss.load_model(args.model)
-        parts = ss.split_parts(model, info, torch.float32, torch.device("cpu"), with_full=True)
+        parts = ss.split_parts(model, info, torch.device("cpu"), with_full=True)
         assert parts.full is not None
         vocab = int(model.source.config.vocab_size)
         results: dict[str, dict[str, list[float]]] = {}

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import spawn_daemon, stop, wait_info
+from _common import start_daemon, stop
 
 
 def main() -> int:
@@ -53,10 +53,11 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="splitlm-rpc-"))
     model_dir = save_tiny("llama", tmp / "tiny")
     sock = tmp / "t.sock"
-    proc = spawn_daemon(str(model_dir), f"unix:{sock}", "--threads", "1", "--log-level", "WARNING")
+    proc = start_daemon(str(model_dir), f"unix:{sock}", None, "--threads", "1", "--log-level", "WARNING",
+                        timeout_s=180)
     try:
         client = TrunkClient(f"unix:{sock}", connect_timeout_s=1.0)
-        info = wait_info(client, proc, timeout_s=180)
+        info = client.info()
         p = info.plan
         fp = Fingerprint(p.config_digest, p.weights_digest, p.trunk_start, p.trunk_end)
         hidden = int(p.hidden_size)
@@ -92,18 +93,6 @@ def main() -> int:
             return pb_grpc.TrunkStub(ch)
 
         astub = loop.run_until_complete(make_channel())
-
-        async def aio_session(run_step: object) -> list[float]:
-            call = astub.Session()
-            await call.write(open_request())
-            await call.read()
-            out = []
-            for i in range(args.steps):
-                t0 = time.perf_counter()
-                reply = await run_step(call, i)  # type: ignore[operator]
-                out.append(time.perf_counter() - t0 - reply.result.compute_us / 1e6)
-            await call.done_writing()
-            return out
 
         async def one(call: object, i: int) -> pb.SessionReply:
             await call.write(step_request(i))  # type: ignore[attr-defined]

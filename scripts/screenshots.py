@@ -156,7 +156,7 @@ def main() -> None:
         tmp = Path(t)
         address = args.trunk or f"unix:{tmp / 'trunk.sock'}"
         proc = None if args.trunk else start_daemon("smollm2", address, tmp / "trunkd.log", "--threads", "1",
-                                                    poll_s=0.3, passive=False)
+                                                    poll_s=0.3)
         try:
             asyncio.run(shoot(address, args.out, (cols, rows), tmp / "data"))
             if args.browser:

@@ -23,14 +23,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import prompt_ids, stop, wait_info
+from _common import prompt_ids, start_daemon, stop
 
 
 def serve(argv: list[str]) -> int:
@@ -112,10 +111,9 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="splitlm-timeline-"))
     sock, out = tmp / "t.sock", tmp / "daemon.json"
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "--model", args.model, "--listen", f"unix:{sock}", "--log-level", "WARNING"],
-        env=dict(os.environ, TIMELINE_OUT=str(out)),
-    )
+    os.environ["TIMELINE_OUT"] = str(out)  # the instrumented server writes its step times there
+    proc = start_daemon(args.model, f"unix:{sock}", None, "--log-level", "WARNING",
+                        program=[sys.executable, __file__, "--serve"])
     sent: list[float] = []
     got: list[float] = []
     send, receive = cl.TrunkSession._send, cl.TrunkSession._receive
@@ -134,9 +132,9 @@ def main() -> int:
     lat: dict[str, list[float]] = {"full": [], "split": []}
     try:
         client = cl.TrunkClient(f"unix:{sock}")
-        info = wait_info(client, proc)
+        info = client.info()
         model = ss.load_model(args.model)
-        parts = ss.split_parts(model, info, torch.float32, torch.device("cpu"), with_full=True)
+        parts = ss.split_parts(model, info, torch.device("cpu"), with_full=True)
         assert parts.full is not None
         ids = prompt_ids(16, int(model.source.config.vocab_size))
         for rnd in range(args.rounds + 1):  # round 0 warms up

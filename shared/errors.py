@@ -78,9 +78,3 @@ class PositionError(StepError):
 class ContextExhausted(StepError):
     """The step would take the session past its context limit."""
 
-
-def exit_code_for(exc: BaseException) -> ExitCode:
-    """The exit code for an exception that reached a CLI's top level."""
-    if isinstance(exc, SplitlmError):
-        return exc.exit_code
-    return ExitCode.FAILURE

@@ -259,12 +259,12 @@ def generate(
     on_token: Callable[[TokenEvent], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     start_position: int = 0,
-    history: Sequence[int] = (),
 ) -> GenerationResult:
     """Generate a reply to ``ids``.
 
     Args:
-        pipeline: local or split; its caches hold ``history`` at positions ``[0, start_position)``.
+        pipeline: local or split; its caches already hold the conversation's tokens at positions
+            ``[0, start_position)`` (failover keeps its own record of them to replay).
         tokenizer: for the streamed text.
         ids: the new prompt tokens, placed at ``start_position``.
         settings: length, stop strings, sampling.
@@ -272,12 +272,10 @@ def generate(
         on_token: called for every generated token, in order, on the calling thread.
         should_stop: polled between tokens; True ends the reply with ``finish_reason="cancelled"``.
         start_position: where ``ids`` go; below the pipeline's cached length rolls it back.
-        history: the tokens before ``start_position`` (for context only; not re-sent).
 
     Returns:
         The result, with per-token timings and wire bytes.
     """
-    del history  # the pipeline's caches already hold it; kept in the signature for failover
     result = GenerationResult(prompt_ids=list(ids))
     sampler = Sampler(settings.sampling)
     detok = _Detokenizer(tokenizer, settings.stop)

@@ -29,14 +29,6 @@ def default_address() -> str:
     return f"unix:{runtime_dir() / 'trunk.sock'}"
 
 
-def client_target() -> tuple[str, str]:
-    """The address the client tries when ``--trunk`` is absent, and where it came from."""
-    env = os.environ.get("SPLITLM_TRUNK")
-    if env:
-        return env, "SPLITLM_TRUNK"
-    return default_address(), "the default socket"
-
-
 def unix_path(address: str) -> Path | None:
     """The socket path of a ``unix:`` address, else None."""
     if address.startswith("unix://"):

@@ -112,7 +112,6 @@ class SplitParts:
 def split_parts(
     model: LoadedModel,
     info: pb.InfoReply,
-    dtype: torch.dtype,
     device: torch.device,
     with_full: bool = False,
     weights: str | None = None,
@@ -121,8 +120,8 @@ def split_parts(
 
     With ``with_full`` the whole model is built too, sharing the same tensors (``compare``), at
     the same precision. ``weights`` (``--weights``, or an explicit ``--dtype``; see
-    ``precision.client_weights``) must be the daemon's; None takes the daemon's (and then
-    ``dtype`` is not used).
+    ``precision.client_weights``) must be the daemon's; None takes the daemon's. There is no
+    dtype argument: the precision decides the parts' dtype.
 
     Raises:
         UsageError: the daemon's model or weight precision differs from this one (checked
@@ -132,7 +131,6 @@ def split_parts(
     from .models import PartSpec, build_parts
     from .models.precision import apply_precision, precision_named
 
-    del dtype  # the precision decides: the daemon's, or the one asked for
     precision = precision_named(weights or info.plan.weights, device)
 
     p = info.plan

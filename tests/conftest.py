@@ -10,9 +10,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -23,6 +21,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+
+from splitlm.shared.launcher import OwnedDaemon, trunkd_command  # noqa: E402
 
 torch.set_num_threads(1)  # the daemon subprocesses get the other core
 
@@ -99,60 +99,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass
-class Daemon:
-    """A real ``splitlm-trunkd`` process."""
+class Daemon(OwnedDaemon):
+    """A real ``splitlm-trunkd`` process: ``shared.launcher``'s, with the names the tests use."""
 
-    proc: subprocess.Popen[bytes]
-    address: str
-    log: Path
+    @property
+    def log(self) -> Path:
+        assert self.log_path is not None
+        return self.log_path
 
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
-
-
-def trunkd_command(*args: str) -> list[str]:
-    """``splitlm-trunkd ARGS`` as the tests run it: this interpreter, the source tree's module."""
-    return [sys.executable, "-m", "splitlm.daemon.cli", *args]
+    def stop(self, timeout_s: float = 30.0) -> int:
+        return super().stop(timeout_s)
 
 
 def spawn_trunkd(*args: str, log: IO[bytes], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """``splitlm-trunkd ARGS`` in the background, stdout and stderr to ``log``; no waiting."""
+    """``splitlm-trunkd ARGS`` in the background, stdout and stderr to ``log``; no waiting (for
+    tests that watch the start itself: readiness notices, TLS listeners)."""
     return subprocess.Popen(trunkd_command(*args), stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def start_daemon(model: str | Path, address: str, log: Path, *extra: str, timeout: float = 180) -> Daemon:
-    """Start the daemon and wait until ``Info`` answers."""
-    from splitlm.shared.client import TrunkClient
-    from splitlm.shared.errors import DaemonUnreachable
-
-    proc = spawn_trunkd("--model", str(model), "--listen", address, "--threads", "1", *extra, log=log.open("wb"))
-    d = Daemon(proc, address, log)
-    deadline = time.monotonic() + timeout
-    client = TrunkClient(address, connect_timeout_s=1.0)
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {proc.returncode}:\n{d.log_text()[-3000:]}")
-            try:
-                client.info()
-                return d
-            except DaemonUnreachable:
-                time.sleep(0.2)
-    finally:
-        client.close()
-    d.stop()
-    raise RuntimeError(f"daemon did not answer within {timeout} s:\n{d.log_text()[-3000:]}")
+    """Start the daemon and wait until ``Info`` answers (``DaemonStartError``, with its log's
+    tail, if it exits first or does not answer within ``timeout`` s)."""
+    d = Daemon(["--model", str(model), "--threads", "1", *extra], address=address, log_path=log, name="the daemon")
+    d.start(timeout, poll_s=0.2)
+    return d
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..shared.errors import ExitCode, SplitlmError, UsageError
 
 if TYPE_CHECKING:
+    from ..shared.comparison import Comparison
     from ..shared.generation import GenerationResult, GenerationSettings
 
 log = logging.getLogger("splitlm.client")
@@ -265,9 +266,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         client = _client(args)
         info = client.info()
         _quiet_libraries()
-        device, dtype = _device_dtype(args)
+        device = _device_dtype(args)[0]
         model = ss.load_model(ss.client_model_spec(args.model, info))
-        parts = ss.split_parts(model, info, dtype, device, weights=_weights(args))
+        parts = ss.split_parts(model, info, device, weights=_weights(args))
         pipeline = ss.split_pipeline(
             parts, client, wire_dtype=_wire_dtype(args), retry=retry, on_reconnect=_reconnect_notice
         )
@@ -282,83 +283,57 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
-
-
 def _summary(res: GenerationResult) -> dict[str, float]:
-    total = res.ttft_s + sum(res.per_token_s)
+    """One run's figures for ``compare --json``; percentiles are ``shared.stats``'s."""
+    from ..shared.stats import ReplyStats
+
+    st = ReplyStats.of(res)
     return {
-        "tokens": len(res.token_ids),
-        "ttft_s": res.ttft_s,
-        "per_token_p50_s": _pct(res.per_token_s, 0.5),
-        "per_token_p95_s": _pct(res.per_token_s, 0.95),
-        "tokens_per_s": (len(res.per_token_s) / sum(res.per_token_s)) if res.per_token_s else float("nan"),
-        "total_s": total,
-        "bytes_per_token": (res.bytes_sent + res.bytes_received) / max(1, len(res.token_ids)),
-        "overhead_p50_s": _pct(
-            [lat - c - t for lat, c, t in zip(res.per_token_s, res.client_compute_s[1:], res.trunk_compute_s[1:])], 0.5
-        ),
+        "tokens": st.tokens,
+        "ttft_s": st.ttft_s,
+        "per_token_p50_s": st.p50_s,
+        "per_token_p95_s": st.p95_s,
+        "tokens_per_s": st.tokens_per_s,
+        "total_s": st.total_s,
+        "bytes_per_token": st.bytes_per_token,
+        "overhead_p50_s": st.overhead_p50_s,
     }
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    retry = _retry(args)
-    prompt = _prompt(args)
-    from ..shared import session as ss
-    from ..shared.generation import GenerationSettings, LocalPipeline, generate, prompt_ids
+RATIO_KEYS = ("ttft_s", "per_token_p50_s", "per_token_p95_s", "tokens_per_s")
+"""The figures ``compare`` divides, split over full."""
 
-    client = _client(args)
-    info = client.info()
-    _quiet_libraries()
-    device, dtype = _device_dtype(args)
-    model = ss.load_model(ss.client_model_spec(args.model, info))
-    parts = ss.split_parts(model, info, dtype, device, with_full=True, weights=_weights(args))
-    assert parts.full is not None
-    full = LocalPipeline(parts.full)
-    split = ss.split_pipeline(parts, client, wire_dtype=_wire_dtype(args), retry=retry, on_reconnect=_reconnect_notice)
-    ids = prompt_ids(model.tokenizer, prompt, chat=not args.no_chat)
-    warm = GenerationSettings(max_new_tokens=2, sampling=settings.sampling)
-    for pipe in (full, split):  # first calls pay one-off costs (allocator, kernels): not measured
-        generate(pipe, model.tokenizer, ids, warm, model.eos_ids)
-    r_full = generate(full, model.tokenizer, ids, settings, model.eos_ids)
-    r_split = generate(split, model.tokenizer, ids, settings, model.eos_ids)
-    split.close()
-    agree = 0
-    for a, b in zip(r_full.token_ids, r_split.token_ids):
-        if a != b:
-            break
-        agree += 1
-    same = r_full.token_ids == r_split.token_ids
-    sf, ss_ = _summary(r_full), _summary(r_split)
-    ratios = {k: (ss_[k] / sf[k] if sf[k] else float("nan")) for k in ("ttft_s", "per_token_p50_s", "per_token_p95_s", "tokens_per_s")}
-    out = {
-        "plan": ss.plan_dict(model, parts.plan.split, parts.fingerprint.digest),
-        "prompt_tokens": len(ids),
+
+def _comparison_json(c: Comparison, plan: dict[str, Any]) -> dict[str, Any]:
+    """``splitlm compare --json``'s object."""
+    from ..shared.stats import ratio
+
+    a = c.agreement
+    sf, ss_ = _summary(c.full), _summary(c.split)
+    return {
+        "plan": plan,
+        "prompt_tokens": len(c.prompt_ids),
         "agreement": {
-            "identical": same,
-            "matching_prefix": agree,
-            "first_divergence": None if same else agree,
-            "full_tokens": len(r_full.token_ids),
-            "split_tokens": len(r_split.token_ids),
+            "identical": a.identical,
+            "matching_prefix": a.matching_prefix,
+            "first_divergence": a.first_difference,
+            "full_tokens": a.full_tokens,
+            "split_tokens": a.split_tokens,
         },
         "full": sf,
         "split": ss_,
-        "ratios_split_over_full": ratios,
-        "full_text": r_full.text,
-        "split_text": r_split.text,
+        "ratios_split_over_full": {k: ratio(ss_[k], sf[k]) for k in RATIO_KEYS},
+        "full_text": c.full.text,
+        "split_text": c.split.text,
     }
-    if args.json:
-        print(json.dumps(out))
-        return ExitCode.OK
-    a = out["agreement"]
-    print(f"plan: {model.source.model_id}, {model.num_layers} layers, split {parts.plan}, prompt {len(ids)} tokens")
-    verdict = "identical" if same else f"first divergence at token {agree}"
-    print(f"tokens: full {a['full_tokens']}, split {a['split_tokens']}, {agree} agree, {verdict}")
+
+
+def _print_comparison(out: dict[str, Any], title: str) -> None:
+    """``splitlm compare``'s text: the plan, the agreement, a full/split table."""
+    a, sf, ss_, ratios = out["agreement"], out["full"], out["split"], out["ratios_split_over_full"]
+    print(title)
+    verdict = "identical" if a["identical"] else f"first divergence at token {a['matching_prefix']}"
+    print(f"tokens: full {a['full_tokens']}, split {a['split_tokens']}, {a['matching_prefix']} agree, {verdict}")
     rows = [
         ("TTFT (ms)", "ttft_s", 1e3),
         ("per-token p50 (ms)", "per_token_p50_s", 1e3),
@@ -370,6 +345,37 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"{label:22}{sf[key] * scale:10.2f}{ss_[key] * scale:10.2f}{ratios[key]:12.3f}")
     print(f"{'wire bytes/token':22}{'':>10}{ss_['bytes_per_token']:10.0f}")
     print(f"{'split overhead p50 (ms)':22}{'':>10}{ss_['overhead_p50_s'] * 1e3:10.3f}")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The same prompt full (here) and split (through the daemon), with ``shared.comparison``."""
+    settings = _settings(args)
+    retry = _retry(args)
+    prompt = _prompt(args)
+    from ..shared import session as ss
+    from ..shared.comparison import compare
+    from ..shared.generation import LocalPipeline, prompt_ids
+
+    client = _client(args)
+    info = client.info()
+    _quiet_libraries()
+    device = _device_dtype(args)[0]
+    model = ss.load_model(ss.client_model_spec(args.model, info))
+    parts = ss.split_parts(model, info, device, with_full=True, weights=_weights(args))
+    assert parts.full is not None
+    full = LocalPipeline(parts.full)
+    split = ss.split_pipeline(parts, client, wire_dtype=_wire_dtype(args), retry=retry, on_reconnect=_reconnect_notice)
+    ids = prompt_ids(model.tokenizer, prompt, chat=not args.no_chat)
+    try:
+        result = compare(full, split, model.tokenizer, ids, settings, model.eos_ids, warmup=True)
+    finally:
+        split.close()
+    out = _comparison_json(result, ss.plan_dict(model, parts.plan.split, parts.fingerprint.digest))
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _print_comparison(out, f"plan: {model.source.model_id}, {model.num_layers} layers, split {parts.plan}, "
+                          f"prompt {len(ids)} tokens")
     return ExitCode.OK
 
 

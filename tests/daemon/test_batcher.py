@@ -119,13 +119,30 @@ def test_a_batch_that_fails_midway_is_rolled_back_and_each_step_runs_alone(
     assert batcher.stats.batches == 0  # a failed batch is not counted
 
 
-def test_int8_parts_are_not_batched(tiny_models) -> None:  # type: ignore[no-untyped-def]
-    """A dynamic int8 layer scales its whole input at once: a batched row would depend on the
-    others, so the batcher refuses such a part."""
-    from splitlm.shared.models.precision import apply_precision, precision_named
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_int8_rows_differ_from_solo_by_rounding_only_like_float32(tiny_models, weights: str) -> None:  # type: ignore[no-untyped-def]
+    """Weight-only int8 keeps float32 activations: nothing is scaled per batch, so a batched row
+    equals its solo step to float rounding, exactly as with float32 weights (the batcher once
+    refused int8 parts for the dynamic int8 layers the project no longer uses)."""
+    from splitlm.shared.models.precision import apply_precision, int8_linear_count, precision_named
 
     src = resolve(str(tiny_models["llama"]))
     part = build_part(src, family_for(src.config), PartSpec.trunk(1, 5), torch.float32, torch.device("cpu"))
-    apply_precision([part], precision_named("int8", torch.device("cpu")))
-    with ThreadPoolExecutor(max_workers=1) as executor, pytest.raises(ValueError, match="int8"):
-        StepBatcher(part, executor, BatchPolicy(), QueueGauge())
+    apply_precision([part], precision_named(weights, torch.device("cpu")))
+    assert (int8_linear_count(part.model) > 0) == (weights == "int8")
+    lengths = [3, 11, 7, 5]
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(1, 1, part.hidden_size, generator=g) for _ in lengths]
+    want = [part.forward(x, n, c) for x, n, c in zip(xs, lengths, [_prefilled(part, n, i) for i, n in enumerate(lengths)])]
+    caches = [_prefilled(part, n, i) for i, n in enumerate(lengths)]
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        batcher = StepBatcher(part, executor, BatchPolicy(), QueueGauge())
+
+        async def main():  # type: ignore[no-untyped-def]
+            return await asyncio.gather(*[batcher.submit(c, x, n, None, lambda t: t)
+                                          for c, x, n in zip(caches, xs, lengths)])
+
+        got = asyncio.run(main())
+    assert batcher.stats.batches == 1 and batcher.stats.rows == 4
+    for (h, _), w in zip(got, want):
+        torch.testing.assert_close(h, w, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
-from splitlm.daemon.metrics import StepRecorder, percentile
+from splitlm.daemon.metrics import StepRecorder
 from splitlm.daemon.monitor import (
     HostProbe,
     MonitorHub,
@@ -311,13 +311,10 @@ class TestHub:
 
 
 class TestStepRecorder:
-    def test_percentile(self) -> None:
-        assert percentile([], 0.5) == 0.0
-        assert percentile([7.0], 0.95) == 7.0
-        values = [float(v) for v in range(100, 0, -1)]  # 1..100, unsorted
-        assert percentile(values, 0.5) == pytest.approx(50.5)
-        assert percentile(values, 0.95) == pytest.approx(95.05)
-        assert percentile(values, 0.0) == 1.0 and percentile(values, 1.0) == 100.0
+    def test_an_empty_window_reads_zero_not_nan(self) -> None:
+        """The monitor's wire format: 0 without steps (``shared.stats.percentile`` says NaN)."""
+        w = StepRecorder(horizon_s=30, clock=lambda: 5.0).window(0.0, 5.0)
+        assert (w.steps, w.p50_ms, w.p95_ms) == (0, 0.0, 0.0)
 
     def test_window_picks_the_interval_and_rates(self) -> None:
         now = [0.0]

@@ -16,7 +16,7 @@ from splitlm.shared.config import DaemonSettings, load
 from splitlm.shared.errors import TrunkError
 from splitlm.shared.generation import GenerationSettings, generate
 from splitlm.shared.plan import Fingerprint
-from tests.conftest import FAMILY_KINDS, run_trunkd
+from tests.conftest import FAMILY_KINDS
 from tests.integration.test_split import _source, split_generate
 from tests.shared.test_engine import PROMPT, _NoText
 
@@ -52,7 +52,7 @@ def _together(address: str, model_dir, prompts) -> list:  # type: ignore[no-unty
     one after the other (loading is not thread-safe); then the generations run concurrently."""
     client = TrunkClient(address)
     model = ss.LoadedModel(*_source(model_dir))
-    parts = ss.split_parts(model, client.info(), torch.float32, torch.device("cpu"))
+    parts = ss.split_parts(model, client.info(), torch.device("cpu"))
     pipes = [ss.split_pipeline(parts, client) for _ in prompts]
     try:
         return _concurrently([
@@ -134,9 +134,19 @@ def test_batching_is_off_by_default_and_set_like_every_option(tmp_path) -> None:
     assert (s.batch, s.batch_window) == (True, 0.005)
 
 
-def test_batching_refuses_int8_weights(tiny_models) -> None:  # type: ignore[no-untyped-def]
-    """int8 layers quantise their input per call: a batched row would depend on the other rows
-    (measured on SmolLM2's trunk: 19-83% relative difference), so the daemon refuses the pair."""
-    r = run_trunkd("--model", str(tiny_models["llama"]), "--batch", "--weights", "int8", "--listen", "unix:/nonexistent/x")
-    assert r.returncode == 2, r.stderr
-    assert "--batch does not go with --weights int8" in r.stderr
+def test_int8_weights_are_batched_and_equal_solo(tiny_models, daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """``--batch --weights int8`` runs (it was refused, for a reason that held only for dynamic
+    int8): the client takes the daemon's int8, sessions are batched and give their solo tokens."""
+    model = tiny_models["llama"]
+    d = daemon_factory(model, "--split", "1:5", "--batch", "--batch-window", "20ms", "--weights", "int8")
+    solo = [_tokens(d.address, model, p) for p in PROMPTS]
+    client = TrunkClient(d.address)
+    try:
+        assert client.info().plan.weights == "int8" and client.info().batching.enabled
+        together = _together(d.address, model, PROMPTS)
+        stats = client.info().batching
+    finally:
+        client.close()
+    assert together == solo
+    assert stats.batches > 0
+    assert "Traceback" not in d.log_text()

@@ -36,7 +36,7 @@ def _split_run(address: str, model: ss.LoadedModel, n: int, wire: torch.dtype | 
                weights: str | None = None, prompt=PROMPT):  # type: ignore[no-untyped-def]
     client = TrunkClient(address)
     try:
-        parts = ss.split_parts(model, client.info(), torch.float32, CPU, weights=weights)
+        parts = ss.split_parts(model, client.info(), CPU, weights=weights)
         pipe = ss.split_pipeline(parts, client, wire_dtype=wire)
         try:
             res = generate(pipe, _NoText(), list(prompt), GenerationSettings(max_new_tokens=n), [])
@@ -122,7 +122,7 @@ def test_daemon_converts_both_ways(tiny_models, daemon_factory, weights, wires) 
     for wire in wires:
         h = torch.randn(1, 5, trunk.hidden_size, generator=torch.Generator().manual_seed(3)).to(wire)
         with closing(TrunkClient(d.address)) as client:
-            parts = ss.split_parts(model, client.info(), torch.float32, CPU)
+            parts = ss.split_parts(model, client.info(), CPU)
             s = TrunkSession(client, parts.fingerprint, wire)
             try:
                 out, _ = s.step(h, 0)

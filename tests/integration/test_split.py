@@ -19,7 +19,7 @@ def split_generate(address: str, model_dir, n: int, prompt=PROMPT, stop_at_eos: 
     client = TrunkClient(address)
     info = client.info()
     model = ss.LoadedModel(*_source(model_dir))
-    parts = ss.split_parts(model, info, torch.float32, torch.device("cpu"))
+    parts = ss.split_parts(model, info, torch.device("cpu"))
     pipe = ss.split_pipeline(parts, client)
     try:
         return generate(pipe, _NoText(), list(prompt), GenerationSettings(max_new_tokens=n),

@@ -45,7 +45,7 @@ def test_rollback_regenerates_the_same_reply(smol_daemon) -> None:  # type: igno
     client = TrunkClient(smol_daemon.address)
     info = client.info()
     model = ss.load_model("smollm2")
-    parts = ss.split_parts(model, info, torch.float32, torch.device("cpu"))
+    parts = ss.split_parts(model, info, torch.device("cpu"))
     pipe = ss.split_pipeline(parts, client)
     ids = prompt_ids(model.tokenizer, "Name three colours.", chat=True)
     settings = GenerationSettings(max_new_tokens=24)

@@ -87,7 +87,7 @@ def connect(address: str, model_dir: Path) -> Split:
     src = resolve(str(model_dir))
     tokenizer: Any = _NoText()  # random models have no tokenizer; the ids are all that matter
     model = ss.LoadedModel(src, family_for(src.config), tokenizer, src.generation_eos())
-    parts = ss.split_parts(model, client.info(), torch.float32, torch.device("cpu"))
+    parts = ss.split_parts(model, client.info(), torch.device("cpu"))
     return Split(client, parts, model.eos_ids)
 
 

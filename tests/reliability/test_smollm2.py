@@ -100,7 +100,7 @@ def test_replay_is_bit_identical_and_its_cost(daemon_factory: Factory) -> None:
     d = daemon_factory("smollm2")
     client = TrunkClient(d.address)
     model = ss.load_model("smollm2")
-    parts = ss.split_parts(model, client.info(), torch.float32, torch.device("cpu"))
+    parts = ss.split_parts(model, client.info(), torch.device("cpu"))
     pipe = ss.split_pipeline(parts, client, retry=RetryPolicy())
     session = pipe.session
     assert isinstance(session, FailoverSession)

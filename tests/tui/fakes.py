@@ -3,11 +3,12 @@ comparison, all made here so screenshots never change from run to run."""
 
 from __future__ import annotations
 
+from splitlm.shared.comparison import Comparison
 from splitlm.shared.generation import GenerationResult
 from splitlm.shared.monitor import GpuSample, MonitorSample
 from splitlm.tui.app.comparison import CompareReport
 from splitlm.tui.app.engine import PlanInfo, ReplyOutcome
-from splitlm.tui.app.stats import Agreement, ReplyStats
+from splitlm.tui.app.stats import ReplyStats
 from splitlm.tui.app.turns import Message, TurnPlan
 
 PLAN = PlanInfo(
@@ -71,7 +72,4 @@ def report() -> CompareReport:
     full, split = result(40), result(40)
     full = GenerationResult(**{**full.__dict__, "ttft_s": 0.08, "per_token_s": [x * 0.6 for x in full.per_token_s],
                                "bytes_sent": 0, "bytes_received": 0})
-    return CompareReport(
-        prompt="Why is the sky blue?", prompt_tokens=20, full_text=REPLY, split_text=REPLY,
-        full=ReplyStats.of(full), split=ReplyStats.of(split), agreement=Agreement.of(full.token_ids, split.token_ids),
-    )
+    return CompareReport.of("Why is the sky blue?", Comparison(tuple(full.prompt_ids), full, split))

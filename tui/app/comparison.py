@@ -1,5 +1,6 @@
-"""Full vs split: the same prompt through the whole model here and through the split, one after
-the other, with the same settings. No UI here; the compare screen's worker calls it.
+"""Full vs split in the chat app: the chat's model and daemon, ``shared.comparison`` doing the
+runs (the same as ``splitlm compare`` and ``splitlm bench``). No UI here; the compare screen's
+worker calls it.
 
 The full model is built once, together with its own bottom and top (the three share tensors, as
 ``splitlm compare`` builds them); each run opens a fresh trunk session and closes it after.
@@ -12,11 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ...shared.comparison import Comparison
 from ...shared.errors import SplitlmError
-from .stats import Agreement, ReplyStats
+from ...shared.stats import ReplyStats
 
 if TYPE_CHECKING:
-    from ...shared.generation import LocalPipeline
+    from ...shared.generation import LocalPipeline, TokenEvent
     from ...shared.session import SplitParts
     from .config import ChatSettings
     from .engine import ChatEngine, Progress
@@ -26,15 +28,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CompareReport:
-    """Both runs of one prompt."""
+    """Both runs of one prompt: the shared ``Comparison``, the prompt's text and each run's
+    figures (computed once, for the table)."""
 
     prompt: str
-    prompt_tokens: int
-    full_text: str
-    split_text: str
+    comparison: Comparison
     full: ReplyStats
     split: ReplyStats
-    agreement: Agreement
+
+    @classmethod
+    def of(cls, prompt: str, comparison: Comparison) -> CompareReport:
+        return cls(prompt, comparison, comparison.full_stats, comparison.split_stats)
 
 
 class Comparer:
@@ -59,16 +63,15 @@ class Comparer:
             return
         from ...shared import session as ss
         from ...shared.generation import LocalPipeline
-        from ...shared.models import resolve_device, resolve_dtype
+        from ...shared.models import resolve_device
 
         eng = self.engine
         if eng.model is None or eng.info_reply is None:
             raise SplitlmError("the chat model is not loaded yet (is the daemon up?)")
         device = resolve_device(eng.config.device)
-        dtype = resolve_dtype(eng.config.dtype, device)
         progress(f"loading the full model here ({eng.model.num_layers} layers)", 0, 1)
         parts = ss.split_parts(
-            eng.model, eng.info_reply, dtype, device, with_full=True, weights=eng.config.local_weights()
+            eng.model, eng.info_reply, device, with_full=True, weights=eng.config.local_weights()
         )
         assert parts.full is not None
         self.parts, self.full = parts, LocalPipeline(parts.full)
@@ -84,47 +87,38 @@ class Comparer:
             DaemonUnreachable: the daemon went away during the split run.
         """
         from ...shared import session as ss
+        from ...shared.comparison import compare
         from ...shared.failover import NO_FAILOVER
-        from ...shared.generation import GenerationSettings, generate, prompt_ids
+        from ...shared.generation import prompt_ids
 
         self.load(progress)
         eng = self.engine
         assert eng.model is not None and eng.client is not None and self.parts is not None
         assert self.full is not None
-        tok, eos = eng.model.tokenizer, eng.model.eos_ids
-        ids = prompt_ids(tok, prompt, chat=True)
+        ids = prompt_ids(eng.model.tokenizer, prompt, chat=True)
         gen = settings.generation()
         n = gen.max_new_tokens
+        offset = {"full": 0, "split": n}
+        labels = {"full": "full model, here", "split": "split, through the daemon"}
+
+        def on_run(mode: str) -> None:
+            progress(labels[mode], offset[mode], 2 * n)
+
+        def on_token(mode: str, ev: TokenEvent) -> None:
+            i = ev.index + 1
+            if i == 1 or i % 8 == 0:
+                progress(f"{mode}: {i} tokens", offset[mode] + i, 2 * n)
+
+        if not self._warm:  # first calls pay one-off costs (allocator, kernels): not measured
+            progress("warming up", 0, 2 * n)
         split = ss.split_pipeline(self.parts, eng.client, retry=NO_FAILOVER)
         try:
-            if not self._warm:  # first calls pay one-off costs (allocator, kernels): not measured
-                progress("warming up", 0, 2 * n)
-                warm = GenerationSettings(max_new_tokens=2, sampling=gen.sampling)
-                for pipe in (self.full, split):
-                    generate(pipe, tok, ids, warm, eos)
-                self._warm = True
-
-            def counter(label: str, offset: int) -> Callable[..., None]:
-                def on_token(ev: object) -> None:
-                    i = getattr(ev, "index", 0) + 1
-                    if i == 1 or i % 8 == 0:
-                        progress(f"{label}: {i} tokens", offset + i, 2 * n)
-
-                return on_token
-
-            progress("full model, here", 0, 2 * n)
-            r_full = generate(self.full, tok, ids, gen, eos, on_token=counter("full", 0), should_stop=should_stop)
-            progress("split, through the daemon", n, 2 * n)
-            r_split = generate(split, tok, ids, gen, eos, on_token=counter("split", n), should_stop=should_stop)
+            result = compare(
+                self.full, split, eng.model.tokenizer, ids, gen, eng.model.eos_ids, warmup=not self._warm,
+                on_run=on_run, on_token=on_token, should_stop=should_stop,
+            )
+            self._warm = True
         finally:
             split.close()
         progress("done", 2 * n, 2 * n)
-        return CompareReport(
-            prompt=prompt,
-            prompt_tokens=len(ids),
-            full_text=r_full.text,
-            split_text=r_split.text,
-            full=ReplyStats.of(r_full),
-            split=ReplyStats.of(r_split),
-            agreement=Agreement.of(r_full.token_ids, r_split.token_ids),
-        )
+        return CompareReport.of(prompt, result)

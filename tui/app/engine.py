@@ -110,7 +110,7 @@ class ChatEngine:
             SplitlmError: the model here does not match the daemon's, or cannot load.
         """
         from ...shared import session as ss
-        from ...shared.models import resolve_device, resolve_dtype
+        from ...shared.models import resolve_device
 
         total = 4
         t0 = time.perf_counter()
@@ -121,10 +121,9 @@ class ChatEngine:
         progress(f"loading the tokenizer of {info.plan.model_id}", 1, total)
         model = ss.load_model(ss.client_model_spec(self.config.model, info))
         device = resolve_device(self.config.device)
-        dtype = resolve_dtype(self.config.dtype, device)
         a, b = info.plan.trunk_start, info.plan.trunk_end
         progress(f"loading the bottom [0, {a}) and top [{b}, {info.plan.num_layers}) weights", 2, total)
-        parts = ss.split_parts(model, info, dtype, device, weights=self.config.local_weights())
+        parts = ss.split_parts(model, info, device, weights=self.config.local_weights())
         progress("opening a trunk session", 3, total)
         self.model, self.parts, self.info_reply = model, parts, info
         self._open_pipeline()

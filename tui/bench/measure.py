@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ...shared.comparison import MODES, Mode
+
 if TYPE_CHECKING:
     import torch
 
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODES = ("full", "split")
 
 
 @dataclass(frozen=True)
@@ -152,16 +153,32 @@ def _generate(setup: Setup, pipe: Pipeline, ids: list[int], new_tokens: int) -> 
     return generate(pipe, setup.tokenizer, ids, GenerationSettings(max_new_tokens=new_tokens), [])
 
 
-def run_one(setup: Setup, mode: str, ids: list[int], new_tokens: int, round_: int) -> RunSample:
-    pipe = Metered(make_pipeline(setup, mode))
-    try:
-        res = _generate(setup, pipe, ids, new_tokens)
-    finally:
-        pipe.close()
+def _sample(res: GenerationResult, pipe: Metered, mode: str, round_: int, prompt_len: int) -> RunSample:
     return RunSample(
-        mode, round_, len(ids), res.ttft_s, tuple(res.per_token_s), tuple(res.client_compute_s),
+        mode, round_, prompt_len, res.ttft_s, tuple(res.per_token_s), tuple(res.client_compute_s),
         tuple(res.trunk_compute_s), tuple(pipe.step_bytes), tuple(res.token_ids),
     )
+
+
+def run_pair(
+    setup: Setup, ids: list[int], new_tokens: int, round_: int, split_first: bool,
+    on_run: Callable[[Mode], None] | None = None,
+) -> tuple[RunSample, RunSample]:
+    """One prompt full and split (``shared.comparison.compare``, the one ``splitlm compare`` runs),
+    each on a fresh pipeline; the samples in run order."""
+    from ...shared.comparison import compare
+    from ...shared.generation import GenerationSettings
+
+    pipes = {mode: Metered(make_pipeline(setup, mode)) for mode in MODES}
+    try:
+        c = compare(pipes["full"], pipes["split"], setup.tokenizer, ids, GenerationSettings(max_new_tokens=new_tokens),
+                    [], split_first=split_first, on_run=on_run)
+    finally:
+        for p in pipes.values():
+            p.close()
+    first, second = MODES[::-1] if split_first else MODES
+    return (_sample(c.result(first), pipes[first], first, round_, len(ids)),
+            _sample(c.result(second), pipes[second], second, round_, len(ids)))
 
 
 def single_schedule(
@@ -169,8 +186,8 @@ def single_schedule(
 ) -> list[tuple[int, int, str]]:
     """``(round, prompt length, mode)`` in run order; rounds below 0 are warm-up.
 
-    Full and split alternate run by run, and which goes first flips every round, so drift (other
-    load, thermal state, allocator growth) hits both alike.
+    Full and split alternate run by run (a pair per prompt length), and which goes first flips
+    every round, so drift (other load, thermal state, allocator growth) hits both alike.
     """
     out: list[tuple[int, int, str]] = []
     for r in range(-warmup, repeats):
@@ -188,13 +205,19 @@ def run_single(
     repeats: int,
     tick: Callable[[str], None],
 ) -> list[RunSample]:
-    """Every single-session run; warm-up runs are made and dropped."""
-    samples = []
-    for r, n, mode in single_schedule(sorted(prompts), warmup, repeats):
-        tick(f"{'warm-up' if r < 0 else f'round {r + 1}'} {mode} {n} tokens")
-        s = run_one(setup, mode, prompts[n], new_tokens, r)
+    """Every single-session run, a full/split pair per round and prompt length, in
+    ``single_schedule``'s order; warm-up runs are made and dropped."""
+    samples: list[RunSample] = []
+    schedule = single_schedule(sorted(prompts), warmup, repeats)
+    for (r, n, first), _ in zip(schedule[::2], schedule[1::2]):
+        rnd = "warm-up" if r < 0 else f"round {r + 1}"
+
+        def on_run(mode: Mode, rnd: str = rnd, n: int = n) -> None:
+            tick(f"{rnd} {mode} {n} tokens")
+
+        pair = run_pair(setup, prompts[n], new_tokens, r, split_first=first == "split", on_run=on_run)
         if r >= 0:
-            samples.append(s)
+            samples.extend(pair)
     return samples
 
 

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
     from ...protos import trunk_pb2 as pb
     from ...shared.client import TrunkClient
+    from ...shared.launcher import OwnedDaemon
+    from ...shared.session import SplitParts
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +180,89 @@ def _finite(x: Any) -> Any:
     return x
 
 
+def _connect(
+    opts: BenchOptions, stack: ExitStack, client_factory: Callable[[], TrunkClient]
+) -> tuple[OwnedDaemon | None, TrunkClient, pb.InfoReply, Any, Any, str]:
+    """The daemon to measure, with a client and its ``Info``, and the model loaded here:
+    ``(daemon the bench owns or None, client, info, model, tokenizer, model spec)``. Both are
+    closed or stopped by ``stack``.
+
+    Raises:
+        UsageError: bad prompt lengths (before a daemon starts), or ``--split`` differs from the
+            daemon's at ``--trunk``.
+        DaemonStartError: the bench's own daemon did not start.
+    """
+    from ...shared import session as ss
+    from ...shared.client import TrunkClient
+    from ...shared.launcher import OwnedDaemon
+
+    if opts.trunk is None:
+        # the model's config and tokenizer first (no weights): bad prompt lengths are refused
+        # before a daemon loads anything
+        model_spec = opts.model or "smollm2"
+        model, tokenizer = _load_model(model_spec)
+        _prompts(opts, tokenizer, int(model.source.config.vocab_size), _context(model, None), warn=False)
+        # a private socket; a non-zero exit at the end fails the run: a benchmark against a
+        # daemon that crashed on the way out proves nothing about the figures before
+        daemon = OwnedDaemon(daemon_args(opts, max(opts.concurrency)), name="the bench's trunk daemon")
+        stack.callback(daemon.stop)
+        print(f"splitlm bench: starting a trunk daemon ({model_spec}) ...", file=sys.stderr, flush=True)
+        info = daemon.start()
+        client = TrunkClient(daemon.address, source="the bench's own daemon")
+        stack.callback(client.close)  # closed before the daemon stops (callbacks run last-first)
+        return daemon, client, info, model, tokenizer, model_spec
+    client = client_factory()
+    stack.callback(client.close)
+    info = client.info()
+    _check_split(opts, info)
+    model_spec = opts.model or ss.client_model_spec(None, info)
+    model, tokenizer = _load_model(model_spec)
+    return None, client, info, model, tokenizer, model_spec
+
+
+def _memory(
+    opts: BenchOptions, model_spec: str, parts: SplitParts, client: TrunkClient, tick: Callable[[str], None]
+) -> dict[str, Any]:
+    """Resident memory: the daemon's (its monitor), and with ``--memory`` the full model's and the
+    client parts' in fresh child processes, next to a bare interpreter's."""
+    from .memory import MemoryRequest
+    from .memory import measure as measure_memory
+
+    memory: dict[str, Any] = {"daemon_rss_bytes": _daemon_rss(client)}
+    if opts.memory:
+        req = MemoryRequest(model_spec, (parts.plan.start, parts.plan.end), parts.fingerprint.precision,
+                            opts.threads)
+        for part in ("full", "client"):
+            tick(f"memory: {part}")
+            m = measure_memory(part, req)
+            memory[f"{part}_rss_bytes"] = m["rss_bytes"]
+            memory["baseline_rss_bytes"] = m["baseline_rss_bytes"]
+    return memory
+
+
+def _write_outputs(
+    opts: BenchOptions, summary: dict[str, Any], meta: dict[str, Any], raw: dict[str, Any], title: str
+) -> None:
+    """``--plots``, ``--json`` and ``--markdown``, each when asked for."""
+    from . import report
+
+    plot_files: dict[str, str] = {}
+    if opts.plots is not None:
+        from .plots import write
+
+        files = write(summary, opts.plots, title)
+        base = opts.markdown.parent if opts.markdown else Path.cwd()
+        plot_files = {k: os.path.relpath(v, base) for k, v in files.items()}
+    if opts.json_path is not None:
+        doc = {"meta": meta, "summary": summary, "samples": raw, "plots": plot_files}
+        opts.json_path.parent.mkdir(parents=True, exist_ok=True)
+        opts.json_path.write_text(json.dumps(_finite(doc), indent=1, default=str) + "\n")
+    if opts.markdown is not None:
+        existing = opts.markdown.read_text() if opts.markdown.is_file() else None
+        opts.markdown.parent.mkdir(parents=True, exist_ok=True)
+        opts.markdown.write_text(report.splice(existing, report.markdown(summary, meta, plot_files)))
+
+
 def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> int:
     """The whole bench; returns the exit code.
 
@@ -196,13 +281,9 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
     import torch
 
     from ...shared import session as ss
-    from ...shared.client import TrunkClient
-    from ...shared.models import resolve_device, resolve_dtype
+    from ...shared.models import resolve_device
     from ...shared.models.precision import client_weights
     from . import measure, report
-    from .memory import MemoryRequest
-    from .memory import measure as measure_memory
-    from .trunkd import OwnedDaemon
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -213,28 +294,9 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
     hf_logging.disable_progress_bar()
 
     with ExitStack() as stack:
-        daemon: OwnedDaemon | None = None
-        if opts.trunk is None:
-            # the model's config and tokenizer first (no weights): bad prompt lengths are refused
-            # before a daemon loads anything
-            model_spec = opts.model or "smollm2"
-            model, tokenizer = _load_model(model_spec)
-            _prompts(opts, tokenizer, int(model.source.config.vocab_size), _context(model, None), warn=False)
-            daemon = OwnedDaemon(daemon_args(opts, max(opts.concurrency)))
-            stack.callback(daemon.stop)
-            print(f"splitlm bench: starting a trunk daemon ({model_spec}) ...", file=sys.stderr, flush=True)
-            client, info = daemon.start(TrunkClient)
-            stack.callback(client.close)  # closed before the daemon stops (callbacks run last-first)
-        else:
-            client = client_factory()
-            stack.callback(client.close)
-            info = client.info()
-            _check_split(opts, info)
-            model_spec = opts.model or ss.client_model_spec(None, info)
-            model, tokenizer = _load_model(model_spec)
+        daemon, client, info, model, tokenizer, model_spec = _connect(opts, stack, client_factory)
         device = resolve_device(getattr(args, "device", None) or "auto")
-        dtype = resolve_dtype(opts.dtype or args.dtype or "auto", device)
-        parts = ss.split_parts(model, info, dtype, device, with_full=True,
+        parts = ss.split_parts(model, info, device, with_full=True,
                                weights=client_weights(opts.weights, opts.dtype))
         assert parts.full is not None
         wire_dtype = getattr(torch, opts.wire_dtype) if opts.wire_dtype else None
@@ -247,15 +309,7 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
         stack.callback(close_bar)
         samples = measure.run_single(setup, prompts, opts.new_tokens, opts.warmup, opts.repeats, tick)
         conc = measure.run_concurrency(setup, opts.concurrency, prompts[conc_len], opts.new_tokens, tick)
-        memory: dict[str, Any] = {"daemon_rss_bytes": _daemon_rss(client)}
-        if opts.memory:
-            req = MemoryRequest(model_spec, (parts.plan.start, parts.plan.end), parts.fingerprint.precision,
-                                opts.threads)
-            for part in ("full", "client"):
-                tick(f"memory: {part}")
-                m = measure_memory(part, req)
-                memory[f"{part}_rss_bytes"] = m["rss_bytes"]
-                memory["baseline_rss_bytes"] = m["baseline_rss_bytes"]
+        memory = _memory(opts, model_spec, parts, client, tick)
         close_bar()
         client_threads = torch.get_num_threads()
         after = client.info().batching  # what the daemon batched during the runs
@@ -298,20 +352,5 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
     print(report.text_table(summary, f"splitlm bench: {title}, {meta['plan']['weights']} weights, "
                             f"{opts.repeats} round(s), {opts.new_tokens} tokens per run, load average "
                             f"{report.load_text(meta['machine'])}"))
-    plot_files: dict[str, str] = {}
-    if opts.plots is not None:
-        from .plots import write
-
-        files = write(summary, opts.plots, title)
-        base = opts.markdown.parent if opts.markdown else Path.cwd()
-        plot_files = {k: os.path.relpath(v, base) for k, v in files.items()}
-    if opts.json_path is not None:
-        doc = {"meta": meta, "summary": summary, "samples": report.raw_samples(samples, conc),
-               "plots": plot_files}
-        opts.json_path.parent.mkdir(parents=True, exist_ok=True)
-        opts.json_path.write_text(json.dumps(_finite(doc), indent=1, default=str) + "\n")
-    if opts.markdown is not None:
-        existing = opts.markdown.read_text() if opts.markdown.is_file() else None
-        opts.markdown.parent.mkdir(parents=True, exist_ok=True)
-        opts.markdown.write_text(report.splice(existing, report.markdown(summary, meta, plot_files)))
+    _write_outputs(opts, summary, meta, report.raw_samples(samples, conc), title)
     return ExitCode.OK

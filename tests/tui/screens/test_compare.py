@@ -30,8 +30,8 @@ async def test_compare_agrees_on_greedy(chat_daemon, make_config) -> None:  # ty
         await pilot.press("enter")
         await wait_until(pilot, lambda: screen.report is not None, timeout=90, what="the comparison")
         r = screen.report
-        assert r.agreement.identical and r.agreement.full_tokens == 20
-        assert r.full_text == r.split_text
+        assert r.comparison.agreement.identical and r.comparison.agreement.full_tokens == 20
+        assert r.comparison.full.text == r.comparison.split.text
         assert "100%" in str(screen.query_one("#compare-agreement", Label).render())
         rows = {row[0]: row for row in screen.query_one(CompareTable).rows}
         assert rows["tokens"][1:3] == ("20", "20") and rows["TTFT"][3].endswith("×")
@@ -42,5 +42,5 @@ async def test_compare_agrees_on_greedy(chat_daemon, make_config) -> None:  # ty
         loaded = app.comparer.full
         await pilot.press("enter")  # a second run reuses the full model
         await wait_until(pilot, lambda: not screen.running, timeout=90, what="the second comparison")
-        assert app.comparer.full is loaded and screen.report.agreement.identical
+        assert app.comparer.full is loaded and screen.report.comparison.agreement.identical
         assert not any(p.startswith("loading the full model") for p in progress)  # loaded once

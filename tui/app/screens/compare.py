@@ -32,7 +32,7 @@ DEFAULT_PROMPT = "Why is the sky blue?"
 
 
 def agreement_text(report: CompareReport) -> str:
-    a = report.agreement
+    a = report.comparison.agreement
     if a.identical:
         return f"agreement 100%: all {a.full_tokens} tokens identical"
     return (
@@ -130,8 +130,8 @@ class CompareScreen(Screen[None]):
         self.report = r = msg.report
         self.query_one(ProgressPanel).done()
         self.query_one("#compare-agreement", Label).update(agreement_text(r))
-        self.query_one("#full-text", Static).update(Text(r.full_text))
-        self.query_one("#split-text", Static).update(Text(r.split_text))
+        self.query_one("#full-text", Static).update(Text(r.comparison.full.text))
+        self.query_one("#split-text", Static).update(Text(r.comparison.split.text))
         table = self.query_one(CompareTable)
         table.show(r)
         table.display = True
