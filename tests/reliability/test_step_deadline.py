@@ -52,7 +52,7 @@ def _client(address: str, model_dir: Path, deadline: StepDeadline) -> tuple[Trun
     client = TrunkClient(address, connect_timeout_s=10, step_deadline=deadline)
     src = resolve(str(model_dir))
     model = ss.LoadedModel(src, family_for(src.config), _NoText(), src.generation_eos())
-    parts = ss.split_parts(model, client.info(), torch.float32, torch.device("cpu"), with_full=True)
+    parts = ss.split_parts(model, client.info(), torch.device("cpu"), with_full=True)
     return client, parts
 
 
