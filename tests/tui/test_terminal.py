@@ -48,10 +48,11 @@ def tmux(tmp_path) -> Iterator[Tmux]:  # type: ignore[no-untyped-def]
     subprocess.run(["tmux", "kill-session", "-t", t.name], capture_output=True, timeout=30)
 
 
-def test_chat_in_tmux_80x24(tmux, chat_daemon, chat_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def start_chat(tmux: Tmux, address: str, model: object, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Run ``splitlm chat`` in the tmux session at 80x24, without COLORTERM, logging to tmp_path."""
     cmd = shlex.join([
-        sys.executable, "-m", "splitlm.tui.cli", "chat", "--trunk", chat_daemon.address,
-        "--model", str(chat_model), "--max-new-tokens", "24", "--data-dir", str(tmp_path / "data"),
+        sys.executable, "-m", "splitlm.tui.cli", "--log-level", "INFO", "chat", "--trunk", address,
+        "--model", str(model), "--max-new-tokens", "24", "--data-dir", str(tmp_path / "data"),
     ])
     env = {k: v for k, v in os.environ.items() if k != "COLORTERM"}
     env.update(TERM="xterm-256color", XDG_STATE_HOME=str(tmp_path / "state"), OMP_NUM_THREADS="1")
@@ -59,6 +60,10 @@ def test_chat_in_tmux_80x24(tmux, chat_daemon, chat_model, tmp_path) -> None:  #
                                              ("TERM", "XDG_STATE_HOME", "OMP_NUM_THREADS", "PATH", "HOME")]]
     tmux.run("new-session", "-d", "-s", tmux.name, "-x", "80", "-y", "24",
              shlex.join(env_args) + f" {cmd}; echo EXITED $?; sleep 60")
+
+
+def test_chat_in_tmux_80x24(tmux, chat_daemon, chat_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    start_chat(tmux, chat_daemon.address, chat_model, tmp_path)
     tmux.wait_for(lambda s: "connected" in s and "Type a prompt" in s, "the app to connect")
     tmux.keys("why is the sky blue", "Enter")
     screen = tmux.wait_for(lambda s: "24 tok" in s and "TTFT" in s and "^n New" in s, "the reply")
@@ -74,3 +79,25 @@ def test_chat_in_tmux_80x24(tmux, chat_daemon, chat_model, tmp_path) -> None:  #
     tmux.wait_for(lambda s: "EXITED 0" in s, "a clean exit", timeout=30)
     assert "Traceback" not in tmux.screen()
     assert (tmp_path / "state" / "splitlm" / "log" / "chat.log").exists()  # logs went to the file
+
+
+def test_prompt_sent_while_loading_is_answered_without_a_second_enter(tmux, chat_daemon, chat_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Enter right after the app appears, while it still loads torch and the model: the prompt
+    waits in the transcript, marked, and the reply comes when the parts are ready."""
+    start_chat(tmux, chat_daemon.address, chat_model, tmp_path)
+    first = tmux.wait_for(lambda s: "splitlm" in s and "loading" in s, "the app's first screen")
+    tmux.keys("why is the sky blue", "Enter")  # once; nothing else is pressed until the reply
+    seen = [first]
+    held = tmux.wait_for(lambda s: seen.append(s) or "waiting for the model" in s or "TTFT" in s, "the held prompt")
+    screen = tmux.wait_for(lambda s: seen.append(s) or ("24 tok" in s and "TTFT" in s), "the reply")
+    assert "waiting for the model" in held, held  # it was held, not sent into a ready app
+    assert any("loading (" in s and "/5)" in s for s in seen), "the status bar never showed the load's progress"
+    assert any("loading the bottom" in s or "reading the model" in s or "torch" in s for s in seen)
+    assert not any("not connected" in s.lower() for s in seen)
+    lines = screen.splitlines()
+    assert [line.strip() for line in lines].count("why is the sky blue") == 1  # sent once, shown once
+    assert "waiting for the model" not in screen and "● connected" in screen
+    log = (tmp_path / "state" / "splitlm" / "log" / "chat.log").read_text()
+    assert "holding a prompt" in log and "load 5/5" in log and "reply done: 24 tokens" in log
+    tmux.keys("C-q")
+    tmux.wait_for(lambda s: "EXITED 0" in s, "a clean exit", timeout=30)
