@@ -107,8 +107,10 @@ class SplitlmApp(App[None]):
             self.animation_level = "none"
         self.set_reactive(SplitlmApp.address, config.trunk)
 
-    def on_mount(self) -> None:
-        self.push_screen(ChatScreen())
+    async def on_mount(self) -> None:
+        # Mounted (and its prompt focused) before the queued input is handled: keys typed while
+        # the app started reach the prompt instead of an empty screen.
+        await self.push_screen(ChatScreen())
         if self._start_monitor:
             self.follow_monitor()
 

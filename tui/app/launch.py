@@ -105,12 +105,62 @@ def retry_policy(args: argparse.Namespace) -> Any:
     )
 
 
+def hold_typed_keys() -> list[Any] | None:
+    """Keep what the user types before the app's first screen for the app.
+
+    Validating the settings imports torch, seconds before Textual takes the terminal. A terminal in
+    its usual line mode echoes those keys onto the shell's screen and turns Enter into a newline the
+    app reads as ctrl+j, so a prompt typed and sent at once was lost. Without echo, line editing and
+    CR-to-NL mapping the keys wait in the terminal's buffer, as they are, for the app to read.
+
+    Returns:
+        the terminal's attributes to restore at exit (``restore_terminal``); None when stdin is
+        not a terminal.
+    """
+    if not sys.stdin.isatty():
+        return None
+    import termios
+
+    fd = sys.stdin.fileno()
+    try:
+        before = termios.tcgetattr(fd)
+        held = termios.tcgetattr(fd)
+        held[0] &= ~termios.ICRNL  # iflag: Enter stays a carriage return
+        held[3] &= ~(termios.ECHO | termios.ICANON)  # lflag: no echo, no line buffering
+        termios.tcsetattr(fd, termios.TCSANOW, held)
+    except termios.error:
+        return None
+    return before
+
+
+def restore_terminal(before: list[Any] | None) -> None:
+    """Put back the attributes ``hold_typed_keys`` found (Textual restores only its own)."""
+    if before is None:
+        return
+    import termios
+
+    try:
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, before)
+    except termios.error:
+        pass
+
+
 def run_chat(args: argparse.Namespace, connect: Callable[[], Any] | None, trunk_source: str) -> int:
     """``splitlm chat``: answer ``--paths``/``--serve``, else run the app until it quits.
 
     Raises:
         UsageError: a generation setting out of range (before anything loads).
     """
+    if args.paths or args.serve:
+        return _run_chat(args, connect, trunk_source)
+    terminal = hold_typed_keys()
+    try:
+        return _run_chat(args, connect, trunk_source)
+    finally:
+        restore_terminal(terminal)
+
+
+def _run_chat(args: argparse.Namespace, connect: Callable[[], Any] | None, trunk_source: str) -> int:
     data_dir = args.data_dir or default_data_dir()
     log_file = default_log_dir() / LOG_NAME
     if not 0.25 <= args.monitor_interval <= 10:

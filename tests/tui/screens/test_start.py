@@ -134,6 +134,16 @@ class TestHeldPrompt:
             await wait_reply(pilot, app, 2)
             assert chat.messages[0].content == PROMPT and prompt_box(chat).value == "and the sea"
 
+    async def test_ctrl_j_sends_like_enter(self, chat_daemon, make_config) -> None:  # type: ignore[no-untyped-def]
+        """A terminal still in line mode (keys typed before the app starts) sends Enter as ctrl+j."""
+        app, engine = gated_app(make_config(chat_daemon.address))
+        async with app.run_test(size=(80, 24)) as pilot:
+            chat = app.chat_screen()
+            await wait_until(pilot, engine.waiting.is_set, what="the load to start")
+            await pilot.press(*PROMPT, "ctrl+j")
+            assert chat.pending == PROMPT and prompt_box(chat).value == ""
+            engine.gate.set()
+
 
 class TestFailedLoad:
     async def test_no_daemon_puts_the_prompt_back_with_the_error(self, make_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

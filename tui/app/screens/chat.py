@@ -80,6 +80,7 @@ class ChatScreen(Screen[None]):
     | Key | Action |
     | :- | :- |
     | enter | send the prompt (while the model loads: hold it, and send it once ready) |
+    | ctrl+j | the same (what Enter sends before the app owns the terminal) |
     | escape | stop the reply (the partial reply stays); take back a held prompt; cancel an edit |
     | ctrl+n | new chat |
     | ctrl+r | regenerate the last reply |
@@ -92,6 +93,8 @@ class ChatScreen(Screen[None]):
         Binding("ctrl+n", "new_chat", "New", tooltip="start a new conversation"),
         Binding("ctrl+r", "regenerate", "Regen", tooltip="generate the last reply again"),
         Binding("ctrl+g", "edit_last", "Edit", tooltip="edit the last prompt and send it again"),
+        Binding("ctrl+j", "send_prompt", "Send", show=False,
+                tooltip="Enter as a terminal still in line mode sends it (keys typed as the app starts)"),
     ]
 
     generating: reactive[bool] = reactive(False, bindings=True)
@@ -135,7 +138,7 @@ class ChatScreen(Screen[None]):
         transcript = self.query_one("#transcript", VerticalScroll)
         transcript.mount(Static(WELCOME, id="welcome"))
         transcript.anchor()
-        prompt.focus()
+        self.set_focus(prompt)  # now, not at the next idle (``focus``): keys typed at start go here
         if self.splitlm.autoload and not self.splitlm.engine.loaded:
             self.start_load(reconnect=False)
 
@@ -371,6 +374,12 @@ class ChatScreen(Screen[None]):
         self.splitlm.failover(msg.event)
 
     # --- actions ---
+
+    async def action_send_prompt(self) -> None:
+        """ctrl+j is what Enter becomes when pressed before the app owns the terminal."""
+        prompt = self.query_one("#prompt", Input)
+        if prompt.has_focus:
+            await prompt.action_submit()
 
     def action_take_back(self) -> None:
         """Esc on a prompt waiting for the model: back into the box; the load goes on."""
