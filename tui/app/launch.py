@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -155,9 +156,26 @@ def run_chat(args: argparse.Namespace, connect: Callable[[], Any] | None, trunk_
         return _run_chat(args, connect, trunk_source)
     terminal = hold_typed_keys()
     try:
-        return _run_chat(args, connect, trunk_source)
+        code = _run_chat(args, connect, trunk_source)
     finally:
         restore_terminal(terminal)
+    if loading_still():
+        # quit during the load: it cannot be interrupted, holds only what it reads, and would
+        # keep the process (and the user's shell) for the rest of the load, or crash at exit
+        logging.getLogger(__name__).info("quit while loading: not waiting for the load")
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(int(code))
+    return code
+
+
+def loading_still() -> bool:
+    """The chat's load thread (``screens.chat.LOAD_THREAD``) is still running."""
+    import threading
+
+    from .screens.chat import LOAD_THREAD  # Textual is loaded by now: the app has run
+
+    return any(t.name == LOAD_THREAD and t.is_alive() for t in threading.enumerate())
 
 
 def _run_chat(args: argparse.Namespace, connect: Callable[[], Any] | None, trunk_source: str) -> int:

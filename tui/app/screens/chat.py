@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LOAD_THREAD = "splitlm-load"
+"""The name of the thread that loads the engine (``launch`` looks for it when the app quits)."""
+
 LOADING_PLACEHOLDER = "Loading the model… type a prompt: Enter holds it until ready"
 READY_PLACEHOLDER = "Type a prompt; Enter sends"
 DOWN_PLACEHOLDER = "Not connected: Enter retries and sends, ctrl+y retries"
@@ -166,10 +169,16 @@ class ChatScreen(Screen[None]):
         self._pending_reconnect = False
         self.splitlm.engine_loading(reconnect and self.splitlm.engine.parts is not None)
         self.query_one("#prompt", Input).placeholder = LOADING_PLACEHOLDER
-        self.load_engine(reconnect)
+        threading.Thread(target=self.load_engine, args=(reconnect,), name=LOAD_THREAD, daemon=True).start()
 
-    @work(thread=True, exclusive=True, group="engine", exit_on_error=False)
     def load_engine(self, reconnect: bool) -> None:
+        """Load (or reconnect) the engine and post what happens; runs on its own thread.
+
+        Not a Textual thread worker: those run in asyncio's default executor, which the app
+        joins when it exits, so ctrl+q during a 30 s load would hang until the load ends. A load
+        holds nothing worth finishing (``launch`` ends the process without waiting for it), and
+        ``starting`` already keeps two loads from overlapping. Only posts messages (any thread).
+        """
         engine = self.splitlm.engine
 
         def progress(label: str, step: int, total: int) -> None:
