@@ -48,11 +48,16 @@ def tmux(tmp_path) -> Iterator[Tmux]:  # type: ignore[no-untyped-def]
     subprocess.run(["tmux", "kill-session", "-t", t.name], capture_output=True, timeout=30)
 
 
-def start_chat(tmux: Tmux, address: str, model: object, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def replied(screen: str, tokens: int) -> bool:
+    """The reply has finished: its header carries the count (the live latency line shows it sooner)."""
+    return any("assistant" in line and f"· {tokens} tok" in line for line in screen.splitlines())
+
+
+def start_chat(tmux: Tmux, address: str, model: object, tmp_path, max_new_tokens: int = 24) -> None:  # type: ignore[no-untyped-def]
     """Run ``splitlm chat`` in the tmux session at 80x24, without COLORTERM, logging to tmp_path."""
     cmd = shlex.join([
         sys.executable, "-m", "splitlm.tui.cli", "--log-level", "INFO", "chat", "--trunk", address,
-        "--model", str(model), "--max-new-tokens", "24", "--data-dir", str(tmp_path / "data"),
+        "--model", str(model), "--max-new-tokens", str(max_new_tokens), "--data-dir", str(tmp_path / "data"),
     ])
     env = {k: v for k, v in os.environ.items() if k != "COLORTERM"}
     env.update(TERM="xterm-256color", XDG_STATE_HOME=str(tmp_path / "state"), OMP_NUM_THREADS="1")
@@ -88,7 +93,7 @@ def test_prompt_typed_at_start_is_answered_without_a_second_enter(tmux, chat_dae
     start_chat(tmux, chat_daemon.address, chat_model, tmp_path)
     tmux.keys("why is the sky blue", "Enter")  # once; nothing else is pressed until the reply
     seen: list[str] = []
-    screen = tmux.wait_for(lambda s: seen.append(s) or ("24 tok" in s and "TTFT" in s), "the reply")
+    screen = tmux.wait_for(lambda s: seen.append(s) or replied(s, 24), "the reply")
     assert any("loading (" in s and "/5)" in s for s in seen), "the status bar never showed the load"
     assert not any("not connected" in s.lower() for s in seen)
     lines = [line.strip() for line in screen.splitlines()]
@@ -109,7 +114,42 @@ def test_prompt_held_while_loading_shows_as_waiting(tmux, chat_daemon, chat_mode
     tmux.keys("why is the sky blue", "Enter")
     held = tmux.wait_for(lambda s: "waiting for the model" in s or "TTFT" in s, "the held prompt")
     assert "waiting for the model" in held and "esc Take back" in held, held
-    screen = tmux.wait_for(lambda s: "24 tok" in s and "TTFT" in s, "the reply")
+    screen = tmux.wait_for(lambda s: replied(s, 24), "the reply")
     assert [line.strip() for line in screen.splitlines()].count("why is the sky blue") == 1
     tmux.keys("C-q")
     tmux.wait_for(lambda s: "EXITED 0" in s, "a clean exit", timeout=60)
+
+
+@pytest.mark.realmodel
+@pytest.mark.slow
+def test_smollm2_start_keeps_the_first_prompt_and_quits_mid_load(tmux, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The bundled SmolLM2, whose parts take 15-60 s to load here: a prompt typed at once is
+    answered without a second Enter, and ctrl+q in the middle of a load quits at once."""
+    from tests.conftest import start_daemon
+
+    d = start_daemon("smollm2", f"unix:{tmp_path / 'trunk.sock'}", tmp_path / "trunkd.log")
+    try:
+        start_chat(tmux, d.address, "smollm2", tmp_path, max_new_tokens=8)
+        t0 = time.monotonic()
+        tmux.keys("Why is the sky blue?", "Enter")
+        seen: list[str] = []
+        screen = tmux.wait_for(lambda s: seen.append(s) or replied(s, 8), "the reply", timeout=240)
+        assert any("waiting for the model" in s for s in seen)  # a 15-60 s load is seen holding it
+        assert any("loading (3/5)" in s and "top [28, 30) weights" in s for s in seen)
+        assert [line.strip() for line in screen.splitlines()].count("Why is the sky blue?") == 1
+        log = (tmp_path / "state" / "splitlm" / "log" / "chat.log").read_text()
+        assert "holding a prompt" in log and "reply done: 8 tokens" in log, log[-2000:]
+        print(f"start to reply: {time.monotonic() - t0:.1f} s")  # shown with -s
+        tmux.keys("C-q")
+        tmux.wait_for(lambda s: "EXITED 0" in s, "a clean exit", timeout=30)
+
+        tmux.run("kill-session", "-t", tmux.name)
+        start_chat(tmux, d.address, "smollm2", tmp_path, max_new_tokens=8)
+        tmux.wait_for(lambda s: "reading the model" in s, "the load's GGUF stage", timeout=120)
+        tmux.keys("C-q")
+        t_quit = time.monotonic()
+        tmux.wait_for(lambda s: "EXITED 0" in s, "a quick exit mid-load", timeout=30)
+        assert time.monotonic() - t_quit < 8, "ctrl+q waited for the load"
+        assert "Traceback" not in tmux.screen()
+    finally:
+        d.stop()
