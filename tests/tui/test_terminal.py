@@ -153,3 +153,18 @@ def test_smollm2_start_keeps_the_first_prompt_and_quits_mid_load(tmux, tmp_path)
         assert "Traceback" not in tmux.screen()
     finally:
         d.stop()
+
+
+def test_terminal_modes_come_back_after_a_refused_start(tmux, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The chat turns echo and line editing off at once (keys typed at start wait for the app);
+    a start refused for a bad flag must hand the shell its terminal back as it was."""
+    cmd = shlex.join([sys.executable, "-m", "splitlm.tui.cli", "chat", "--trunk", f"unix:{tmp_path / 'none.sock'}",
+                      "--temperature", "-1", "--data-dir", str(tmp_path / "data")])
+    modes = "stty -a | tr ' ;' '\\n\\n' | grep -xE -- '-?(echo|icanon|icrnl)' | sort | tr '\\n' ' '"
+    tmux.run("new-session", "-d", "-s", tmux.name, "-x", "120", "-y", "24",
+             f"echo BEFORE $({modes}); {cmd}; echo EXITED $?; echo AFTER $({modes}); sleep 60")
+    screen = tmux.wait_for(lambda s: "AFTER" in s, "the refused start", timeout=60)
+    before = next(line for line in screen.splitlines() if line.startswith("BEFORE")).split()[1:]
+    after = next(line for line in screen.splitlines() if line.startswith("AFTER")).split()[1:]
+    assert before == ["echo", "icanon", "icrnl"] and after == before, screen
+    assert "EXITED 2" in screen and "--temperature" in screen
