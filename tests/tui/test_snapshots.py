@@ -11,7 +11,7 @@ import pytest
 
 from splitlm.tui.app.app import SplitlmApp
 from splitlm.tui.app.config import AppConfig, ChatSettings
-from splitlm.tui.app.messages import CompareDone, EngineReady, MonitorSampled
+from splitlm.tui.app.messages import CompareDone, EngineProgress, EngineReady, MonitorSampled
 from splitlm.tui.app.widgets.latency_strip import LatencyStrip
 from tests.tui import fakes
 
@@ -77,3 +77,19 @@ def test_compare(snap_compare, tmp_path, size) -> None:  # type: ignore[no-untyp
 @pytest.mark.parametrize("size", SIZES)
 def test_settings(snap_compare, tmp_path, size) -> None:  # type: ignore[no-untyped-def]
     assert snap_compare(fixed_app(tmp_path), press=["ctrl+s"], terminal_size=size, run_before=prepare)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_loading_with_a_held_prompt(snap_compare, tmp_path, size) -> None:  # type: ignore[no-untyped-def]
+    """The start: the load's stage and progress, and a prompt sent meanwhile, marked as waiting."""
+
+    async def run_before(pilot) -> None:  # type: ignore[no-untyped-def]
+        app: SplitlmApp = pilot.app
+        chat = app.chat_screen()
+        chat.starting = True  # as ``start_load`` leaves it, without a worker
+        app.engine_loading(reconnecting=False)
+        chat.post_message(EngineProgress("loading the bottom [0, 2) and top [28, 30) weights", 3, 5))
+        await pilot.press(*"Why is the sky blue?", "enter")
+        await pilot.pause()
+
+    assert snap_compare(fixed_app(tmp_path), terminal_size=size, run_before=run_before)

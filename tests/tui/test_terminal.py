@@ -48,10 +48,16 @@ def tmux(tmp_path) -> Iterator[Tmux]:  # type: ignore[no-untyped-def]
     subprocess.run(["tmux", "kill-session", "-t", t.name], capture_output=True, timeout=30)
 
 
-def test_chat_in_tmux_80x24(tmux, chat_daemon, chat_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def replied(screen: str, tokens: int) -> bool:
+    """The reply has finished: its header carries the count (the live latency line shows it sooner)."""
+    return any("assistant" in line and f"· {tokens} tok" in line for line in screen.splitlines())
+
+
+def start_chat(tmux: Tmux, address: str, model: object, tmp_path, max_new_tokens: int = 24) -> None:  # type: ignore[no-untyped-def]
+    """Run ``splitlm chat`` in the tmux session at 80x24, without COLORTERM, logging to tmp_path."""
     cmd = shlex.join([
-        sys.executable, "-m", "splitlm.tui.cli", "chat", "--trunk", chat_daemon.address,
-        "--model", str(chat_model), "--max-new-tokens", "24", "--data-dir", str(tmp_path / "data"),
+        sys.executable, "-m", "splitlm.tui.cli", "--log-level", "INFO", "chat", "--trunk", address,
+        "--model", str(model), "--max-new-tokens", str(max_new_tokens), "--data-dir", str(tmp_path / "data"),
     ])
     env = {k: v for k, v in os.environ.items() if k != "COLORTERM"}
     env.update(TERM="xterm-256color", XDG_STATE_HOME=str(tmp_path / "state"), OMP_NUM_THREADS="1")
@@ -59,6 +65,10 @@ def test_chat_in_tmux_80x24(tmux, chat_daemon, chat_model, tmp_path) -> None:  #
                                              ("TERM", "XDG_STATE_HOME", "OMP_NUM_THREADS", "PATH", "HOME")]]
     tmux.run("new-session", "-d", "-s", tmux.name, "-x", "80", "-y", "24",
              shlex.join(env_args) + f" {cmd}; echo EXITED $?; sleep 60")
+
+
+def test_chat_in_tmux_80x24(tmux, chat_daemon, chat_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    start_chat(tmux, chat_daemon.address, chat_model, tmp_path)
     tmux.wait_for(lambda s: "connected" in s and "Type a prompt" in s, "the app to connect")
     tmux.keys("why is the sky blue", "Enter")
     screen = tmux.wait_for(lambda s: "24 tok" in s and "TTFT" in s and "^n New" in s, "the reply")
@@ -74,3 +84,87 @@ def test_chat_in_tmux_80x24(tmux, chat_daemon, chat_model, tmp_path) -> None:  #
     tmux.wait_for(lambda s: "EXITED 0" in s, "a clean exit", timeout=30)
     assert "Traceback" not in tmux.screen()
     assert (tmp_path / "state" / "splitlm" / "log" / "chat.log").exists()  # logs went to the file
+
+
+def test_prompt_typed_at_start_is_answered_without_a_second_enter(tmux, chat_daemon, chat_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Type a prompt and press Enter the moment the command starts, before the app has drawn
+    anything (it still imports torch) and while it loads the model: the prompt is held, shown as
+    waiting, and answered when the parts are ready, with no second Enter."""
+    start_chat(tmux, chat_daemon.address, chat_model, tmp_path)
+    tmux.keys("why is the sky blue", "Enter")  # once; nothing else is pressed until the reply
+    seen: list[str] = []
+    screen = tmux.wait_for(lambda s: seen.append(s) or replied(s, 24), "the reply")
+    assert any("loading (" in s and "/5)" in s for s in seen), "the status bar never showed the load"
+    assert not any("not connected" in s.lower() for s in seen)
+    lines = [line.strip() for line in screen.splitlines()]
+    assert lines.count("why is the sky blue") == 1  # the keys reached the prompt: sent once, shown once
+    assert "waiting for the model" not in screen and "● connected" in screen
+    log = (tmp_path / "state" / "splitlm" / "log" / "chat.log").read_text()
+    assert "holding a prompt of 19 characters" in log, log  # held while loading, not sent into a ready app
+    assert log.index("holding a prompt") < log.index("load 5/5") < log.index("reply done: 24 tokens")
+    tmux.keys("C-q")
+    tmux.wait_for(lambda s: "EXITED 0" in s, "a clean exit", timeout=60)
+    assert "Traceback" not in tmux.screen()
+
+
+def test_prompt_held_while_loading_shows_as_waiting(tmux, chat_daemon, chat_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Enter once the app shows it is loading: the prompt is marked as waiting, then answered."""
+    start_chat(tmux, chat_daemon.address, chat_model, tmp_path)
+    tmux.wait_for(lambda s: "loading (" in s, "the app's first screen", timeout=90)
+    tmux.keys("why is the sky blue", "Enter")
+    held = tmux.wait_for(lambda s: "waiting for the model" in s or "TTFT" in s, "the held prompt")
+    assert "waiting for the model" in held and "esc Take back" in held, held
+    screen = tmux.wait_for(lambda s: replied(s, 24), "the reply")
+    assert [line.strip() for line in screen.splitlines()].count("why is the sky blue") == 1
+    tmux.keys("C-q")
+    tmux.wait_for(lambda s: "EXITED 0" in s, "a clean exit", timeout=60)
+
+
+@pytest.mark.realmodel
+@pytest.mark.slow
+def test_smollm2_start_keeps_the_first_prompt_and_quits_mid_load(tmux, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The bundled SmolLM2, whose parts take 15-60 s to load here: a prompt typed at once is
+    answered without a second Enter, and ctrl+q in the middle of a load quits at once."""
+    from tests.conftest import start_daemon
+
+    d = start_daemon("smollm2", f"unix:{tmp_path / 'trunk.sock'}", tmp_path / "trunkd.log")
+    try:
+        start_chat(tmux, d.address, "smollm2", tmp_path, max_new_tokens=8)
+        t0 = time.monotonic()
+        tmux.keys("Why is the sky blue?", "Enter")
+        seen: list[str] = []
+        screen = tmux.wait_for(lambda s: seen.append(s) or replied(s, 8), "the reply", timeout=240)
+        assert any("waiting for the model" in s for s in seen)  # a 15-60 s load is seen holding it
+        assert any("loading (3/5)" in s and "top [28, 30) weights" in s for s in seen)
+        assert [line.strip() for line in screen.splitlines()].count("Why is the sky blue?") == 1
+        log = (tmp_path / "state" / "splitlm" / "log" / "chat.log").read_text()
+        assert "holding a prompt" in log and "reply done: 8 tokens" in log, log[-2000:]
+        print(f"start to reply: {time.monotonic() - t0:.1f} s")  # shown with -s
+        tmux.keys("C-q")
+        tmux.wait_for(lambda s: "EXITED 0" in s, "a clean exit", timeout=30)
+
+        tmux.run("kill-session", "-t", tmux.name)
+        start_chat(tmux, d.address, "smollm2", tmp_path, max_new_tokens=8)
+        tmux.wait_for(lambda s: "reading the model" in s, "the load's GGUF stage", timeout=120)
+        tmux.keys("C-q")
+        t_quit = time.monotonic()
+        tmux.wait_for(lambda s: "EXITED 0" in s, "a quick exit mid-load", timeout=30)
+        assert time.monotonic() - t_quit < 8, "ctrl+q waited for the load"
+        assert "Traceback" not in tmux.screen()
+    finally:
+        d.stop()
+
+
+def test_terminal_modes_come_back_after_a_refused_start(tmux, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The chat turns echo and line editing off at once (keys typed at start wait for the app);
+    a start refused for a bad flag must hand the shell its terminal back as it was."""
+    cmd = shlex.join([sys.executable, "-m", "splitlm.tui.cli", "chat", "--trunk", f"unix:{tmp_path / 'none.sock'}",
+                      "--temperature", "-1", "--data-dir", str(tmp_path / "data")])
+    modes = "stty -a | tr ' ;' '\\n\\n' | grep -xE -- '-?(echo|icanon|icrnl)' | sort | tr '\\n' ' '"
+    tmux.run("new-session", "-d", "-s", tmux.name, "-x", "120", "-y", "24",
+             f"echo BEFORE $({modes}); {cmd}; echo EXITED $?; echo AFTER $({modes}); sleep 60")
+    screen = tmux.wait_for(lambda s: "AFTER" in s, "the refused start", timeout=60)
+    before = next(line for line in screen.splitlines() if line.startswith("BEFORE")).split()[1:]
+    after = next(line for line in screen.splitlines() if line.startswith("AFTER")).split()[1:]
+    assert before == ["echo", "icanon", "icrnl"] and after == before, screen
+    assert "EXITED 2" in screen and "--temperature" in screen

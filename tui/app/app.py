@@ -21,7 +21,7 @@ from .comparison import Comparer
 from .config import AppConfig, ChatSettings
 from .engine import ChatEngine, PlanInfo, ReplyOutcome
 from .messages import ConnectionChanged, MonitorSampled, MonitorUnavailable
-from .monitor_feed import CONNECTED, DOWN, RECONNECTING, MonitorFeed
+from .monitor_feed import CONNECTED, CONNECTING, DOWN, RECONNECTING, MonitorFeed
 from .monitor_history import MonitorHistory
 from .screens.chat import ChatScreen
 from .screens.compare import CompareScreen
@@ -34,6 +34,10 @@ from .store import ConversationStore
 log = logging.getLogger(__name__)
 
 RETRY_HINT = "ctrl+y retry"
+
+LOADING, FAILED = "loading", "failed"
+"""The engine's own states in ``connection``: loading its parts; failed for another reason
+than an absent daemon (a model mismatch, a bad file): the daemon may well be up."""
 
 
 class SplitlmApp(App[None]):
@@ -54,6 +58,8 @@ class SplitlmApp(App[None]):
         config: start-up configuration.
         start_monitor: follow the daemon's monitor stream (tests that feed samples turn it off).
         autoload: load the parts at start (snapshot tests that feed fixed data turn it off).
+        engine: the chat's engine (default: a ``ChatEngine`` on ``config``; tests pass one that
+            loads slowly on purpose).
     """
 
     CSS_PATH = "splitlm.tcss"
@@ -69,8 +75,9 @@ class SplitlmApp(App[None]):
         Binding("ctrl+q", "quit", "Quit", tooltip="quit splitlm", priority=True, show=False),
     ]
 
-    connection: reactive[str] = reactive("connecting")
-    """The daemon as last seen: connecting, connected, reconnecting or down."""
+    connection: reactive[str] = reactive(CONNECTING)
+    """The daemon as last seen (connecting, connected, reconnecting, down), or the engine's
+    state while it is not ready (loading, failed)."""
     connection_hint: reactive[str] = reactive("")
     plan_text: reactive[str] = reactive("")
     address: reactive[str] = reactive("")
@@ -80,11 +87,13 @@ class SplitlmApp(App[None]):
     replies: reactive[int] = reactive(0)
     """Count of finished replies (the latency screen watches it)."""
 
-    def __init__(self, config: AppConfig, start_monitor: bool = True, autoload: bool = True) -> None:
+    def __init__(
+        self, config: AppConfig, start_monitor: bool = True, autoload: bool = True, engine: ChatEngine | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.settings: ChatSettings = config.settings
-        self.engine = ChatEngine(config)
+        self.engine = engine or ChatEngine(config)
         self.comparer = Comparer(self.engine)
         self.store = ConversationStore(config.db_path)
         self.monitor = MonitorHistory(minutes=5, interval_s=config.monitor_interval_s)
@@ -98,8 +107,10 @@ class SplitlmApp(App[None]):
             self.animation_level = "none"
         self.set_reactive(SplitlmApp.address, config.trunk)
 
-    def on_mount(self) -> None:
-        self.push_screen(ChatScreen())
+    async def on_mount(self) -> None:
+        # Mounted (and its prompt focused) before the queued input is handled: keys typed while
+        # the app started reach the prompt instead of an empty screen.
+        await self.push_screen(ChatScreen())
         if self._start_monitor:
             self.follow_monitor()
 
@@ -125,6 +136,16 @@ class SplitlmApp(App[None]):
         chat = self.chat_screen()
         return chat.last_user_prompt() if chat is not None else ""
 
+    def engine_loading(self, reconnecting: bool) -> None:
+        """The chat starts (re)building its engine: loading the parts, or only a new session."""
+        self.connection = CONNECTING if reconnecting else LOADING
+        self.connection_hint = ""
+
+    def engine_progress(self, step: int, total: int) -> None:
+        """The status bar counts the load's stages; the chat's progress panel names them."""
+        if self.connection in (LOADING, CONNECTING):
+            self.connection_hint = f"{step}/{total}"
+
     def engine_ready(self, plan: PlanInfo) -> None:
         self.plan = plan
         self._engine_down = False
@@ -132,13 +153,14 @@ class SplitlmApp(App[None]):
         self.connection = CONNECTED
         self.connection_hint = ""
 
-    def engine_failed(self, error: str, unreachable: bool) -> None:
+    def engine_failed(self, error: str, unreachable: bool, prompt_restored: bool = False) -> None:
+        """Loading failed; ``prompt_restored``: a held prompt went back into the box."""
         self._engine_down = True
-        if unreachable:
-            self.connection = DOWN
+        self.connection = DOWN if unreachable else FAILED
         self.connection_hint = RETRY_HINT
         first = error.splitlines()[0]
-        self.notify(f"{first}\nctrl+y retries.", title="Not connected", severity="error", timeout=10)
+        back = " Your prompt is back in the box: Enter tries again." if prompt_restored else ""
+        self.notify(f"{first}\nctrl+y retries.{back}", title="Not connected", severity="error", timeout=10)
 
     def reply_finished(self, outcome: ReplyOutcome) -> None:
         self.last_reply = outcome
@@ -245,7 +267,7 @@ class SplitlmApp(App[None]):
 
     def action_open_conversation(self) -> None:
         chat = self.chat_screen()
-        if chat is None or chat.generating or isinstance(self.screen, ConversationsScreen):
+        if chat is None or chat.generating or chat.pending or isinstance(self.screen, ConversationsScreen):
             return
 
         async def chosen(conversation_id: int | None) -> None:
@@ -265,7 +287,9 @@ class SplitlmApp(App[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "retry":
-            return self.connection != CONNECTED or self._engine_down
+            chat = self.chat_screen()
+            loading = chat is not None and chat.starting
+            return (self.connection != CONNECTED or self._engine_down) and not loading
         if action == "switch" and parameters == ("compare",):
             return self.plan is not None and self.connection != DOWN
         return True

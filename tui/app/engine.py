@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 from ...shared.errors import SplitlmError
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
 """``(what is happening, steps done, steps in all)``, called on the worker's thread."""
+
+LOAD_STEPS = 5
+"""Stages of ``ChatEngine.load``: imports, the daemon's plan, the model's config and tokenizer,
+the bottom and top weights, the trunk session."""
 
 
 class ConversationFull(SplitlmError):
@@ -105,29 +110,39 @@ class ChatEngine:
     def load(self, progress: Progress) -> PlanInfo:
         """Ask the daemon for its plan, load the matching bottom and top, open a session.
 
+        Each stage is told through ``progress`` before it starts (``LOAD_STEPS`` in all), so the
+        app can say what the 15-30 s of a start go to while it holds the user's first prompt.
+
         Raises:
             DaemonUnreachable: nothing answers at the address.
             SplitlmError: the model here does not match the daemon's, or cannot load.
         """
+        total = LOAD_STEPS
+        t0 = time.perf_counter()
+
+        def step(label: str, done: int) -> None:
+            log.info("load %d/%d at %.2f s: %s", done, total, time.perf_counter() - t0, label)
+            progress(label, done, total)
+
+        step("loading torch and transformers", 0)
         from ...shared import session as ss
         from ...shared.models import resolve_device
 
-        total = 4
-        t0 = time.perf_counter()
-        progress(f"asking the daemon at {self.config.trunk} for its plan", 0, total)
+        quiet_libraries()
+        step(f"asking the daemon at {self.config.trunk} for its plan", 1)
         client = self._client()
         info = client.info()
-        quiet_libraries()
-        progress(f"loading the tokenizer of {info.plan.model_id}", 1, total)
+        named = self.config.model or info.plan.model_id
+        step(f"reading the model {PurePath(named).name or named} (config, tokenizer)", 2)
         model = ss.load_model(ss.client_model_spec(self.config.model, info))
         device = resolve_device(self.config.device)
         a, b = info.plan.trunk_start, info.plan.trunk_end
-        progress(f"loading the bottom [0, {a}) and top [{b}, {info.plan.num_layers}) weights", 2, total)
+        step(f"loading the bottom [0, {a}) and top [{b}, {info.plan.num_layers}) weights", 3)
         parts = ss.split_parts(model, info, device, weights=self.config.local_weights())
-        progress("opening a trunk session", 3, total)
+        step(f"connecting to the trunk at {client.address}", 4)
         self.model, self.parts, self.info_reply = model, parts, info
         self._open_pipeline()
-        progress("ready", total, total)
+        step("ready", total)
         p = info.plan
         self.plan = PlanInfo(
             model=model.source.model_id,
@@ -184,7 +199,7 @@ class ChatEngine:
             self.close_session()
             self.parts = None
             return self.load(progress)
-        progress("opening a trunk session", 1, 2)
+        progress(f"connecting to the trunk at {self.client.address}", 1, 2)
         self._open_pipeline()
         progress("ready", 2, 2)
         assert self.plan is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -128,12 +129,79 @@ def retry_policy(args: argparse.Namespace) -> Any:
     )
 
 
+def hold_typed_keys() -> list[Any] | None:
+    """Keep what the user types before the app's first screen for the app.
+
+    Validating the settings imports torch, seconds before Textual takes the terminal. A terminal in
+    its usual line mode echoes those keys onto the shell's screen and turns Enter into a newline the
+    app reads as ctrl+j, so a prompt typed and sent at once was lost. Without echo, line editing and
+    CR-to-NL mapping the keys wait in the terminal's buffer, as they are, for the app to read.
+
+    Returns:
+        the terminal's attributes to restore at exit (``restore_terminal``); None when stdin is
+        not a terminal.
+    """
+    if not sys.stdin.isatty():
+        return None
+    import termios
+
+    fd = sys.stdin.fileno()
+    try:
+        before = termios.tcgetattr(fd)
+        held = termios.tcgetattr(fd)
+        held[0] &= ~termios.ICRNL  # iflag: Enter stays a carriage return
+        held[3] &= ~(termios.ECHO | termios.ICANON)  # lflag: no echo, no line buffering
+        termios.tcsetattr(fd, termios.TCSANOW, held)
+    except termios.error:
+        return None
+    return before
+
+
+def restore_terminal(before: list[Any] | None) -> None:
+    """Put back the attributes ``hold_typed_keys`` found (Textual restores only its own)."""
+    if before is None:
+        return
+    import termios
+
+    try:
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, before)
+    except termios.error:
+        pass
+
+
 def run_chat(args: argparse.Namespace, connect: Callable[[], Any] | None, trunk_source: str) -> int:
     """``splitlm chat``: answer ``--paths``/``--serve``, else run the app until it quits.
 
     Raises:
         UsageError: a generation setting out of range (before anything loads).
     """
+    if args.paths or args.serve:
+        return _run_chat(args, connect, trunk_source)
+    terminal = hold_typed_keys()
+    try:
+        code = _run_chat(args, connect, trunk_source)
+    finally:
+        restore_terminal(terminal)
+    if loading_still():
+        # quit during the load: it cannot be interrupted, holds only what it reads, and would
+        # keep the process (and the user's shell) for the rest of the load, or crash at exit
+        logging.getLogger(__name__).info("quit while loading: not waiting for the load")
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(int(code))
+    return code
+
+
+def loading_still() -> bool:
+    """The chat's load thread (``screens.chat.LOAD_THREAD``) is still running."""
+    import threading
+
+    from .screens.chat import LOAD_THREAD  # Textual is loaded by now: the app has run
+
+    return any(t.name == LOAD_THREAD and t.is_alive() for t in threading.enumerate())
+
+
+def _run_chat(args: argparse.Namespace, connect: Callable[[], Any] | None, trunk_source: str) -> int:
     data_dir = args.data_dir or default_data_dir()
     log_file = default_log_dir() / LOG_NAME
     if not 0.25 <= args.monitor_interval <= 10:

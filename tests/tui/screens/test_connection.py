@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from textual.widgets import Input
+
 from splitlm.shared.failover import RetryPolicy
 from splitlm.tui.app.app import SplitlmApp
 from splitlm.tui.app.config import ChatSettings
@@ -66,8 +68,10 @@ async def test_daemon_down_at_start_then_up(chat_model, make_config, tmp_path) -
         await wait_until(pilot, lambda: app.connection == "down", timeout=30, what="down")
         assert any(n.startswith("Not connected") for n in notices(app)), notices(app)
         assert not app.engine.loaded and chat.query_one(StatusBar).state == "down"
-        await send(pilot, app, "hello")  # refused with a notice, nothing breaks
-        assert chat.messages == []
+        await send(pilot, app, "hello")  # Enter retries the load; no daemon: the prompt comes back
+        await wait_until(pilot, lambda: not chat.starting and not chat.pending, timeout=30, what="the retry")
+        assert chat.messages == [] and chat.query_one("#prompt", Input).value == "hello"
+        assert any("back in the box" in n for n in notices(app)), notices(app)
         d = start_daemon(chat_model, address, tmp_path / "d.log", "--split", "2:4")
         try:
             # the monitor stream sees the daemon and the chat loads by itself

@@ -36,10 +36,19 @@ from ..widgets.progress_panel import ProgressPanel
 from ..widgets.status_bar import StatusBar
 
 if TYPE_CHECKING:
+    from textual.await_remove import AwaitRemove
+
     from ..app import SplitlmApp
     from ..engine import ReplyOutcome
 
 log = logging.getLogger(__name__)
+
+LOAD_THREAD = "splitlm-load"
+"""The name of the thread that loads the engine (``launch`` looks for it when the app quits)."""
+
+LOADING_PLACEHOLDER = "Loading the model… type a prompt: Enter holds it until ready"
+READY_PLACEHOLDER = "Type a prompt; Enter sends"
+DOWN_PLACEHOLDER = "Not connected: Enter retries and sends, ctrl+y retries"
 
 WELCOME = (
     "Type a prompt below; Enter sends it. The reply streams in, with each token's latency on the "
@@ -47,6 +56,9 @@ WELCOME = (
     "ctrl+l: where the time went · ctrl+t: the server · ctrl+f: full model vs split · "
     "ctrl+s: settings · ctrl+p: every command · ctrl+q: quit"
 )
+
+PENDING_NOTE = "· waiting for the model… (Esc takes it back)"
+"""The header note of a prompt sent before the engine was ready."""
 
 FINISH_NOTES = {
     "eos": "",
@@ -70,18 +82,22 @@ class ChatScreen(Screen[None]):
 
     | Key | Action |
     | :- | :- |
-    | enter | send the prompt |
-    | escape | stop the reply (the partial reply stays); cancel an edit |
+    | enter | send the prompt (while the model loads: hold it, and send it once ready) |
+    | ctrl+j | the same (what Enter sends before the app owns the terminal) |
+    | escape | stop the reply (the partial reply stays); take back a held prompt; cancel an edit |
     | ctrl+n | new chat |
     | ctrl+r | regenerate the last reply |
     | ctrl+g | edit the last prompt (Enter sends it, replacing the last exchange) |
     """
 
     BINDINGS = [
+        Binding("escape", "take_back", "Take back", tooltip="the prompt waiting for the model comes back to the box"),
         Binding("escape", "stop", "Stop", tooltip="stop the reply; what came so far stays"),
         Binding("ctrl+n", "new_chat", "New", tooltip="start a new conversation"),
         Binding("ctrl+r", "regenerate", "Regen", tooltip="generate the last reply again"),
         Binding("ctrl+g", "edit_last", "Edit", tooltip="edit the last prompt and send it again"),
+        Binding("ctrl+j", "send_prompt", "Send", show=False,
+                tooltip="Enter as a terminal still in line mode sends it (keys typed as the app starts)"),
     ]
 
     generating: reactive[bool] = reactive(False, bindings=True)
@@ -90,6 +106,9 @@ class ChatScreen(Screen[None]):
     """The prompt box holds the last prompt for editing."""
     starting: reactive[bool] = reactive(False, bindings=True)
     """The engine is loading or reconnecting."""
+    pending: reactive[str] = reactive("", bindings=True)
+    """A prompt sent before the engine was ready: it waits in the transcript, marked, and goes
+    out when the engine is ready; a failed load or Esc puts it back into the box."""
 
     def __init__(self) -> None:
         super().__init__(id="chat")
@@ -100,6 +119,8 @@ class ChatScreen(Screen[None]):
         self._strip_timer: Timer | None = None
         self._pending_reconnect = False
         """The last load failed because no daemon answered: load again once it is back."""
+        self._pending_widget: ChatMessage | None = None
+        """The transcript's entry of ``pending``."""
 
     @property
     def splitlm(self) -> SplitlmApp:
@@ -110,7 +131,7 @@ class ChatScreen(Screen[None]):
         yield ProgressPanel(id="loading")
         yield VerticalScroll(id="transcript")
         yield LatencyStrip(id="latency")
-        yield Input(placeholder="Loading…", id="prompt")
+        yield Input(placeholder=LOADING_PLACEHOLDER, id="prompt")
         yield KeyFooter()
 
     def on_mount(self) -> None:
@@ -120,7 +141,7 @@ class ChatScreen(Screen[None]):
         transcript = self.query_one("#transcript", VerticalScroll)
         transcript.mount(Static(WELCOME, id="welcome"))
         transcript.anchor()
-        prompt.focus()
+        self.set_focus(prompt)  # now, not at the next idle (``focus``): keys typed at start go here
         if self.splitlm.autoload and not self.splitlm.engine.loaded:
             self.start_load(reconnect=False)
 
@@ -128,13 +149,15 @@ class ChatScreen(Screen[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Keys that cannot apply now are hidden (the footer stays readable at 80 columns)."""
+        if action == "take_back":
+            return bool(self.pending) and not self.generating
         if action == "stop":
-            return self.generating or self.editing
+            return self.generating or (self.editing and not self.pending)
         if action in ("regenerate", "edit_last"):
             has_reply = bool(self.messages) and self.messages[-1].role == "assistant"
             return has_reply and not self.generating and not self.starting
         if action == "new_chat":
-            return bool(self.messages) and not self.generating
+            return bool(self.messages) and not self.generating and not self.pending
         return True
 
     # --- loading ---
@@ -144,12 +167,18 @@ class ChatScreen(Screen[None]):
             return
         self.starting = True
         self._pending_reconnect = False
-        self.splitlm.connection_hint = ""
-        self.query_one("#prompt", Input).placeholder = "Loading…"
-        self.load_engine(reconnect)
+        self.splitlm.engine_loading(reconnect and self.splitlm.engine.parts is not None)
+        self.query_one("#prompt", Input).placeholder = LOADING_PLACEHOLDER
+        threading.Thread(target=self.load_engine, args=(reconnect,), name=LOAD_THREAD, daemon=True).start()
 
-    @work(thread=True, exclusive=True, group="engine", exit_on_error=False)
     def load_engine(self, reconnect: bool) -> None:
+        """Load (or reconnect) the engine and post what happens; runs on its own thread.
+
+        Not a Textual thread worker: those run in asyncio's default executor, which the app
+        joins when it exits, so ctrl+q during a 30 s load would hang until the load ends. A load
+        holds nothing worth finishing (``launch`` ends the process without waiting for it), and
+        ``starting`` already keeps two loads from overlapping. Only posts messages (any thread).
+        """
         engine = self.splitlm.engine
 
         def progress(label: str, step: int, total: int) -> None:
@@ -169,19 +198,29 @@ class ChatScreen(Screen[None]):
 
     def on_engine_progress(self, msg: EngineProgress) -> None:
         self.query_one(ProgressPanel).report(msg.label, msg.step, msg.total)
+        self.splitlm.engine_progress(msg.step, msg.total)
 
-    def on_engine_ready(self, msg: EngineReady) -> None:
+    async def on_engine_ready(self, msg: EngineReady) -> None:
         self.starting = False
         self.query_one(ProgressPanel).done()
         self.splitlm.engine_ready(msg.plan)
-        self.query_one("#prompt", Input).placeholder = "Type a prompt; Enter sends"
+        self.query_one("#prompt", Input).placeholder = READY_PLACEHOLDER
+        if self.pending:
+            text = self.pending
+            removed = self._take_pending()
+            if removed is not None:
+                await removed  # an edit drops the last exchange by position in the transcript
+            self._submit(text)
 
     def on_engine_failed(self, msg: EngineFailed) -> None:
         self.starting = False
         self.query_one(ProgressPanel).done()
         self._pending_reconnect = msg.unreachable
-        self.query_one("#prompt", Input).placeholder = "Not connected: ctrl+y retries"
-        self.splitlm.engine_failed(msg.error, msg.unreachable)
+        self.query_one("#prompt", Input).placeholder = DOWN_PLACEHOLDER
+        restored = bool(self.pending)
+        if restored:
+            self._restore_pending()
+        self.splitlm.engine_failed(msg.error, msg.unreachable, prompt_restored=restored)
 
     def daemon_back(self) -> None:
         """The monitor sees the daemon again: load if the last try found no daemon."""
@@ -197,22 +236,62 @@ class ChatScreen(Screen[None]):
 
     @on(Input.Submitted, "#prompt")
     def send(self, event: Input.Submitted) -> None:
+        """Enter: send now when the engine is ready; while it loads (or after a failed load,
+        which Enter then retries), hold the prompt in the transcript and send it once ready."""
         text = event.value.strip()
         if not text:
             return
         if self.generating:
             self.notify("a reply is still coming: Esc stops it", severity="warning")
             return
-        if not self.splitlm.engine.loaded or self.starting:
-            self.notify("not connected yet: ctrl+y retries", severity="warning")
+        if self.pending:
+            self.notify("a prompt is already waiting for the model: Esc takes it back", severity="warning")
             return
         event.input.value = ""
+        if self.starting or not self.splitlm.engine.loaded:
+            self._hold(text)
+            if not self.starting:
+                self.start_load(reconnect=True)
+            return
+        self._submit(text)
+
+    def _submit(self, text: str) -> None:
+        """Add the prompt to the conversation and start its reply (replacing the last exchange
+        when editing)."""
         floor = None
         if self.editing:
             self.editing = False
             floor = self._drop_last_exchange()
         self._add(Message("user", text))
         self._start_reply(floor)
+
+    def _hold(self, text: str) -> None:
+        """Show ``text`` as a prompt waiting for the model; it is not part of the conversation
+        until it is sent."""
+        self._hide_welcome()
+        widget = ChatMessage("user", text, PENDING_NOTE)
+        widget.add_class("-pending")
+        self.query_one("#transcript", VerticalScroll).mount(widget)
+        self._pending_widget = widget
+        self.pending = text
+        log.info("holding a prompt of %d characters until the engine is ready", len(text))
+
+    def _take_pending(self) -> AwaitRemove | None:
+        """Remove the held prompt from the transcript (it is sent or comes back to the box);
+        await the result before querying the transcript's messages."""
+        self.pending = ""
+        widget, self._pending_widget = self._pending_widget, None
+        return widget.remove() if widget is not None else None
+
+    def _restore_pending(self) -> None:
+        """The held prompt goes back into the box, before anything typed since."""
+        text = self.pending
+        self._take_pending()
+        prompt = self.query_one("#prompt", Input)
+        rest = prompt.value.strip()
+        prompt.value = f"{text} {rest}" if rest else text
+        prompt.cursor_position = len(text)
+        prompt.focus()
 
     def _drop_last_exchange(self) -> int | None:
         """Remove the last prompt and its reply (edit); the new one starts at most where the old
@@ -305,6 +384,17 @@ class ChatScreen(Screen[None]):
 
     # --- actions ---
 
+    async def action_send_prompt(self) -> None:
+        """ctrl+j is what Enter becomes when pressed before the app owns the terminal."""
+        prompt = self.query_one("#prompt", Input)
+        if prompt.has_focus:
+            await prompt.action_submit()
+
+    def action_take_back(self) -> None:
+        """Esc on a prompt waiting for the model: back into the box; the load goes on."""
+        if self.pending:
+            self._restore_pending()
+
     def action_stop(self) -> None:
         if self.generating:
             self._stop.set()
@@ -314,7 +404,7 @@ class ChatScreen(Screen[None]):
             self.query_one("#prompt", Input).value = ""
 
     async def action_new_chat(self) -> None:
-        if self.generating:
+        if self.generating or self.pending:
             return
         transcript = self.query_one("#transcript")
         await transcript.remove_children()
@@ -359,7 +449,7 @@ class ChatScreen(Screen[None]):
             self.notify(f"could not save the conversation: {e}", severity="error")
 
     async def open_conversation(self, conversation_id: int) -> None:
-        if self.generating:
+        if self.generating or self.pending:
             return
         stored = self.splitlm.store.load(conversation_id)
         self.splitlm.settings = stored.settings

@@ -12,6 +12,7 @@ STATE_MARKS = {
     "reconnecting": ("◌", "status--wait"),
     "down": ("✖", "status--bad"),
     "loading": ("◌", "status--wait"),
+    "failed": ("✖", "status--bad"),
 }
 
 
@@ -22,8 +23,8 @@ class StatusBar(Widget):
     | Class | Description |
     | :- | :- |
     | `status--ok` | the state mark when connected |
-    | `status--wait` | connecting or reconnecting |
-    | `status--bad` | down |
+    | `status--wait` | loading, connecting or reconnecting |
+    | `status--bad` | down, or the load failed |
     """
 
     COMPONENT_CLASSES = {"status--ok", "status--wait", "status--bad", "status--dim"}
