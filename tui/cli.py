@@ -254,8 +254,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     retry = _retry(args)
     prompt = _prompt(args)
     from ..shared import session as ss
-    from ..shared.generation import prompt_ids
+    from ..shared.generation import Pipeline, prompt_ids
 
+    pipeline: Pipeline
     if args.full:
         _quiet_libraries()
         device, dtype = _device_dtype(args)

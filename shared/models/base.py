@@ -301,8 +301,7 @@ def build_parts(
     skeletons, wanted_by = [], []
     for spec in specs:
         with init_empty_weights(include_buffers=False):
-            # transformers leaves from_config unannotated
-            model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+            model = AutoModelForCausalLM.from_config(config)
         model.eval()
         names = set(model.state_dict().keys())
         wanted = {n for n in names if family.owns(n, spec, tied)}

@@ -113,7 +113,9 @@ def _load_model(spec: str) -> tuple[Any, Any]:
     except ModelNotFound:
         log.info("%s ships no tokenizer: prompts are fixed id sequences", source.model_id)
         tokenizer = None
-    model = ss.LoadedModel(source, family_for(source.config), tokenizer or NoText(), source.generation_eos())
+    # NoText stands in for a tokenizer (decode only: the bench times ids, never text)
+    text = tokenizer or NoText()
+    model = ss.LoadedModel(source, family_for(source.config), text, source.generation_eos())  # type: ignore[arg-type]
     return model, tokenizer
 
 
