@@ -9,8 +9,8 @@ Measures, each as a fresh process (``runs`` times, the median reported):
 - ``chat``: ``splitlm chat`` (in a pseudo-terminal) to its engine's "engine ready" log line.
 
 Cold runs each get an empty cache dir (``SPLITLM_CACHE_DIR``); warm runs share one the first run
-filled. Prints a table and writes JSON (``--json``). ``--quick`` (one run each, no chat) is what
-the smoke test runs, on a tiny model.
+filled. Prints a table and writes JSON (``--json``). ``--quick`` (one run each, warm rows only,
+no chat) is what the smoke test runs, on a tiny model.
 
     python scripts/bench_start.py [--model smollm2] [--runs 3] [--json docs/bench/start.json]
 """
@@ -132,7 +132,7 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
-    ap.add_argument("--quick", action="store_true", help="one run each and no chat (the smoke test)")
+    ap.add_argument("--quick", action="store_true", help="one run each, warm only, no chat (the smoke test)")
     ap.add_argument("--no-chat", action="store_true")
     args = ap.parse_args()
     runs = 1 if args.quick else args.runs
@@ -146,18 +146,24 @@ def main() -> int:
         address = f"unix:{root / 'trunk.sock'}"
 
         def cold_dir() -> Path:
-            d = Path(tempfile.mkdtemp(dir=root, prefix="cold-"))
-            return d
+            return Path(tempfile.mkdtemp(dir=root, prefix="cold-"))
 
         results["import torch, transformers"] = measure(runs, time_import)
-        results["generate --full, cold"] = measure(runs, lambda: time_first_byte([*cli, *gen, "--full"], _env(cold_dir())))
+        if not args.quick:
+            results["generate --full, cold"] = measure(
+                runs, lambda: time_first_byte([*cli, *gen, "--full"], _env(cold_dir()))
+            )
         time_first_byte([*cli, *gen, "--full"], _env(warm))  # fills the warm cache
         results["generate --full, warm"] = measure(runs, lambda: time_first_byte([*cli, *gen, "--full"], _env(warm)))
-        results["daemon to serving, cold"] = measure(runs, lambda: time_daemon(args.model, address, _env(cold_dir()))[0])
+        if not args.quick:
+            results["daemon to serving, cold"] = measure(
+                runs, lambda: time_daemon(args.model, address, _env(cold_dir()))[0]
+            )
         results["daemon to serving, warm"] = measure(runs, lambda: time_daemon(args.model, address, _env(warm))[0])
         _, daemon = time_daemon(args.model, address, _env(warm), keep=True)
         split = [*cli, *gen, "--trunk", address]
-        results["generate, cold"] = measure(runs, lambda: time_first_byte(split, _env(cold_dir())))
+        if not args.quick:
+            results["generate, cold"] = measure(runs, lambda: time_first_byte(split, _env(cold_dir())))
         results["generate, warm"] = measure(runs, lambda: time_first_byte(split, _env(warm)))
         if not (args.quick or args.no_chat):
             state = root / "state"

@@ -151,7 +151,7 @@ def test_two_processes_building_one_entry_both_succeed(smollm2_path: Path, tmp_p
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert outs[0][0] == outs[1][0]
     (folder,) = (tmp_path / "models").iterdir()
