@@ -217,15 +217,13 @@ def _iter_gguf(
     written to the cache as it is yielded (a caller stopping early leaves no entry)."""
     import numpy as np
     import torch
-    from gguf import GGUFReader, dequantize
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        read_field,
-    )
+    from gguf import dequantize
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    reader = GGUFReader(str(path))
-    architecture = read_field(reader, "general.architecture")[0]
+    from .gguf_file import read_tensors
+
+    reader = read_tensors(path)  # the table alone: gguf's GGUFReader parses every vocabulary entry
+    architecture = reader.architecture
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
     mapping = _gguf_name_map(skeleton, processor, config)
     writer = None
