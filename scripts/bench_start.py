@@ -1,6 +1,7 @@
 """Start time: process start to first token (or to serving), with a cold and a warm model cache.
 
-Measures, each as a fresh process (``runs`` times, the median reported):
+Measures, each as a fresh process (``runs`` times, the median reported, and the median ratio to
+an ``import torch, transformers`` timed just before each run):
 
 - ``import torch, transformers``: the baseline the goal is stated against (start <= 2x it);
 - ``generate --full``: ``splitlm generate --full --max-new-tokens 8 Hi`` to its first output byte;
@@ -123,8 +124,19 @@ def time_chat(address: str, env: dict[str, str], state: Path) -> float:
 
 
 def measure(runs: int, fn: Callable[[], float]) -> dict[str, float | list[float]]:
-    values = [fn() for _ in range(runs)]
-    return {"median_s": statistics.median(values), "runs_s": values}
+    """``runs`` timings of ``fn``, each right after a timing of the import baseline.
+
+    The machine's load drifts (other work shares its two cores), so each run is compared with the
+    baseline taken next to it; ``ratio`` is the median of those pairwise ratios.
+    """
+    pairs = [(time_import(), fn()) for _ in range(runs)]
+    return {
+        "median_s": statistics.median(v for _, v in pairs),
+        "import_median_s": statistics.median(b for b, _ in pairs),
+        "ratio": statistics.median(v / b for b, v in pairs),
+        "runs_s": [v for _, v in pairs],
+        "import_runs_s": [b for b, _ in pairs],
+    }
 
 
 def main() -> int:
@@ -148,7 +160,8 @@ def main() -> int:
         def cold_dir() -> Path:
             return Path(tempfile.mkdtemp(dir=root, prefix="cold-"))
 
-        results["import torch, transformers"] = measure(runs, time_import)
+        baseline = [time_import() for _ in range(runs)]
+        results["import torch, transformers"] = {"median_s": statistics.median(baseline), "ratio": 1.0, "runs_s": baseline}
         if not args.quick:
             results["generate --full, cold"] = measure(
                 runs, lambda: time_first_byte([*cli, *gen, "--full"], _env(cold_dir()))
@@ -167,15 +180,16 @@ def main() -> int:
         results["generate, warm"] = measure(runs, lambda: time_first_byte(split, _env(warm)))
         if not (args.quick or args.no_chat):
             state = root / "state"
+            results["chat to ready, cold"] = measure(runs, lambda: time_chat(address, _env(cold_dir()), state))
             results["chat to ready, warm"] = measure(runs, lambda: time_chat(address, _env(warm), state))
     finally:
         stop(daemon)
         shutil.rmtree(root, ignore_errors=True)
-    base = float(results["import torch, transformers"]["median_s"])  # type: ignore[arg-type]
-    print(f"{'start':<28} {'median s':>9} {'x import':>9}")
+    print(f"{'start':<28} {'median s':>9} {'import s':>9} {'x import':>9}")
     for name, r in results.items():
-        med = float(r["median_s"])  # type: ignore[arg-type]
-        print(f"{name:<28} {med:>9.2f} {med / base:>9.2f}")
+        med, ratio = float(r["median_s"]), float(r["ratio"])  # type: ignore[arg-type]
+        base = float(r.get("import_median_s", med))  # type: ignore[arg-type]
+        print(f"{name:<28} {med:>9.2f} {base:>9.2f} {ratio:>9.2f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": args.model, "runs": runs, "results": results}, indent=2) + "\n")
