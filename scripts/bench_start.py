@@ -95,8 +95,8 @@ def time_daemon(model: str, address: str, env: dict[str, str], keep: bool = Fals
 
 def time_chat(address: str, env: dict[str, str], state: Path) -> float:
     """Seconds from starting ``splitlm chat`` in a pseudo-terminal to its "engine ready" log line."""
-    log = state / "splitlm" / "log" / "splitlm.log"
-    log.unlink(missing_ok=True)
+    shutil.rmtree(state, ignore_errors=True)  # a fresh log: an old "engine ready" must not count
+    state.mkdir(parents=True)
     master, slave = pty.openpty()
     chat_env = dict(env, XDG_STATE_HOME=str(state), TERM="xterm-256color", COLUMNS="100", LINES="30")
     t0 = time.perf_counter()

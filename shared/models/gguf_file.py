@@ -41,7 +41,7 @@ class GgufTensors:
 
 class _Cursor:
     def __init__(self, blob: np.ndarray) -> None:
-        self.blob = blob
+        self.blob = memoryview(blob)  # type: ignore[arg-type]  # a memmap is a buffer
         self.pos = 0
 
     def unpack(self, fmt: str) -> tuple[Any, ...]:
