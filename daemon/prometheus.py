@@ -38,6 +38,8 @@ class Snapshot:
 
     Attributes:
         plan: labels of ``splitlm_trunk_info`` (model, layers, device, weights, fingerprint).
+        cache_bytes: storage all sessions' cache buffers allocate (what the cap counts).
+        cache_used_bytes: of which positions in use.
         cache_budget_bytes: the trunk cache cap, None when there is none.
         batches, batched_steps: None when batching is off.
         gpu_status: "" when NVML read every GPU, else why some or all are missing.
@@ -57,6 +59,7 @@ class Snapshot:
     batches: int | None = None
     batched_steps: int | None = None
     stopping: bool = False
+    cache_used_bytes: int = 0
 
 
 def _escape(value: str) -> str:
@@ -103,7 +106,9 @@ def render(s: Snapshot) -> str:
     add("splitlm_sessions_open", "gauge", "Sessions holding a trunk cache.", ({}, s.sessions_open))
     add("splitlm_sessions_max", "gauge", "The session cap (--max-sessions).", ({}, s.max_sessions))
     add("splitlm_steps_queued", "gauge", "Steps waiting for the compute thread.", ({}, s.steps_queued))
-    add("splitlm_trunk_cache_bytes", "gauge", "Trunk KV cache held by all sessions.", ({}, s.cache_bytes))
+    add("splitlm_trunk_cache_bytes", "gauge",
+        "Trunk KV cache buffers allocated by all sessions (what --max-cache-bytes caps).", ({}, s.cache_bytes))
+    add("splitlm_trunk_cache_used_bytes", "gauge", "Of which positions in use.", ({}, s.cache_used_bytes))
     if s.cache_budget_bytes is not None:
         add("splitlm_trunk_cache_budget_bytes", "gauge", "The trunk cache cap (--max-cache-bytes).",
             ({}, s.cache_budget_bytes))

@@ -19,6 +19,7 @@ import torch
 from ..protos import trunk_pb2 as pb
 from ..protos import trunk_pb2_grpc as pb_grpc
 from ..shared import codec
+from ..shared.cache import ROLLBACK_DEPTH
 from ..shared.errors import InvalidStep, SplitlmError
 from ..shared.models import Part
 from ..shared.plan import Fingerprint
@@ -89,8 +90,12 @@ class TrunkService(pb_grpc.TrunkServicer):
         self.fingerprint = fingerprint
         self.limits = limits
         self.executor = executor
-        self.budget = CacheBudget(limits.max_cache_bytes or 2**62, bytes_per_position(part))
+        per_position = bytes_per_position(part)
+        self.budget = CacheBudget(limits.max_cache_bytes or 2**62, per_position)
+        self.layer_position_bytes = per_position // max(1, part.spec.end - part.spec.start)
+        """Keys and values of one position in one trunk layer: the unit of ``PartCache.plan``."""
         self.sessions = SessionStore(limits.max_sessions, self.budget)
+        self._trunk_types = {part.layer_types[i] for i in range(part.spec.start, part.spec.end)}
         self._stopping: asyncio.Future[None] | None = None
         self.metrics = StepRecorder()
         self.monitor = MonitorHub(HostProbe(), self.metrics, self._trunk_state)
@@ -121,10 +126,14 @@ class TrunkService(pb_grpc.TrunkServicer):
                 max_sessions=self.limits.max_sessions,
                 max_context=self.limits.max_context,
                 max_message_bytes=self.limits.max_message_bytes,
+                max_cache_bytes=self.limits.max_cache_bytes or 0,
+                rollback_depth=ROLLBACK_DEPTH if "sliding_attention" in self._trunk_types else 0,
             ),
             server_version=__version__,
             sessions_open=len(self.sessions),
             batching=self._batching(),
+            cache_allocated_bytes=self.sessions.cache_bytes(),
+            cache_used_bytes=self.sessions.cache_used_bytes(),
         )
 
     def _batching(self) -> pb.Batching:
@@ -148,6 +157,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             max_sessions=self.limits.max_sessions,
             steps_queued=len(self.metrics.queue),
             cache_bytes=self.sessions.cache_bytes(),
+            cache_used_bytes=self.sessions.cache_used_bytes(),
             cache_budget_bytes=self.limits.max_cache_bytes,
             totals=dataclasses.replace(self.metrics.totals),
             rss_bytes=rss,
@@ -160,7 +170,12 @@ class TrunkService(pb_grpc.TrunkServicer):
         )
 
     def _trunk_state(self) -> TrunkState:
-        return TrunkState(len(self.sessions), self.sessions.cache_bytes())
+        return TrunkState(
+            len(self.sessions),
+            self.sessions.cache_bytes(),
+            self.sessions.cache_used_bytes(),
+            self.limits.max_cache_bytes or 0,
+        )
 
     async def Monitor(
         self, request: pb.MonitorRequest, context: grpc.aio.ServicerContext
@@ -283,10 +298,12 @@ class TrunkService(pb_grpc.TrunkServicer):
             )
         self.part.check_input(h)
         position = int(step.position)
-        if position <= s.cache.length and position + h.shape[1] <= self.limits.max_context:
-            # reserve before anything is allocated; a gap or an overlong step fails in forward
-            wanted = max(s.reserved, position + h.shape[1])
-            s.reserved = self.budget.reserve(s.reserved, wanted, len(self.sessions))
+        t = int(h.shape[1])
+        if s.cache.rollback_floor <= position <= s.cache.length and position + t <= self.limits.max_context:
+            # reserve before any buffer grows; a gap, a too deep rollback or an overlong step
+            # fails in forward, with nothing allocated
+            growth = s.cache.plan(position, t, self.layer_position_bytes, self.budget.free)
+            s.reserved = self.budget.reserve(s.reserved, s.reserved + growth.planned, len(self.sessions))
         # the output is encoded straight into the reply: building the reply around an encoded
         # tensor would copy its bytes once more (~1 ms for a 512-token prefill)
         reply = pb.SessionReply()
@@ -301,11 +318,12 @@ class TrunkService(pb_grpc.TrunkServicer):
                 _, ns = await self.metrics.queue.run(self.executor, self._run_step, s, h, position, into)
             self.metrics.record(h.shape[1], ns / 1e9)
         finally:
-            s.reserved = self.budget.reserve(s.reserved, s.cache.length, len(self.sessions))
+            s.reserved = self.budget.settle(s.reserved, s.cache.allocated_bytes())
         s.last_step_id = step.step_id
         s.steps += 1
         s.last_used = time.monotonic()
         reply.result.step_id = step.step_id
         reply.result.compute_us = min(ns // 1000, 2**32 - 1)
         reply.result.cached_length = s.cache.length
+        reply.result.rollback_floor = s.cache.rollback_floor
         return reply

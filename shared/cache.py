@@ -36,7 +36,7 @@ from transformers.configuration_utils import PreTrainedConfig
 
 from .errors import PositionError
 
-GROW_MIN = 16
+GROW_MIN = 8
 """Positions a buffer grows by at least once it exists (its first allocation is exact)."""
 GROW_MAX_STEP = 1024
 """Capacity doubles on growth, but by at most this many positions: a buffer holds at most
