@@ -299,7 +299,8 @@ class TrunkService(pb_grpc.TrunkServicer):
         self.part.check_input(h)
         position = int(step.position)
         t = int(h.shape[1])
-        if s.cache.rollback_floor <= position <= s.cache.length and position + t <= self.limits.max_context:
+        reachable = position == 0 or s.cache.rollback_floor <= position <= s.cache.length
+        if reachable and position + t <= self.limits.max_context:
             # reserve before any buffer grows; a gap, a too deep rollback or an overlong step
             # fails in forward, with nothing allocated
             growth = s.cache.plan(position, t, self.layer_position_bytes, self.budget.free)

@@ -89,11 +89,12 @@ class _Buffers:
     _vbuf: torch.Tensor | None = None
     _first = 0
     _end = 0
+    _floor_first = 0
     _grant: int | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self._kbuf = self._vbuf = None
-        self._first = self._end = 0
+        self._first = self._end = self._floor_first = 0
         super().lazy_initialization(key_states, value_states)  # type: ignore[misc]
 
     @property
@@ -162,6 +163,12 @@ class _Buffers:
         # narrow, not [..., a:b, :]: the same view at a third of the Python cost (per layer, per step)
         kbuf.narrow(2, n + skip - first, t - skip).copy_(key_states.narrow(2, skip, t - skip))
         vbuf.narrow(2, n + skip - first, t - skip).copy_(value_states.narrow(2, skip, t - skip))
+        # what rollbacks may count on: as if the buffer compacted on every step, so the floor depends
+        # only on the steps' positions (the same in the daemon and on the client), not on when a
+        # buffer of this size happened to compact (at or before this start: kept)
+        limit = self._keep_limit()
+        if limit is not None:
+            self._floor_first = max(self._floor_first, end - limit)
         self._set_length(end)
 
     def _set_length(self, length: int) -> None:
@@ -171,20 +178,22 @@ class _Buffers:
         self.values = self._vbuf.narrow(2, 0, length - self._first)
 
     def rollback_floor(self) -> int:
-        """The lowest length ``truncate`` accepts."""
+        """The lowest length but 0 that ``truncate`` accepts (0, a re-prefill, always works)."""
         return 0
 
     def truncate(self, length: int) -> None:
         """Keep positions ``[0, length)``; never frees the buffers (a rollback is free).
 
         Raises:
-            RollbackTooDeep: ``length`` is below ``rollback_floor()``; nothing changed.
+            RollbackTooDeep: ``length`` is above 0 and below ``rollback_floor()``; nothing changed.
         """
         floor = self.rollback_floor()
-        if length < floor:
+        if length == 0:
+            self._first = self._floor_first = 0  # a new start: nothing before it is needed
+        elif length < floor:
             raise RollbackTooDeep(
                 f"cannot roll back to position {length}: sliding-window layers keep only the last "
-                f"{ROLLBACK_DEPTH} positions beyond their window, so the lowest position to step "
+                f"{getattr(self, 'rollback_depth', ROLLBACK_DEPTH)} positions beyond their window, so the lowest position to step "
                 f"from is {floor}; re-prefill from position 0"
             )
         if self.is_initialized and self.keys is not None and self._end > length:  # type: ignore[attr-defined]
@@ -225,7 +234,7 @@ class SlidingLayer(_Buffers, DynamicSlidingWindowLayer):
 
     def rollback_floor(self) -> int:
         # stepping from p needs positions [p - W + 1, p): all of them kept
-        return 0 if self._first == 0 else self._first + self.sliding_window - 1
+        return 0 if self._floor_first == 0 else self._floor_first + self.sliding_window - 1
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
@@ -311,7 +320,7 @@ class PartCache(Cache):
 
     @property
     def rollback_floor(self) -> int:
-        """The lowest position a step may start from; below it, re-prefill from 0."""
+        """The lowest position a step may start from, but 0; below it, re-prefill from 0."""
         return max((layer.rollback_floor() for layer in self._own()), default=0)
 
     def truncate(self, length: int) -> None:
@@ -319,7 +328,7 @@ class PartCache(Cache):
 
         Raises:
             PositionError: ``length`` is beyond what is cached.
-            RollbackTooDeep: ``length`` is below ``rollback_floor``; nothing changed.
+            RollbackTooDeep: ``length`` is above 0 and below ``rollback_floor``; nothing changed.
         """
         if length > self.length:
             raise PositionError(f"cannot roll back to position {length}: only {self.length} are cached")
@@ -327,7 +336,7 @@ class PartCache(Cache):
             return
         own = self._own()
         for layer in own:  # every layer accepts before any one changes
-            if length < layer.rollback_floor():
+            if 0 < length < layer.rollback_floor():
                 layer.truncate(length)  # raises RollbackTooDeep
         for layer in own:
             layer.truncate(length)

@@ -277,6 +277,9 @@ class TrunkSession:
         if not reply.HasField("opened"):
             raise TrunkError("INTERNAL", "the daemon answered the open with something else")
         self.session_id = reply.opened.session_id
+        self.rollback_floor = 0
+        """The lowest position a step may start from (the daemon's sliding-window layers keep
+        only so much); below it, a caller re-prefills from position 0."""
         log.info("session %s opened on %s", self.session_id, client.address)
 
     def _request_iter(self) -> Iterator[pb.SessionRequest]:
@@ -381,6 +384,7 @@ class TrunkSession:
         reply = self._receive()
         if not reply.HasField("result") or reply.result.step_id != step_id:
             raise TrunkError("INTERNAL", f"reply for step {reply.result.step_id}, expected {step_id}")
+        self.rollback_floor = reply.result.rollback_floor
         return reply.result
 
     def close(self, wait_s: float = CLOSE_WAIT_S) -> None:

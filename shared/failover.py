@@ -257,6 +257,11 @@ class FailoverSession:
         return self._stream.session_id
 
     @property
+    def rollback_floor(self) -> int:
+        """See ``TrunkSession.rollback_floor``; a replay rebuilds the same floor."""
+        return self._stream.rollback_floor
+
+    @property
     def bytes_sent(self) -> int:
         return self._bytes_sent_before + self._stream.bytes_sent
 
