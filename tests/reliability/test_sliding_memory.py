@@ -79,7 +79,7 @@ def test_memory_flat_past_the_window_and_rollbacks_exact(
     info = split.client.info()
     assert info.limits.rollback_depth == ROLLBACK_DEPTH
     pipe, full = split.pipeline(), full_pipeline(model)
-    prompt, n = prompt_of(1, 20), 2 * KEEP - 20
+    prompt, n = prompt_of(1, 20), KEEP + 140  # past 1.25 x KEEP, where the buffers stop growing
     trunk: dict[int, int] = {}
     client: dict[int, list[int]] = {}
 
@@ -134,7 +134,8 @@ def test_failover_past_the_window_then_a_deep_rollback(
     d = daemon_factory(model, *SPLIT)
     split = connect(d.address, model)
     prompt, n, kill_at = prompt_of(2, 20), KEEP + 40, KEEP + 10
-    want = run_ids(full_pipeline(model), prompt, n).token_ids
+    full = full_pipeline(model)
+    want = run_ids(full, prompt, n).token_ids
     box: dict[str, Daemon] = {}
     restarts: list[threading.Thread] = []
 
@@ -156,8 +157,6 @@ def test_failover_past_the_window_then_a_deep_rollback(
         assert got == want
         ids = prompt + got[:-1]
         assert pipe.session.rollback_floor == len(ids) - ROLLBACK_DEPTH  # rebuilt by the replay
-        full = full_pipeline(model)
-        run_ids(full, prompt, n)
         again = run_ids(pipe, [9], 15, start_position=12).token_ids
         assert again == run_ids(full, [9], 15, start_position=12).token_ids
         assert again == reference_generate(model, ids[:12] + [9], 15)
