@@ -19,8 +19,8 @@ import torch
 from ..protos import trunk_pb2 as pb
 from ..protos import trunk_pb2_grpc as pb_grpc
 from ..shared import codec
-from ..shared.cache import ROLLBACK_DEPTH
-from ..shared.errors import InvalidStep, SplitlmError
+from ..shared.cache import ROLLBACK_DEPTH, RollbackTooDeep
+from ..shared.errors import ContextExhausted, InvalidStep, SplitlmError
 from ..shared.models import Part
 from ..shared.plan import Fingerprint
 from ..shared.version import __version__
@@ -73,6 +73,15 @@ def check_step_id(step_id: int, last: int) -> None:
             f"step {step_id} is not above {last}, the last step applied on this session: a step is "
             "applied once; ids increase within a session and start at 1 on a new one",
         )
+
+
+def leaves_session_as_it_was(e: SplitlmError) -> bool:
+    """Whether a step's refusal came before the step changed anything, so the session may go on:
+    the cache budget (the only RESOURCE_EXHAUSTED of a step), the context limit, a rollback below
+    what sliding windows keep. Protocol errors (step ids, dtypes, shapes, gaps) end the stream."""
+    if isinstance(e, SessionRefused):
+        return e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    return isinstance(e, (ContextExhausted, RollbackTooDeep))
 
 
 class TrunkService(pb_grpc.TrunkServicer):
@@ -231,10 +240,20 @@ class TrunkService(pb_grpc.TrunkServicer):
                     grpc.StatusCode.INVALID_ARGUMENT, "the first message of a session must be `open`, not a step"
                 )
             wire = self._check_open(first.open)
+            in_stream = first.open.refusals_in_stream
             async with self.sessions.open(self.part.new_cache(), wire, first.open.client) as s:
                 yield pb.SessionReply(opened=pb.SessionOpened(session_id=s.session_id, plan=self.plan))
                 while (req := await self._next_request(requests)) is not None:
-                    yield await self._step(s, req)
+                    try:
+                        reply = await self._step(s, req)
+                    except (SessionRefused, ContextExhausted, RollbackTooDeep) as e:
+                        if not (in_stream and leaves_session_as_it_was(e)):
+                            raise
+                        log.info("session %s: step %d refused: %s", s.session_id, req.step.step_id, e)
+                        reply = pb.SessionReply(refused=pb.StepRefused(
+                            step_id=req.step.step_id, code=code_for(e).value[0], message=str(e)
+                        ))
+                    yield reply
         except SplitlmError as e:
             await context.abort(code_for(e), str(e))
 

@@ -345,9 +345,11 @@ class PartCache(Cache):
     def plan(self, position: int, t: int, position_bytes: int, limit: int | None = None) -> Growth:
         """What a step over ``[position, position + t)`` will add to the buffers, before it runs.
 
-        The slack of each growing buffer is squeezed, evenly, so that the growth fits ``limit``
-        bytes when the step's own positions do; the step then grows by exactly ``planned`` bytes
-        (on any thread, as long as no other step runs on this cache in between).
+        When the usual slack does not fit ``limit`` bytes but the step's own positions do, the
+        growing buffers share, as slack, half of what is left beyond those positions (so one
+        session does not take all that is left, and near the limit growth becomes exact); the
+        step then grows by exactly ``planned`` bytes (on any thread, as long as no other step runs
+        on this cache in between).
 
         Args:
             position: where the step starts, at most ``length`` and at least ``rollback_floor``.
@@ -365,7 +367,7 @@ class PartCache(Cache):
         want = (sum(p for _, _, p in growing) - cap) * position_bytes
         if limit is None or want <= limit or need > limit:
             return Growth(need, want if limit is None or want <= limit else need)
-        extra = (limit - need) // (position_bytes * len(growing))  # slack positions per buffer
+        extra = (limit - need) // 2 // (position_bytes * len(growing))  # slack positions per buffer
         planned = 0
         for layer, n, p in growing:
             layer._grant = min(p, n + extra)

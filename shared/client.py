@@ -17,7 +17,7 @@ import grpc
 
 from ..protos import trunk_pb2 as pb
 from ..protos import trunk_pb2_grpc as pb_grpc
-from .errors import DaemonUnreachable, TrunkError
+from .errors import DaemonUnreachable, StepRefused, TrunkError
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -65,6 +65,10 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.initial_reconnect_backoff_ms", 250),
         ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
     ]
+
+
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
+"""Status code numbers (``StepRefused.code``) to names."""
 
 
 def _trunk_error(e: grpc.RpcError) -> TrunkError:
@@ -263,6 +267,7 @@ class TrunkSession:
                 weights="" if fingerprint.precision == "float32" else fingerprint.precision,
                 wire_dtype=codec.PB_OF[wire_dtype],
                 client=f"splitlm/{__version__}",
+                refusals_in_stream=True,
             )
         )
         self._call = client.stub.Session(self._request_iter())
@@ -378,10 +383,26 @@ class TrunkSession:
             self._send(req)
             ids.append(req.step.step_id)
         with self._bounded(timeout_s):
-            return [self._result(step_id) for step_id in ids]
+            results, refused = [], None
+            for step_id in ids:  # every reply is read, so the stream stays in step after a refusal
+                try:
+                    results.append(self._result(step_id))
+                except StepRefused as e:
+                    refused = refused or e
+            if refused is not None:
+                raise refused
+            return results
 
     def _result(self, step_id: int) -> pb.StepResult:
+        """The reply to step ``step_id``.
+
+        Raises:
+            StepRefused: the daemon did not run the step; the session is open and as it was.
+        """
         reply = self._receive()
+        if reply.HasField("refused") and reply.refused.step_id == step_id:
+            code = _CODE_NAMES.get(reply.refused.code, "UNKNOWN")
+            raise StepRefused(code, reply.refused.message)
         if not reply.HasField("result") or reply.result.step_id != step_id:
             raise TrunkError("INTERNAL", f"reply for step {reply.result.step_id}, expected {step_id}")
         self.rollback_floor = reply.result.rollback_floor

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from .errors import StepRefused
 from .sampling import Sampler, SamplingSettings
 
 if TYPE_CHECKING:
@@ -68,19 +69,29 @@ class TokenLog:
 
     def __init__(self) -> None:
         self.ids: list[int] = []
+        self.valid = 0
+        """Positions every cache holds as ``ids`` say: a step the trunk refused leaves the bottom
+        cache overwritten from its position, so later steps start again from there."""
 
     def rewind(self, ids: Sequence[int], position: int, floor: int) -> tuple[list[int], int]:
-        """The step to run for ``ids`` at ``position``: itself, or from 0 when below ``floor``."""
-        if 0 < position < floor:
+        """The step to run for ``ids`` at ``position``: itself; from ``valid`` when a refused
+        step overwrote the positions before it; from 0 when that is below ``floor``."""
+        start = min(position, self.valid)
+        if 0 < start < floor:
             log.info("rollback to %d is below what sliding windows keep (%d): re-prefilling %d ids",
-                     position, floor, position + len(ids))
-            return self.ids[:position] + list(ids), 0
-        return list(ids), position
+                     start, floor, position + len(ids))
+            start = 0
+        return self.ids[start:position] + list(ids), start
 
     def ran(self, ids: Sequence[int], position: int) -> None:
         """Record a step that ran."""
         del self.ids[position:]
         self.ids.extend(ids)
+        self.valid = len(self.ids)
+
+    def refused(self, position: int) -> None:
+        """The trunk refused a step at ``position`` after the bottom ran it."""
+        self.valid = min(self.valid, position)
 
 
 class LocalPipeline:
@@ -136,7 +147,11 @@ class SplitPipeline:
         ids, position = self.tokens.rewind(ids, position, self.rollback_floor)
         h = self.bottom.forward(torch.tensor([ids]), position, self.bottom_cache)
         t1 = time.perf_counter()
-        h2, trunk_s = self.session.step(h, position)
+        try:
+            h2, trunk_s = self.session.step(h, position)
+        except StepRefused:
+            self.tokens.refused(position)  # the session is as it was; the bottom cache is not
+            raise
         t2 = time.perf_counter()
         logits = self.top.forward(h2, position, self.top_cache)
         t3 = time.perf_counter()

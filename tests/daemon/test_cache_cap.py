@@ -93,12 +93,13 @@ class Stream:
         self.ids = 0
         self.length = 0
 
-    async def open(self) -> None:
+    async def open(self, refusals_in_stream: bool = False) -> None:
         p = self.d.service.plan
         fp = self.d.service.fingerprint
         await self.call.write(pb.SessionRequest(open=pb.OpenSession(
             fingerprint=p.fingerprint, config_digest=fp.config_digest, weights_digest=fp.weights_digest,
             trunk_start=p.trunk_start, trunk_end=p.trunk_end, client="test",
+            refusals_in_stream=refusals_in_stream,
         )))
         reply = await self.call.read()
         assert reply.HasField("opened")
@@ -115,6 +116,8 @@ class Stream:
         reply = await self.call.read()
         if reply is grpc.aio.EOF:
             await self.call  # raises the status
+        if reply.HasField("refused"):
+            return reply.refused  # type: ignore[no-any-return]
         self.length = position + t
         return reply.result  # type: ignore[no-any-return]
 
@@ -188,3 +191,26 @@ async def test_a_few_long_sessions_hold_at_most_the_cap(llama_daemon: Daemon) ->
     assert result.cached_length == survivor.length and d.storage_bytes() == before
     for s in (a, b):
         s.call.cancel()
+
+
+@pytest.mark.parametrize("llama_daemon", [CAP], indirect=True)
+async def test_a_refused_step_leaves_the_session_as_it_was(llama_daemon: Daemon) -> None:
+    """With ``refusals_in_stream`` a step the budget refuses is answered ``StepRefused``: nothing
+    allocated, nothing truncated, and the same stream goes on with a step that fits."""
+    d = llama_daemon
+    s = Stream(d)
+    await s.open(refusals_in_stream=True)
+    await s.step(50)
+    before, length = d.storage_bytes(), s.length
+    refused = await s.step(30, position=40)  # a rollback to 40, then 70 positions: 6 KiB too many
+    assert isinstance(refused, pb.StepRefused) and refused.step_id == s.ids
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "--max-cache-bytes" in refused.message
+    assert d.storage_bytes() == before and s.length == length
+    (session,) = d.service.sessions._sessions.values()
+    assert session.cache.length == 50  # not even rolled back
+    result = await s.step(10, position=20)  # fits in what the session holds
+    assert isinstance(result, pb.StepResult) and result.cached_length == 30
+    too_long = await s.step(230, position=30)  # past --max-context (256): refused, session kept
+    assert isinstance(too_long, pb.StepRefused) and "context limit of 256" in too_long.message
+    assert (await s.step(1)).cached_length == 31
+    s.call.cancel()

@@ -149,3 +149,19 @@ def test_sliding_rollback_within_depth_is_exact_and_beyond_is_refused() -> None:
             assert torch.equal(bk, wk) and torch.equal(bv, wv), (back, j)
         n = bounded.get_seq_length()
         assert n == whole.get_seq_length()
+
+
+def test_token_log_rewinds_below_the_floor_and_after_a_refused_step() -> None:
+    """The pipeline's step plan: a rollback below the floor re-prefills from 0 with the ids it
+    holds; a step after one the trunk refused starts again where the refused one did."""
+    from splitlm.shared.generation import TokenLog
+
+    log = TokenLog()
+    log.ran(list(range(10, 30)), 0)
+    assert log.rewind([7], 20, floor=0) == ([7], 20)
+    assert log.rewind([7], 12, floor=15) == ([*range(10, 22), 7], 0)
+    assert log.rewind([7], 0, floor=15) == ([7], 0)  # 0 is always reachable
+    log.refused(16)  # the bottom ran a step at 16, the trunk refused it
+    assert log.rewind([7], 20, floor=0) == ([26, 27, 28, 29, 7], 16)
+    log.ran([26, 27, 28, 29, 7], 16)
+    assert log.ids == [*range(10, 30), 7] and log.valid == 21

@@ -105,7 +105,7 @@ class Batching(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., batches: _Optional[int] = ..., batched_steps: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("fingerprint", "config_digest", "weights_digest", "trunk_start", "trunk_end", "wire_dtype", "client", "weights")
+    __slots__ = ("fingerprint", "config_digest", "weights_digest", "trunk_start", "trunk_end", "wire_dtype", "client", "weights", "refusals_in_stream")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CONFIG_DIGEST_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class OpenSession(_message.Message):
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_IN_STREAM_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     config_digest: str
     weights_digest: str
@@ -122,7 +123,8 @@ class OpenSession(_message.Message):
     wire_dtype: DType
     client: str
     weights: str
-    def __init__(self, fingerprint: _Optional[str] = ..., config_digest: _Optional[str] = ..., weights_digest: _Optional[str] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., client: _Optional[str] = ..., weights: _Optional[str] = ...) -> None: ...
+    refusals_in_stream: bool
+    def __init__(self, fingerprint: _Optional[str] = ..., config_digest: _Optional[str] = ..., weights_digest: _Optional[str] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., client: _Optional[str] = ..., weights: _Optional[str] = ..., refusals_in_stream: _Optional[bool] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("step_id", "position", "hidden")
@@ -164,13 +166,25 @@ class StepResult(_message.Message):
     rollback_floor: int
     def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., compute_us: _Optional[int] = ..., cached_length: _Optional[int] = ..., rollback_floor: _Optional[int] = ...) -> None: ...
 
+class StepRefused(_message.Message):
+    __slots__ = ("step_id", "code", "message")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    code: int
+    message: str
+    def __init__(self, step_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class SessionReply(_message.Message):
-    __slots__ = ("opened", "result")
+    __slots__ = ("opened", "result", "refused")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     result: StepResult
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., result: _Optional[_Union[StepResult, _Mapping]] = ...) -> None: ...
+    refused: StepRefused
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., result: _Optional[_Union[StepResult, _Mapping]] = ..., refused: _Optional[_Union[StepRefused, _Mapping]] = ...) -> None: ...
 
 class MonitorRequest(_message.Message):
     __slots__ = ("interval_s",)
