@@ -95,7 +95,7 @@ def leaves_session_as_it_was(e: SplitlmError) -> bool:
     the cache budget (the only RESOURCE_EXHAUSTED of a step), the context limit, a rollback below
     what sliding windows keep. Protocol errors (step ids, dtypes, shapes, gaps) end the stream."""
     if isinstance(e, SessionRefused):
-        return e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return bool(e.code == grpc.StatusCode.RESOURCE_EXHAUSTED)
     return isinstance(e, (ContextExhausted, RollbackTooDeep))
 
 

@@ -311,7 +311,7 @@ class PartCache(Cache):
 
     def _own(self) -> list[_Buffers]:
         """The layers of this part."""
-        own = []
+        own: list[_Buffers] = []
         for i in range(self.start, self.end):
             layer = self.layers[i]
             assert isinstance(layer, _Buffers)
