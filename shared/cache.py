@@ -114,18 +114,19 @@ class _Buffers:
     def _max_capacity(self) -> int | None:
         return None
 
-    def _kept_from(self, end: int) -> int:
-        """The first position kept when ``[_first, end)`` does not fit the buffer."""
+    def _kept_from(self, end: int, first: int) -> int:
+        """The first position kept when ``[first, end)`` does not fit the buffer."""
         limit = self._keep_limit()
-        return self._first if limit is None else max(self._first, end - limit)
+        return first if limit is None else max(first, end - limit)
 
     def _capacities(self, n: int, t: int) -> tuple[int, int]:
         """(needed, preferred) capacity after appending ``t`` positions at ``n``; both equal the
         current capacity when the step fits the buffer as it is."""
         cap, end = self.capacity, n + t
-        if cap and end - self._first <= cap:
+        first = 0 if n == 0 else self._first  # a step at 0 starts the buffer again
+        if cap and end - first <= cap:
             return cap, cap
-        needed = end - self._kept_from(end)
+        needed = end - self._kept_from(end, first)
         if cap and needed <= cap:
             return cap, cap  # compaction in place
         preferred = grown_capacity(cap, needed)
@@ -140,7 +141,7 @@ class _Buffers:
         grant, self._grant = self._grant, None
         kbuf, vbuf, first = self._kbuf, self._vbuf, self._first
         if kbuf is None or vbuf is None or end - first > kbuf.shape[-2]:
-            start = self._kept_from(end)  # the first position kept after this step
+            start = self._kept_from(end, first)  # the first position kept after this step
             needed, cap = self._capacities(n, t)
             if kbuf is not None and vbuf is not None and end - start <= kbuf.shape[-2]:
                 new_k, new_v = kbuf, vbuf  # full: the kept positions move to the front

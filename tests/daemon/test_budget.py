@@ -10,6 +10,7 @@ import torch
 
 from splitlm.daemon.budget import CacheBudget, bytes_per_position
 from splitlm.daemon.status import SessionRefused
+from splitlm.shared.cache import PartCache
 from splitlm.shared.models import PartSpec, build_part, family_for, resolve
 from tests.conftest import FAMILY_KINDS
 
@@ -56,10 +57,15 @@ def test_plan_is_what_the_step_allocates(tiny_models: dict[str, Path], kind: str
     part = build_part(src, family_for(src.config), PartSpec.trunk(1, 5), torch.float32, torch.device("cpu"))
     unit = bytes_per_position(part) // 4  # one position of one layer
     g = torch.Generator().manual_seed(0)
-    for limit in (None, 3 * unit * 4, 0):
-        cache = part.new_cache()
-        position = 0
-        for t in [9, 1, 1, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4, 1]:
+    # (position, t): a prefill, decode steps past a sliding layer's kept 5 + 4 positions, a
+    # verify, a rollback, a re-prefill from 0 longer than what is kept, more decode steps
+    steps = [(0, 9), *((p, 1) for p in range(9, 24)), (24, 4), (25, 2), (0, 17), *((p, 1) for p in range(17, 30))]
+    for limit in (None, 12 * unit * 4, 0):
+        cache = PartCache(part.config, 1, 5, rollback_depth=4)
+        ran = 0
+        for position, t in steps:
+            if position > cache.length:
+                continue  # follows a refused step
             before = cache.allocated_bytes()
             growth = cache.plan(position, t, unit, limit)
             assert growth.needed <= growth.planned
@@ -69,6 +75,5 @@ def test_plan_is_what_the_step_allocates(tiny_models: dict[str, Path], kind: str
                 assert growth.planned <= limit
             part.forward(torch.randn(1, t, part.hidden_size, generator=g), position, cache)
             assert cache.allocated_bytes() - before == growth.planned, (limit, position, t)
-            position += t
-        if limit == 0:
-            assert position == 0  # nothing fits in no bytes
+            ran += 1
+        assert ran == 0 if limit == 0 else ran > 10  # nothing fits in no bytes
