@@ -9,6 +9,7 @@ positions per layer (the old minimum allocation), four times this cap.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from splitlm.shared.models import PartSpec, build_part, family_for, resolve
 from splitlm.shared.plan import Fingerprint
 
 START, END = 1, 5
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -148,6 +150,8 @@ async def test_many_short_sessions_hold_at_most_the_cap(llama_daemon: Daemon) ->
         assert d.storage_bytes() <= CAP
         assert d.service.budget.reserved_bytes == d.storage_bytes()  # the budget is the truth
     served = 16 - refused
+    log.info("cap %d B: %d short sessions served, %d refused, buffers %d B, positions in use %d B",
+             CAP, served, refused, d.storage_bytes(), d.service.sessions.cache_used_bytes())
     # each session uses 8 positions and holds 13 (5 exact, then +8 slack); the last one squeezes
     assert served >= 4 and refused >= 1, (served, refused)
     info = await d.stub.Info(pb.InfoRequest())
