@@ -41,6 +41,7 @@ from .errors import DaemonUnreachable, SplitlmError, TrunkError, UsageError
 if TYPE_CHECKING:
     from ..protos import trunk_pb2 as pb
     from .client import TrunkSession
+    from .config import ClientSettings
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,20 @@ class RetryPolicy:
             raise UsageError(f"the retry multiplier must be >= 1, got {self.multiplier}")
         if not 0 <= self.jitter <= 1:
             raise UsageError(f"the retry jitter must be in [0, 1], got {self.jitter}")
+
+    @classmethod
+    def from_settings(cls, settings: ClientSettings) -> RetryPolicy:
+        """The policy of the ``--retry-*`` settings (``retry_initial``, ``retry_max_delay``,
+        ``retry_deadline``); every front end builds it here, so they cannot drift apart.
+
+        Raises:
+            UsageError: the settings contradict each other (max delay below the first).
+        """
+        return cls(
+            initial_delay_s=settings.retry_initial,
+            max_delay_s=settings.retry_max_delay,
+            deadline_s=settings.retry_deadline,
+        )
 
     @property
     def enabled(self) -> bool:

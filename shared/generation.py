@@ -165,6 +165,16 @@ class GenerationResult:
     bytes_sent: int = 0
     bytes_received: int = 0
 
+    def add_token(self, token: int, latency_s: float, client_s: float, trunk_s: float) -> None:
+        """Record a generated token and its timings; the first token's latency is the TTFT."""
+        if not self.token_ids:
+            self.ttft_s = latency_s
+        else:
+            self.per_token_s.append(latency_s)
+        self.client_compute_s.append(client_s)
+        self.trunk_compute_s.append(trunk_s)
+        self.token_ids.append(token)
+
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> list[int]:
     """Token ids of a one-turn prompt: the chat template when ``chat`` and the model has one,
@@ -281,7 +291,7 @@ def generate(
     detok = _Detokenizer(tokenizer, settings.stop)
     eos = set(eos_ids)
     bytes0 = (pipeline.bytes_sent, pipeline.bytes_received)
-    t_start = t_prev = time.perf_counter()
+    clock = _TokenClock()
     step_ids: Sequence[int] = ids
     position = start_position
     stopped = False
@@ -290,32 +300,16 @@ def generate(
             result.finish_reason = "cancelled"
             break
         out = pipeline.step(step_ids, position)
-        t0 = time.perf_counter()
-        token = sampler(out.logits)
-        client_s = out.client_s + (time.perf_counter() - t0)
-        now = time.perf_counter()
-        latency = now - t_prev
-        t_prev = now
-        if not result.token_ids:
-            result.ttft_s = now - t_start
-        else:
-            result.per_token_s.append(latency)
-        result.client_compute_s.append(client_s)
-        result.trunk_compute_s.append(out.trunk_s)
-        result.token_ids.append(token)
+        token, client_s = _sample(sampler, out)
+        latency = clock.tick()
+        result.add_token(token, latency, client_s, out.trunk_s)
         position += len(step_ids)
         step_ids = [token]
-        if token in eos:
-            result.finish_reason = "eos"
-            delta = ""
-        else:
-            delta, stopped = detok.push(result.token_ids)
+        delta, stopped = ("", False) if token in eos else detok.push(result.token_ids)
         if on_token is not None:
             on_token(TokenEvent(len(result.token_ids) - 1, token, delta, latency, client_s, out.trunk_s))
-        if token in eos:
-            break
-        if stopped:
-            result.finish_reason = "stop"
+        if token in eos or stopped:
+            result.finish_reason = "eos" if token in eos else "stop"
             break
     # text still held back (a partial stop string or character at the very end) is in
     # ``result.text``; a streaming front end prints ``result.text[len(streamed):]`` last
@@ -323,3 +317,24 @@ def generate(
     result.bytes_sent = pipeline.bytes_sent - bytes0[0]
     result.bytes_received = pipeline.bytes_received - bytes0[1]
     return result
+
+
+def _sample(sampler: Sampler, out: StepOutput) -> tuple[int, float]:
+    """The next token from a step's logits, and the step's client compute with the sampling."""
+    t0 = time.perf_counter()
+    token = sampler(out.logits)
+    return token, out.client_s + (time.perf_counter() - t0)
+
+
+class _TokenClock:
+    """Time between tokens, taken once each token is sampled; the first token's is from the
+    start of the generation (its TTFT)."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def tick(self) -> float:
+        """Seconds since the previous token (or the start)."""
+        now = time.perf_counter()
+        latency, self._last = now - self._last, now
+        return latency

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitlm.shared import session as ss
+from splitlm.shared import prepare
 from splitlm.shared.client import TrunkClient, TrunkSession
 from splitlm.shared.failover import FailoverSession, RetryPolicy
 from splitlm.shared.generation import GenerationSettings, generate, prompt_ids
@@ -99,9 +99,9 @@ def test_replay_is_bit_identical_and_its_cost(daemon_factory: Factory) -> None:
     one round trip at a time, and one prefill of all positions (not what failover does)."""
     d = daemon_factory("smollm2")
     client = TrunkClient(d.address)
-    model = ss.load_model("smollm2")
-    parts = ss.split_parts(model, client.info(), torch.device("cpu"))
-    pipe = ss.split_pipeline(parts, client, retry=RetryPolicy())
+    model = prepare.load_model("smollm2")
+    parts = prepare.split_parts(model, client.info(), torch.device("cpu"))
+    pipe = prepare.split_pipeline(parts, client, retry=RetryPolicy())
     session = pipe.session
     assert isinstance(session, FailoverSession)
     outputs: list[bytes] = []
