@@ -116,7 +116,7 @@ def main() -> int:
                         program=[sys.executable, __file__, "--serve"])
     sent: list[float] = []
     got: list[float] = []
-    send, receive = cl.TrunkSession._send, cl.TrunkSession._receive
+    send, receive = cl.TrunkStream._send, cl.TrunkStream._receive
 
     def timed_send(self: Any, req: Any) -> None:
         sent.append(time.perf_counter())
@@ -127,8 +127,8 @@ def main() -> int:
         got.append(time.perf_counter())
         return reply
 
-    cl.TrunkSession._send = timed_send  # type: ignore[method-assign]
-    cl.TrunkSession._receive = timed_receive  # type: ignore[method-assign]
+    cl.TrunkStream._send = timed_send  # type: ignore[method-assign]
+    cl.TrunkStream._receive = timed_receive  # type: ignore[method-assign]
     lat: dict[str, list[float]] = {"full": [], "split": []}
     try:
         client = cl.TrunkClient(f"unix:{sock}")

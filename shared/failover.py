@@ -40,7 +40,7 @@ from .errors import DaemonUnreachable, SplitlmError, TrunkError, UsageError
 
 if TYPE_CHECKING:
     from ..protos import trunk_pb2 as pb
-    from .client import TrunkSession
+    from .client import TrunkStream
     from .config import ClientSettings
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class StepHistory:
 
 
 class FailoverSession:
-    """A trunk session that outlives its stream; the same interface as ``TrunkSession``.
+    """A trunk session that outlives its stream; a ``RemoteSession`` like ``TrunkStream``.
 
     Every step is recorded before it is sent. When a step fails with a transient error the
     session reopens (backoff and jitter, within ``policy.deadline_s``), replays the history
@@ -250,8 +250,8 @@ class FailoverSession:
 
     def __init__(
         self,
-        stream: TrunkSession,
-        reopen: Callable[[float], TrunkSession],
+        stream: TrunkStream,
+        reopen: Callable[[float], TrunkStream],
         policy: RetryPolicy,
         on_reconnect: OnReconnect | None = None,
         rng: random.Random | None = None,
@@ -380,7 +380,7 @@ class FailoverSession:
         so a daemon that accepts the stream and never answers cannot hang the client."""
         return max(0.05, self.policy.deadline_s - (time.monotonic() - broke))
 
-    def _retire(self, stream: TrunkSession) -> None:
+    def _retire(self, stream: TrunkStream) -> None:
         """Close a dead stream, keeping its byte counts in the totals."""
         stream.close()
         self._bytes_sent_before += stream.bytes_sent

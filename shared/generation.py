@@ -21,8 +21,7 @@ from .sampling import Sampler, SamplingSettings
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from .client import TrunkSession
-    from .failover import FailoverSession
+    from .client import RemoteSession
     from .models import Part
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ class SplitPipeline:
     the recorded steps), not the conversation; the bottom and top caches here are not touched.
     """
 
-    def __init__(self, bottom: Part, session: TrunkSession | FailoverSession, top: Part) -> None:
+    def __init__(self, bottom: Part, session: RemoteSession, top: Part) -> None:
         self.bottom, self.session, self.top = bottom, session, top
         self.bottom_cache = bottom.new_cache()
         self.top_cache = top.new_cache()

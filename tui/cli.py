@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.FAILURE
     finally:
         # close channels before the interpreter exits: gRPC's threads must not be holding a
-        # call when it is torn down (see TrunkSession.close)
+        # call when it is torn down (see TrunkStream.close)
         while _CLIENTS:
             _CLIENTS.pop().close()
 

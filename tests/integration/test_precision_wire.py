@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from splitlm.shared import prepare
-from splitlm.shared.client import TrunkClient, TrunkSession
+from splitlm.shared.client import TrunkClient, TrunkStream
 from splitlm.shared.errors import TrunkError, UsageError
 from splitlm.shared.generation import GenerationSettings, generate
 from splitlm.shared.models import PartSpec, build_part
@@ -78,7 +78,7 @@ def test_other_precision_is_refused_and_the_daemon_lives_on(tiny_models, daemon_
         p = client.info().plan
         mine = Fingerprint(p.config_digest, p.weights_digest, p.trunk_start, p.trunk_end, "bfloat16")
         with pytest.raises(TrunkError) as e:
-            TrunkSession(client, mine, torch.bfloat16)
+            TrunkStream(client, mine, torch.bfloat16)
         assert e.value.code == "FAILED_PRECONDITION"
         assert "weight precision (int8 here, bfloat16 from the client): pass --weights int8" in str(e.value)
     res, _ = _split_run(d.address, model, 3)  # still serving
@@ -123,7 +123,7 @@ def test_daemon_converts_both_ways(tiny_models, daemon_factory, weights, wires) 
         h = torch.randn(1, 5, trunk.hidden_size, generator=torch.Generator().manual_seed(3)).to(wire)
         with closing(TrunkClient(d.address)) as client:
             parts = prepare.split_parts(model, client.info(), CPU)
-            s = TrunkSession(client, parts.fingerprint, wire)
+            s = TrunkStream(client, parts.fingerprint, wire)
             try:
                 out, _ = s.step(h, 0)
             finally:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from splitlm.shared import prepare
-from splitlm.shared.client import TrunkClient, TrunkSession
+from splitlm.shared.client import TrunkClient, TrunkStream
 from splitlm.shared.failover import FailoverSession, RetryPolicy
 from splitlm.shared.generation import GenerationSettings, generate, prompt_ids
 from tests.conftest import run_cli, start_daemon
@@ -120,8 +120,8 @@ def test_replay_is_bit_identical_and_its_cost(daemon_factory: Factory) -> None:
     positions = session.history.positions
     assert len(steps) == len(res.token_ids) == n and positions == len(ids) + n - 1
 
-    def fresh() -> TrunkSession:
-        return TrunkSession(client, parts.fingerprint, parts.trunk_dtype)
+    def fresh() -> TrunkStream:
+        return TrunkStream(client, parts.fingerprint, parts.trunk_dtype)
 
     s1 = fresh()
     t0 = time.perf_counter()

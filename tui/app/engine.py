@@ -268,7 +268,7 @@ class ChatEngine:
     def stop_reconnect(self) -> None:
         """Esc while the session is reconnecting: give up now (any thread)."""
         pipe = self.pipeline
-        if self._reconnecting.is_set() and pipe is not None and hasattr(pipe.session, "cancel"):
+        if self._reconnecting.is_set() and pipe is not None:
             pipe.session.cancel()
 
     def forget_cache(self) -> None:
