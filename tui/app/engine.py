@@ -162,15 +162,13 @@ class ChatEngine:
 
     def _open_pipeline(self) -> None:
         from ...shared import prepare
-        from ...shared.failover import RetryPolicy
 
         assert self.parts is not None and self.client is not None
         if self.pipeline is not None:
             self.pipeline.close()
             self.pipeline = None
-        policy = self.config.retry or RetryPolicy()
-        self.pipeline = prepare.split_pipeline(
-            self.parts, self.client, wire_dtype=self.config.wire_torch_dtype(), retry=policy,
+        self.pipeline = prepare.split_pipeline(  # retry None: split_pipeline's default policy
+            self.parts, self.client, wire_dtype=self.config.wire_torch_dtype(), retry=self.config.retry,
             on_reconnect=self._failover,
         )
         self.cached = []
