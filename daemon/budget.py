@@ -1,10 +1,13 @@
-"""The byte budget of all sessions' trunk KV caches together, checked before a step allocates.
+"""The byte budget of all sessions' trunk KV caches together, reserved before a buffer grows.
 
-Every trunk layer keeps keys and values for every cached position (sliding-window layers too,
-so that a session can roll back), so a session holding ``n`` positions holds exactly
-``n * bytes_per_position`` bytes. The budget counts positions *reserved* by each session: a step
-reserves ``position + t`` before it runs, on the event loop, with no await between the check
-and the reservation, so two sessions can never both pass the check for the same last bytes.
+The budget counts the bytes the cache buffers *allocate* (their storage, slack included), not the
+positions in use: a buffer holds more positions than it uses so that decode steps stay O(1), and
+those bytes are memory the daemon holds. Before a step runs, ``PartCache.plan`` says how many bytes
+its buffers will add (squeezing the slack to what is left, so a nearly full budget still serves
+whole steps); the step reserves them on the event loop, with no await between the check and the
+reservation, so two sessions can never both pass the check for the same last bytes. After the
+step the session holds exactly what its buffers hold (``settle``). Transient copies while a
+buffer grows and attention's own scratch memory are not counted: they live for one step.
 """
 
 from __future__ import annotations
@@ -44,24 +47,25 @@ def auto_budget(device: torch.device) -> int:
 
 
 class CacheBudget:
-    """Caps the positions all sessions may reserve. Used from the event loop only.
+    """Caps the bytes all sessions' cache buffers may allocate. Used from the event loop only.
 
     Args:
         max_bytes: the budget (``--max-cache-bytes``).
-        per_position: bytes one cached position costs (``bytes_per_position``).
+        per_position: bytes one cached position costs in all trunk layers (``bytes_per_position``).
     """
 
     def __init__(self, max_bytes: int, per_position: int) -> None:
         self.max_bytes = max_bytes
         self.per_position = max(1, per_position)
-        self.reserved_positions = 0
+        self.reserved_bytes = 0
 
     @property
-    def reserved_bytes(self) -> int:
-        return self.reserved_positions * self.per_position
+    def free(self) -> int:
+        """Bytes no session has reserved."""
+        return max(0, self.max_bytes - self.reserved_bytes)
 
     def reserve(self, held: int, wanted: int, sessions: int) -> int:
-        """Change one session's reservation from ``held`` to ``wanted`` positions.
+        """Change one session's reservation from ``held`` to ``wanted`` bytes.
 
         Returns:
             ``wanted``, the session's new reservation.
@@ -70,23 +74,34 @@ class CacheBudget:
             SessionRefused: RESOURCE_EXHAUSTED when the growth does not fit; nothing changed.
         """
         grow = wanted - held
-        if grow > 0 and (self.reserved_positions + grow) * self.per_position > self.max_bytes:
-            need = grow * self.per_position
+        if grow > 0 and self.reserved_bytes + grow > self.max_bytes:
             raise SessionRefused(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"trunk cache memory exhausted: this step needs {need} more bytes ({grow} "
-                f"positions x {self.per_position} B), but {self.reserved_bytes} of the daemon's "
-                f"{self.max_bytes} bytes (--max-cache-bytes) are held by {sessions} session(s); "
-                "retry later or use a shorter context",
+                f"trunk cache memory exhausted: this step needs {grow} more bytes of cache buffers "
+                f"(~{-(-grow // self.per_position)} positions x {self.per_position} B), but "
+                f"{self.reserved_bytes} of the daemon's {self.max_bytes} bytes (--max-cache-bytes) "
+                f"are allocated to {sessions} session(s); retry later or use a shorter context",
             )
-        self.reserved_positions += grow
+        self.reserved_bytes += grow
         return wanted
 
+    def settle(self, held: int, actual: int) -> int:
+        """After a step: the session holds what its buffers really hold. Never raises (called in
+        ``finally``); more than was reserved is a bug in the growth plan, logged.
+
+        Returns:
+            ``actual``, the session's new reservation.
+        """
+        if actual > held:
+            log.error("a step allocated %d bytes of cache beyond its reservation", actual - held)
+        self.reserved_bytes += actual - held
+        return actual
+
     def release(self, held: int) -> None:
-        self.reserved_positions -= held
+        self.reserved_bytes -= held
 
     def describe(self) -> str:
         return (
-            f"{self.max_bytes / GIB:.2f} GiB of trunk cache "
+            f"{self.max_bytes / GIB:.2f} GiB of trunk cache buffers "
             f"({self.max_bytes // self.per_position} positions at {self.per_position} B each)"
         )

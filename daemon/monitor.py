@@ -58,10 +58,18 @@ def requested_interval(interval_s: float) -> float:
 
 @dataclass(frozen=True)
 class TrunkState:
-    """The servicer's figures at sampling time (read on the event loop)."""
+    """The servicer's figures at sampling time (read on the event loop).
+
+    Attributes:
+        trunk_cache_bytes: storage all sessions' cache buffers allocate (what the cap counts).
+        trunk_cache_used_bytes: of which positions in use.
+        trunk_cache_budget_bytes: the cap (``--max-cache-bytes``); 0 without one.
+    """
 
     sessions_open: int
     trunk_cache_bytes: int
+    trunk_cache_used_bytes: int = 0
+    trunk_cache_budget_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -361,6 +369,8 @@ class MonitorHub:
             step_p50_ms=w.p50_ms,
             step_p95_ms=w.p95_ms,
             trunk_cache_bytes=state.trunk_cache_bytes,
+            trunk_cache_used_bytes=state.trunk_cache_used_bytes,
+            trunk_cache_budget_bytes=state.trunk_cache_budget_bytes,
         )
 
     @contextlib.asynccontextmanager

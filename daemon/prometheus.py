@@ -46,6 +46,8 @@ class Snapshot:
 
     Attributes:
         plan: labels of ``splitlm_trunk_info`` (model, layers, device, weights, fingerprint).
+        cache_bytes: storage all sessions' cache buffers allocate (what the cap counts).
+        cache_used_bytes: of which positions in use.
         cache_budget_bytes: the trunk cache cap, None when there is none.
         batches, batched_steps: None when batching is off.
         gpu_status: "" when NVML read every GPU, else why some or all are missing.
@@ -65,6 +67,7 @@ class Snapshot:
     batches: int | None = None
     batched_steps: int | None = None
     stopping: bool = False
+    cache_used_bytes: int = 0
 
 
 GPU_GAUGES = (
@@ -125,7 +128,9 @@ class SnapshotCollector:
         yield gauge("splitlm_sessions_open", "Sessions holding a trunk cache.", s.sessions_open)
         yield gauge("splitlm_sessions_max", "The session cap (--max-sessions).", s.max_sessions)
         yield gauge("splitlm_steps_queued", "Steps waiting for the compute thread.", s.steps_queued)
-        yield gauge("splitlm_trunk_cache_bytes", "Trunk KV cache held by all sessions.", s.cache_bytes)
+        yield gauge("splitlm_trunk_cache_bytes",
+                    "Trunk KV cache buffers allocated by all sessions (what --max-cache-bytes caps).",
+                    s.cache_bytes)
         for name, help, attr in OPTIONAL_GAUGES:
             if (value := getattr(s, attr, None)) is not None:
                 yield gauge(name, help, value)

@@ -1,6 +1,8 @@
-"""The ``splitlm.v1.Trunk`` servicer: thin, protobuf in, the trunk part, protobuf out.
+"""The ``splitlm.v1.Trunk`` servicer: thin, protobuf in, the step logic (``steps``), protobuf out.
 
-Torch work runs on one executor thread per device, never on the event loop.
+Sessions, step checks, the cache budget and the compute queue live in ``TrunkSteps``; this module
+only translates messages and statuses and owns the stream's life (idle timeout, shutdown). Torch
+work runs on one executor thread per device, never on the event loop.
 """
 
 from __future__ import annotations
@@ -8,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import grpc
 import torch
@@ -19,59 +19,22 @@ import torch
 from ..protos import trunk_pb2 as pb
 from ..protos import trunk_pb2_grpc as pb_grpc
 from ..shared import codec
-from ..shared.errors import InvalidStep, SplitlmError
+from ..shared.cache import RollbackTooDeep
+from ..shared.errors import ContextExhausted, SplitlmError
 from ..shared.models import Part
 from ..shared.plan import Fingerprint
 from ..shared.version import __version__
-from .batcher import BatchPolicy, StepBatcher
-from .budget import CacheBudget, bytes_per_position
-from .metrics import StepRecorder
+from .batcher import BatchPolicy
+from .budget import CacheBudget
 from .monitor import HostProbe, MonitorHub, TrunkState, requested_interval
 from .prometheus import Snapshot
 from .sessions import SessionStore, TrunkSession
 from .status import SessionRefused, code_for
+from .steps import Limits, TrunkSteps, check_step_id, leaves_session_as_it_was
+
+__all__ = ["Limits", "TrunkService", "check_step_id", "leaves_session_as_it_was"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the daemon allows.
-
-    Attributes:
-        max_sessions: sessions open at once.
-        max_context: positions per session.
-        max_message_bytes: gRPC message size in both directions.
-        max_cache_bytes: trunk KV cache of all sessions together (None: no cap).
-        idle_timeout_s: close a session that sends no step for this long (0: never).
-    """
-
-    max_sessions: int
-    max_context: int
-    max_message_bytes: int
-    max_cache_bytes: int | None = None
-    idle_timeout_s: float = 0.0
-
-
-def check_step_id(step_id: int, last: int) -> None:
-    """The step-id rule: within one session ids start at 1 and strictly increase, so a step
-    sent twice (a replay on the same stream, a duplicated message) is refused, never applied
-    twice. A new session starts again from 1: its cache is new too.
-
-    Raises:
-        SessionRefused: INVALID_ARGUMENT for id 0 (unset), ALREADY_EXISTS for an id at or below
-            the last one applied.
-    """
-    if step_id == 0:
-        raise SessionRefused(
-            grpc.StatusCode.INVALID_ARGUMENT, "step_id is 0 (unset): a session's step ids are 1, 2, 3, ..."
-        )
-    if step_id <= last:
-        raise SessionRefused(
-            grpc.StatusCode.ALREADY_EXISTS,
-            f"step {step_id} is not above {last}, the last step applied on this session: a step is "
-            "applied once; ids increase within a session and start at 1 on a new one",
-        )
 
 
 class TrunkService(pb_grpc.TrunkServicer):
@@ -85,18 +48,15 @@ class TrunkService(pb_grpc.TrunkServicer):
         executor: ThreadPoolExecutor,
         batching: BatchPolicy | None = None,
     ) -> None:
+        self.steps = TrunkSteps(part, fingerprint, limits, executor, batching)
         self.part = part
         self.fingerprint = fingerprint
         self.limits = limits
         self.executor = executor
-        self.budget = CacheBudget(limits.max_cache_bytes or 2**62, bytes_per_position(part))
-        self.sessions = SessionStore(limits.max_sessions, self.budget)
+        self.metrics = self.steps.metrics
+        self.batcher = self.steps.batcher
         self._stopping: asyncio.Future[None] | None = None
-        self.metrics = StepRecorder()
         self.monitor = MonitorHub(HostProbe(), self.metrics, self._trunk_state)
-        self.batcher = (
-            StepBatcher(part, executor, batching, self.metrics.queue) if batching is not None else None
-        )
         src = part.source
         self.plan = pb.Plan(
             model_id=src.model_id,
@@ -114,6 +74,14 @@ class TrunkService(pb_grpc.TrunkServicer):
             weights="" if fingerprint.precision == "float32" else fingerprint.precision,
         )
 
+    @property
+    def sessions(self) -> SessionStore:
+        return self.steps.sessions
+
+    @property
+    def budget(self) -> CacheBudget:
+        return self.steps.budget
+
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:
         return pb.InfoReply(
             plan=self.plan,
@@ -121,10 +89,14 @@ class TrunkService(pb_grpc.TrunkServicer):
                 max_sessions=self.limits.max_sessions,
                 max_context=self.limits.max_context,
                 max_message_bytes=self.limits.max_message_bytes,
+                max_cache_bytes=self.limits.max_cache_bytes or 0,
+                rollback_depth=self.steps.rollback_depth,
             ),
             server_version=__version__,
             sessions_open=len(self.sessions),
             batching=self._batching(),
+            cache_allocated_bytes=self.sessions.cache_bytes(),
+            cache_used_bytes=self.sessions.cache_used_bytes(),
         )
 
     def _batching(self) -> pb.Batching:
@@ -148,6 +120,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             max_sessions=self.limits.max_sessions,
             steps_queued=len(self.metrics.queue),
             cache_bytes=self.sessions.cache_bytes(),
+            cache_used_bytes=self.sessions.cache_used_bytes(),
             cache_budget_bytes=self.limits.max_cache_bytes,
             totals=dataclasses.replace(self.metrics.totals),
             rss_bytes=rss,
@@ -160,7 +133,12 @@ class TrunkService(pb_grpc.TrunkServicer):
         )
 
     def _trunk_state(self) -> TrunkState:
-        return TrunkState(len(self.sessions), self.sessions.cache_bytes())
+        return TrunkState(
+            len(self.sessions),
+            self.sessions.cache_bytes(),
+            self.sessions.cache_used_bytes(),
+            self.limits.max_cache_bytes or 0,
+        )
 
     async def Monitor(
         self, request: pb.MonitorRequest, context: grpc.aio.ServicerContext
@@ -177,30 +155,12 @@ class TrunkService(pb_grpc.TrunkServicer):
         theirs = Fingerprint(
             req.config_digest, req.weights_digest, req.trunk_start, req.trunk_end, req.weights or "float32"
         )
-        if req.fingerprint != self.fingerprint.digest:
-            what = theirs.differences(self.fingerprint) or ["the plan fingerprint"]
-            raise SessionRefused(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"plan mismatch: {'; '.join(what)}. This daemon serves {self.plan.model_id} "
-                f"layers {self.plan.trunk_start}:{self.plan.trunk_end} (fingerprint {self.fingerprint.digest}); "
-                "load the same model and split on the client",
-            )
-        if req.wire_dtype == pb.DTYPE_UNSPECIFIED:
-            return self.part.dtype
-        wire = codec.TORCH_OF.get(req.wire_dtype)
-        if wire is None:
-            raise SessionRefused(grpc.StatusCode.INVALID_ARGUMENT, f"unknown wire dtype {req.wire_dtype}")
-        return wire
-
-    def _run_step(
-        self, s: TrunkSession, h: torch.Tensor, position: int, into: pb.Tensor | None = None
-    ) -> tuple[pb.Tensor, int]:
-        """On the executor thread: one trunk step, output encoded in the wire dtype (into ``into``,
-        the reply's own field, when given)."""
-        t0 = time.perf_counter_ns()
-        out = self.part.forward(h, position, s.cache, max_context=self.limits.max_context)
-        msg = codec.encode(out, s.wire_dtype, out=into)
-        return msg, time.perf_counter_ns() - t0
+        wire = None
+        if req.wire_dtype != pb.DTYPE_UNSPECIFIED:
+            wire = codec.TORCH_OF.get(req.wire_dtype)
+            if wire is None:
+                raise SessionRefused(grpc.StatusCode.INVALID_ARGUMENT, f"unknown wire dtype {req.wire_dtype}")
+        return self.steps.check_open(theirs, req.fingerprint, wire)
 
     async def Session(
         self, request_iterator: AsyncIterator[pb.SessionRequest], context: grpc.aio.ServicerContext
@@ -216,10 +176,20 @@ class TrunkService(pb_grpc.TrunkServicer):
                     grpc.StatusCode.INVALID_ARGUMENT, "the first message of a session must be `open`, not a step"
                 )
             wire = self._check_open(first.open)
-            async with self.sessions.open(self.part.new_cache(), wire, first.open.client) as s:
+            in_stream = first.open.refusals_in_stream
+            async with self.steps.open(wire, first.open.client) as s:
                 yield pb.SessionReply(opened=pb.SessionOpened(session_id=s.session_id, plan=self.plan))
                 while (req := await self._next_request(requests)) is not None:
-                    yield await self._step(s, req)
+                    try:
+                        reply = await self._step(s, req)
+                    except (SessionRefused, ContextExhausted, RollbackTooDeep) as e:
+                        if not (in_stream and leaves_session_as_it_was(e)):
+                            raise
+                        log.info("session %s: step %d refused: %s", s.session_id, req.step.step_id, e)
+                        reply = pb.SessionReply(refused=pb.StepRefused(
+                            step_id=req.step.step_id, code=code_for(e).value[0], message=str(e)
+                        ))
+                    yield reply
         except SplitlmError as e:
             await context.abort(code_for(e), str(e))
 
@@ -274,38 +244,16 @@ class TrunkService(pb_grpc.TrunkServicer):
         if not req.HasField("step"):
             raise SessionRefused(grpc.StatusCode.INVALID_ARGUMENT, "this session is already open; send steps")
         step = req.step
-        check_step_id(step.step_id, s.last_step_id)
-        h = codec.decode(step.hidden)
-        if h.dtype != s.wire_dtype:
-            raise InvalidStep(
-                f"hidden states are {codec.dtype_name(h.dtype)}, but the session's wire dtype is "
-                f"{codec.dtype_name(s.wire_dtype)}"
-            )
-        self.part.check_input(h)
-        position = int(step.position)
-        if position <= s.cache.length and position + h.shape[1] <= self.limits.max_context:
-            # reserve before anything is allocated; a gap or an overlong step fails in forward
-            wanted = max(s.reserved, position + h.shape[1])
-            s.reserved = self.budget.reserve(s.reserved, wanted, len(self.sessions))
         # the output is encoded straight into the reply: building the reply around an encoded
         # tensor would copy its bytes once more (~1 ms for a 512-token prefill)
         reply = pb.SessionReply()
         into = reply.result.hidden
-        try:
-            if self.batcher is not None:
-                _, ns = await self.batcher.submit(
-                    s.cache, h, position, self.limits.max_context,
-                    lambda out: codec.encode(out, s.wire_dtype, out=into),
-                )
-            else:
-                _, ns = await self.metrics.queue.run(self.executor, self._run_step, s, h, position, into)
-            self.metrics.record(h.shape[1], ns / 1e9)
-        finally:
-            s.reserved = self.budget.reserve(s.reserved, s.cache.length, len(self.sessions))
-        s.last_step_id = step.step_id
-        s.steps += 1
-        s.last_used = time.monotonic()
+        done = await self.steps.step(
+            s, step.step_id, int(step.position), step.hidden,
+            lambda out: codec.encode(out, s.wire_dtype, out=into),
+        )
         reply.result.step_id = step.step_id
-        reply.result.compute_us = min(ns // 1000, 2**32 - 1)
-        reply.result.cached_length = s.cache.length
+        reply.result.compute_us = min(done.compute_ns // 1000, 2**32 - 1)
+        reply.result.cached_length = done.cached_length
+        reply.result.rollback_floor = done.rollback_floor
         return reply

@@ -31,7 +31,8 @@ class TrunkSession:
         cache: this session's trunk KV cache.
         wire_dtype: dtype of hidden states in both directions.
         last_step_id: the highest step id applied (a replayed step is never applied twice).
-        reserved: positions this session holds in the daemon's cache budget.
+        reserved: bytes this session holds in the daemon's cache budget (between steps, what its
+            cache buffers allocate).
     """
 
     session_id: str
@@ -57,6 +58,11 @@ class SessionStore:
         return len(self._sessions)
 
     def cache_bytes(self) -> int:
+        """Bytes all sessions' cache buffers allocate (what the budget counts)."""
+        return sum(s.cache.allocated_bytes() for s in self._sessions.values())
+
+    def cache_used_bytes(self) -> int:
+        """Bytes of the positions all sessions' caches keep (at most ``cache_bytes``)."""
         return sum(s.cache.nbytes() for s in self._sessions.values())
 
     @contextlib.asynccontextmanager

@@ -22,7 +22,7 @@ import grpc
 from ..protos import trunk_pb2 as pb
 from ..protos import trunk_pb2_grpc as pb_grpc
 from .deadline import StepClock, StepDeadline, StepDeadlineExceeded, Watchdog
-from .errors import DaemonUnreachable, TrunkError
+from .errors import DaemonUnreachable, StepRefused, TrunkError
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -75,6 +75,10 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
+"""Status code numbers (``StepRefused.code``) to names."""
+
+
 def _trunk_error(e: grpc.RpcError) -> TrunkError:
     """The error of a failed call; an ``RpcError`` that is not a call (none of ours) is UNKNOWN."""
     if not isinstance(e, grpc.Call):
@@ -109,6 +113,12 @@ class RemoteSession(Protocol):
     @property
     def bytes_received(self) -> int:
         """Bytes of replies received so far."""
+        ...
+
+    @property
+    def rollback_floor(self) -> int:
+        """The lowest position a step may start from (the daemon's sliding-window layers keep
+        only so much); below it, a caller re-prefills from position 0."""
         ...
 
     def step(self, hidden: torch.Tensor, position: int) -> tuple[torch.Tensor, float]:
@@ -370,6 +380,7 @@ class TrunkStream:
                 weights="" if fingerprint.precision == "float32" else fingerprint.precision,
                 wire_dtype=codec.PB_OF[wire_dtype],
                 client=f"splitlm/{__version__}",
+                refusals_in_stream=True,
             )
         )
         self._call = client.stub.Session(self._request_iter())
@@ -385,6 +396,9 @@ class TrunkStream:
         if not reply.HasField("opened"):
             raise TrunkError("INTERNAL", "the daemon answered the open with something else")
         self.session_id = reply.opened.session_id
+        self.rollback_floor = 0
+        """The lowest position a step may start from (the daemon's sliding-window layers keep
+        only so much); below it, a caller re-prefills from position 0."""
         log.info("session %s opened on %s", self.session_id, client.address)
 
     def _request_iter(self) -> Iterator[pb.SessionRequest]:
@@ -502,14 +516,30 @@ class TrunkStream:
         )
         t0 = time.monotonic()
         with self._bounded(bound, what):
-            results = [self._result(step_id) for step_id in ids]
+            results, refused = [], None
+            for step_id in ids:  # every reply is read, so the stream stays in step after a refusal
+                try:
+                    results.append(self._result(step_id))
+                except StepRefused as e:
+                    refused = refused or e
         self.clock.observe(positions, time.monotonic() - t0)
+        if refused is not None:
+            raise refused
         return results
 
     def _result(self, step_id: int) -> pb.StepResult:
+        """The reply to step ``step_id``.
+
+        Raises:
+            StepRefused: the daemon did not run the step; the session is open and as it was.
+        """
         reply = self._receive()
+        if reply.HasField("refused") and reply.refused.step_id == step_id:
+            code = _CODE_NAMES.get(reply.refused.code, "UNKNOWN")
+            raise StepRefused(code, reply.refused.message)
         if not reply.HasField("result") or reply.result.step_id != step_id:
             raise TrunkError("INTERNAL", f"reply for step {reply.result.step_id}, expected {step_id}")
+        self.rollback_floor = reply.result.rollback_floor
         return reply.result
 
     def cancel(self) -> None:

@@ -59,6 +59,11 @@ class TrunkError(SplitlmError):
         self.details = message
 
 
+class StepRefused(TrunkError):
+    """The daemon refused one step before running it and kept the session open (the cache
+    memory budget, the context limit, a rollback below what sliding windows keep)."""
+
+
 class StepError(SplitlmError):
     """A step a part cannot run: wrong shape, dtype, position or size.
 

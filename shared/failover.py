@@ -36,7 +36,7 @@ import torch
 
 from . import codec
 from .deadline import StepDeadlineExceeded
-from .errors import DaemonUnreachable, SplitlmError, TrunkError, UsageError
+from .errors import DaemonUnreachable, SplitlmError, StepRefused, TrunkError, UsageError
 
 if TYPE_CHECKING:
     from ..protos import trunk_pb2 as pb
@@ -206,10 +206,18 @@ class StepHistory:
     def __init__(self) -> None:
         self._steps: list[RecordedStep] = []
 
-    def record(self, position: int, hidden: pb.Tensor) -> None:
+    def record(self, position: int, hidden: pb.Tensor) -> list[RecordedStep]:
+        """Add a step about to be sent; returns the steps it erased (for ``undo``)."""
+        erased = []
         while self._steps and self._steps[-1].position >= position:
-            self._steps.pop()
+            erased.append(self._steps.pop())
         self._steps.append(RecordedStep(position, int(hidden.shape[1]), hidden))
+        return erased
+
+    def undo(self, erased: list[RecordedStep]) -> None:
+        """Forget the last step recorded (the daemon refused it) and put back what it erased."""
+        self._steps.pop()
+        self._steps.extend(reversed(erased))
 
     @property
     def steps(self) -> Sequence[RecordedStep]:
@@ -276,6 +284,11 @@ class FailoverSession:
         return self._stream.session_id
 
     @property
+    def rollback_floor(self) -> int:
+        """See ``TrunkStream.rollback_floor``; a replay rebuilds the same floor."""
+        return self._stream.rollback_floor
+
+    @property
     def bytes_sent(self) -> int:
         return self._bytes_sent_before + self._stream.bytes_sent
 
@@ -295,9 +308,12 @@ class FailoverSession:
             FailoverCancelled: ``cancel`` was called while reconnecting.
         """
         tensor = codec.encode(hidden, self._stream.wire_dtype)
-        self.history.record(position, tensor)
+        erased = self.history.record(position, tensor)
         try:
             result = self._stream.step_tensor(tensor, position)
+        except StepRefused:
+            self.history.undo(erased)  # not run: the cache is what the history said before
+            raise
         except SplitlmError as e:
             if not is_transient(e):
                 raise

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from .errors import StepRefused
 from .sampling import Sampler, SamplingSettings
 
 if TYPE_CHECKING:
@@ -56,22 +57,62 @@ class Pipeline(Protocol):
     def close(self) -> None: ...
 
 
+class TokenLog:
+    """The token ids a pipeline's caches hold, so that a rollback below what their sliding-window
+    layers keep (``rollback_floor``) becomes a re-prefill: one step at position 0 carrying every
+    id up to the new ones, exactly what a fresh session given that prompt would step.
+
+    The full and the split pipeline re-prefill at the same steps (the floor is a function of the
+    steps' positions alone), so their greedy continuations stay token-identical.
+    """
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.valid = 0
+        """Positions every cache holds as ``ids`` say: a step the trunk refused leaves the bottom
+        cache overwritten from its position, so later steps start again from there."""
+
+    def rewind(self, ids: Sequence[int], position: int, floor: int) -> tuple[list[int], int]:
+        """The step to run for ``ids`` at ``position``: itself; from ``valid`` when a refused
+        step overwrote the positions before it; from 0 when that is below ``floor``."""
+        start = min(position, self.valid)
+        if 0 < start < floor:
+            log.info("rollback to %d is below what sliding windows keep (%d): re-prefilling %d ids",
+                     start, floor, position + len(ids))
+            start = 0
+        return self.ids[start:position] + list(ids), start
+
+    def ran(self, ids: Sequence[int], position: int) -> None:
+        """Record a step that ran."""
+        del self.ids[position:]
+        self.ids.extend(ids)
+        self.valid = len(self.ids)
+
+    def refused(self, position: int) -> None:
+        """The trunk refused a step at ``position`` after the bottom ran it."""
+        self.valid = min(self.valid, position)
+
+
 class LocalPipeline:
     """The whole model in this process (``--full``)."""
 
     def __init__(self, full: Part) -> None:
         self.part = full
         self.cache = full.new_cache()
+        self.tokens = TokenLog()
         self.bytes_sent = 0
         self.bytes_received = 0
 
     def step(self, ids: Sequence[int], position: int) -> StepOutput:
         t0 = time.perf_counter()
-        logits = self.part.forward(torch.tensor([list(ids)]), position, self.cache)
+        ids, position = self.tokens.rewind(ids, position, self.cache.rollback_floor)
+        logits = self.part.forward(torch.tensor([ids]), position, self.cache)
+        self.tokens.ran(ids, position)
         return StepOutput(logits[0, -1], time.perf_counter() - t0)
 
     def close(self) -> None:
         self.cache = self.part.new_cache()
+        self.tokens = TokenLog()
 
 
 class SplitPipeline:
@@ -85,6 +126,7 @@ class SplitPipeline:
         self.bottom, self.session, self.top = bottom, session, top
         self.bottom_cache = bottom.new_cache()
         self.top_cache = top.new_cache()
+        self.tokens = TokenLog()
 
     @property
     def bytes_sent(self) -> int:
@@ -94,14 +136,25 @@ class SplitPipeline:
     def bytes_received(self) -> int:
         return self.session.bytes_received
 
+    @property
+    def rollback_floor(self) -> int:
+        """The lowest position a step may start from without a re-prefill (all three caches)."""
+        return max(self.bottom_cache.rollback_floor, self.session.rollback_floor, self.top_cache.rollback_floor)
+
     def step(self, ids: Sequence[int], position: int) -> StepOutput:
         t0 = time.perf_counter()
-        h = self.bottom.forward(torch.tensor([list(ids)]), position, self.bottom_cache)
+        ids, position = self.tokens.rewind(ids, position, self.rollback_floor)
+        h = self.bottom.forward(torch.tensor([ids]), position, self.bottom_cache)
         t1 = time.perf_counter()
-        h2, trunk_s = self.session.step(h, position)
+        try:
+            h2, trunk_s = self.session.step(h, position)
+        except StepRefused:
+            self.tokens.refused(position)  # the session is as it was; the bottom cache is not
+            raise
         t2 = time.perf_counter()
         logits = self.top.forward(h2, position, self.top_cache)
         t3 = time.perf_counter()
+        self.tokens.ran(ids, position)
         return StepOutput(logits[0, -1], (t1 - t0) + (t3 - t2), trunk_s)
 
     def close(self) -> None:

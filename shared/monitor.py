@@ -106,7 +106,10 @@ class MonitorSample:
         steps: steps completed in the interval.
         tokens_per_s: positions computed by the trunk per second over the interval.
         step_p50_ms, step_p95_ms: trunk compute time per step over the interval; 0 without steps.
-        trunk_cache_bytes: KV cache held by all sessions.
+        trunk_cache_bytes: KV cache buffers allocated by all sessions (what ``--max-cache-bytes``
+            caps: slack included).
+        trunk_cache_used_bytes: of which positions in use.
+        trunk_cache_budget_bytes: the daemon's cap; 0 when it has none.
     """
 
     time: float
@@ -127,6 +130,8 @@ class MonitorSample:
     step_p50_ms: float
     step_p95_ms: float
     trunk_cache_bytes: int
+    trunk_cache_used_bytes: int = 0
+    trunk_cache_budget_bytes: int = 0
 
     @classmethod
     def from_pb(cls, m: pb.MonitorSample) -> MonitorSample:
@@ -178,6 +183,8 @@ def format_line(s: MonitorSample) -> str:
         f"  | {gpu}"
         f"  | sessions {s.sessions_open}  queued {s.steps_queued}  steps {s.steps}"
         f"  {s.tokens_per_s:.1f} tok/s  {p}"
-        f"  cache {s.trunk_cache_bytes / 2**20:.1f} MiB"
+        f"  cache {s.trunk_cache_bytes / 2**20:.1f}"
+        + (f"/{s.trunk_cache_budget_bytes / 2**20:.1f}" if s.trunk_cache_budget_bytes else "")
+        + " MiB"
     )
 

@@ -49,3 +49,22 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def model_cache_dir() -> Path | None:
+    """Where converted models are cached (see ``models.gguf_cache``), or None when caching is off.
+
+    ``SPLITLM_NO_CACHE=1`` turns the cache off; ``SPLITLM_CACHE_DIR`` moves it; under systemd
+    ``$CACHE_DIRECTORY`` (``/var/cache/splitlm``, the unit's CacheDirectory) is used, since the
+    hardened unit cannot write a home directory; else platformdirs' user cache dir
+    (``~/.cache/splitlm`` on Linux). The ``models`` folder under it holds the entries.
+    """
+    if os.environ.get("SPLITLM_NO_CACHE", "").strip().lower() not in ("", "0", "false", "no"):
+        return None
+    explicit = os.environ.get("SPLITLM_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser() / "models"
+    under_systemd = os.environ.get("CACHE_DIRECTORY")
+    if under_systemd:
+        return Path(under_systemd.split(":")[0]) / "models"
+    return Path(platformdirs.user_cache_dir(APP)) / "models"

@@ -7,9 +7,11 @@ No test downloads anything: every model is built here, or is the SmolLM2 GGUF th
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -19,6 +21,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# the model cache (shared.models.gguf_cache) of this run: daemons and clients started by the tests
+# share it, and nothing lands in the developer's own cache dir
+_OWN_CACHE = "SPLITLM_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["SPLITLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="splitlm-test-cache-")
 
 import torch  # noqa: E402
 
@@ -173,3 +180,11 @@ def reference_generate(model_dir: Path | str, ids: list[int], n: int, gguf: bool
             max_new_tokens=n, do_sample=False,
         )
     return [int(t) for t in out[0, len(ids):]]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache_dir() -> Iterator[None]:
+    """Removes this run's model cache at the end (when the run made it)."""
+    yield
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["SPLITLM_CACHE_DIR"], ignore_errors=True)

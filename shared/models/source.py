@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelNotFound
+from .gguf_cache import GgufCacheEntry, iter_cached_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -77,6 +78,8 @@ class ModelSource:
     path: Path
     config: PretrainedConfig
     _weights_digest: str | None = field(default=None, repr=False)
+    _cache: GgufCacheEntry | None = field(default=None, repr=False)
+    """The converted copy of a GGUF file (None: not a GGUF, or caching is off)."""
 
     @property
     def model_id(self) -> str:
@@ -96,16 +99,7 @@ class ModelSource:
         practice (a retrained or re-quantised model differs everywhere).
         """
         if self._weights_digest is None:
-            h = hashlib.sha256()
-            for f in self.weight_files():
-                size = f.stat().st_size
-                h.update(f.name.encode() + size.to_bytes(8, "little"))
-                with f.open("rb") as fh:
-                    h.update(fh.read(1 << 20))  # header: safetensors JSON / GGUF metadata
-                    for k in range(16):
-                        fh.seek(size * k // 16)
-                        h.update(fh.read(1 << 16))
-            self._weights_digest = h.hexdigest()[:16]
+            self._weights_digest = _weights_digest(self.weight_files())
         return self._weights_digest
 
     def weight_files(self) -> list[Path]:
@@ -123,7 +117,13 @@ class ModelSource:
 
         try:
             if self.kind == "gguf":
-                return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+                cached = self._cache.load_tokenizer(self.config) if self._cache else None
+                if cached is not None:
+                    return cached
+                tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+                if self._cache:
+                    self._cache.store_tokenizer(tokenizer)
+                return tokenizer
             return AutoTokenizer.from_pretrained(str(self.path))
         except (OSError, ValueError, TypeError) as e:
             raise ModelNotFound(
@@ -151,12 +151,32 @@ class ModelSource:
         """Yield ``(hf_name, tensor)`` for the weights ``wanted`` keeps, reading nothing else.
 
         safetensors are read tensor by tensor from a memory map; a GGUF tensor is dequantised only
-        when wanted. Names are transformers' names for ``skeleton`` (the model built on ``meta``).
+        when wanted, or, the first time, all of them once, into the cache (``gguf_cache``), which
+        later starts read as safetensors. Names are transformers' names for ``skeleton`` (the
+        model built on ``meta``).
         """
         if self.kind == "gguf":
-            yield from _iter_gguf(self.path, self.config, wanted, skeleton, dtype)
+            cached = self._cache.tensor_file() if self._cache else None
+            if cached is not None:
+                yield from iter_cached_tensors(cached, wanted, dtype)
+            else:
+                yield from _iter_gguf(self.path, self.config, wanted, skeleton, dtype, self._cache)
         else:
             yield from _iter_safetensors(self.weight_files(), wanted, skeleton, dtype)
+
+
+def _weights_digest(files: list[Path]) -> str:
+    """See ``ModelSource.weights_digest``."""
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f.name.encode() + size.to_bytes(8, "little"))
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))  # header: safetensors JSON / GGUF metadata
+            for k in range(16):
+                fh.seek(size * k // 16)
+                h.update(fh.read(1 << 16))
+    return h.hexdigest()[:16]
 
 
 def _iter_safetensors(
@@ -186,32 +206,51 @@ def _match_name(name: str, own: set[str], prefixes: list[str]) -> str | None:
 
 
 def _iter_gguf(
-    path: Path, config: Any, wanted: Callable[[str], bool], skeleton: torch.nn.Module, dtype: torch.dtype
+    path: Path,
+    config: Any,
+    wanted: Callable[[str], bool],
+    skeleton: torch.nn.Module,
+    dtype: torch.dtype,
+    cache: GgufCacheEntry | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantise the GGUF's tensors ``wanted`` keeps; with ``cache``, every tensor, each also
+    written to the cache as it is yielded (a caller stopping early leaves no entry)."""
     import numpy as np
     import torch
-    from gguf import GGUFReader, dequantize
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        read_field,
-    )
+    from gguf import dequantize
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    reader = GGUFReader(str(path))
-    architecture = read_field(reader, "general.architecture")[0]
+    from .gguf_file import read_tensors
+
+    reader = read_tensors(path)  # the table alone: gguf's GGUFReader parses every vocabulary entry
+    architecture = reader.architecture
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
     mapping = _gguf_name_map(skeleton, processor, config)
-    for tensor in reader.tensors:
-        # decide on the name before the costly dequantisation
-        probe = mapping.get(tensor.name)
-        if probe is not None and not wanted(probe):
-            continue
-        weights = dequantize(tensor.data, tensor.tensor_type)
-        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=mapping, parsed_parameters={})
-        hf_name = mapping.get(result.name)
-        if hf_name is None or not wanted(hf_name):
-            continue
-        yield hf_name, torch.from_numpy(np.copy(result.weights)).to(dtype)
+    writer = None
+    if cache is not None:
+        writer = cache.tensor_writer(len(reader.tensors), sum(len(v.encode()) + 2 for v in mapping.values()))
+    try:
+        for tensor in reader.tensors:
+            # decide on the name before the costly dequantisation
+            probe = mapping.get(tensor.name)
+            if writer is None and probe is not None and not wanted(probe):
+                continue
+            weights = dequantize(tensor.data, tensor.tensor_type)
+            result = processor.process(
+                weights=weights, name=tensor.name, tensor_key_mapping=mapping, parsed_parameters={}
+            )
+            hf_name = mapping.get(result.name)
+            if hf_name is None:
+                continue
+            if writer is not None:
+                writer.add(hf_name, result.weights)
+            if wanted(hf_name):
+                yield hf_name, torch.from_numpy(np.copy(result.weights)).to(dtype)
+        if writer is not None:
+            writer.commit()
+    finally:
+        if writer is not None:
+            writer.abort()  # a no-op after commit
 
 
 def _gguf_name_map(skeleton: torch.nn.Module, processor: Any, config: Any) -> dict[str, str]:
@@ -266,10 +305,17 @@ def resolve(spec: str | None) -> ModelSource:
 
 
 def _gguf_source(spec: str, path: Path) -> ModelSource:
-    from transformers import AutoConfig
+    """A GGUF's source; its config from the cache when converted before (see ``gguf_cache``)."""
+    digest = _weights_digest([path])
+    cache = GgufCacheEntry.for_file(path, digest)
+    config = cache.load_config() if cache else None
+    if config is None:
+        from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    return ModelSource(spec=spec, kind="gguf", path=path, config=config)
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        if cache:
+            cache.store_config(config)
+    return ModelSource(spec=spec, kind="gguf", path=path, config=config, _weights_digest=digest, _cache=cache)
 
 
 def _dir_source(spec: str, path: Path) -> ModelSource:

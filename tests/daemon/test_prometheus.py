@@ -75,15 +75,15 @@ class TestRender:
         assert labels == '{fingerprint="abc",layers="2:4",model="tiny \\"llama\\"\\\\x"}' and value == 1
 
     def test_every_name_and_type_as_before_prometheus_client(self) -> None:
-        """The names, types and order of the hand-written exposition this replaced: dashboards
-        and alerts keep working."""
+        """The names, types and order of the hand-written exposition this replaced (plus the cache
+        bytes in use, added with the allocated-bytes cap): dashboards and alerts keep working."""
         text = render(snapshot(batches=4, batched_steps=11))
         types = [tuple(line.split()[2:4]) for line in text.splitlines() if line.startswith("# TYPE ")]
         assert types == [
             ("splitlm_trunk_info", "gauge"), ("splitlm_up", "gauge"), ("splitlm_sessions_open", "gauge"),
             ("splitlm_sessions_max", "gauge"), ("splitlm_steps_queued", "gauge"),
-            ("splitlm_trunk_cache_bytes", "gauge"), ("splitlm_trunk_cache_budget_bytes", "gauge"),
-            ("splitlm_steps_total", "counter"), ("splitlm_positions_total", "counter"),
+            ("splitlm_trunk_cache_bytes", "gauge"), ("splitlm_trunk_cache_used_bytes", "gauge"),
+            ("splitlm_trunk_cache_budget_bytes", "gauge"), ("splitlm_steps_total", "counter"), ("splitlm_positions_total", "counter"),
             ("splitlm_trunk_compute_seconds_total", "counter"), ("splitlm_batches_total", "counter"),
             ("splitlm_batched_steps_total", "counter"), ("process_resident_memory_bytes", "gauge"),
             ("process_cpu_seconds_total", "counter"), ("splitlm_gpus", "gauge"),

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from splitlm.shared.client import TrunkClient, TrunkStream
-from splitlm.shared.errors import DaemonUnreachable, TrunkError
+from splitlm.shared.errors import DaemonUnreachable, StepRefused, TrunkError
 from splitlm.shared.plan import Fingerprint
 from tests.conftest import Daemon
 
@@ -59,9 +59,9 @@ def test_cache_budget_is_shared_and_checked_before_allocating(
     client = TrunkClient(d.address)
     a, b = open_session(client), open_session(client)
     try:
-        assert step(a, 0, 12) == 12
+        assert step(a, 0, 12) == 12  # a first allocation is exact: 12 positions of buffers
         assert step(b, 0, 8) == 8  # 20 positions: the budget is full
-        with pytest.raises(TrunkError) as info:
+        with pytest.raises(StepRefused) as info:
             step(b, 8, 1)
         assert info.value.code == "RESOURCE_EXHAUSTED"
         msg = info.value.details
@@ -70,19 +70,23 @@ def test_cache_budget_is_shared_and_checked_before_allocating(
             and "512 more bytes" in msg
             and f"{20 * BYTES_PER_POSITION} bytes" in msg
         )
-        # the refused session is closed and its 8 positions freed; a rollback never needs more
-        assert step(a, 4, 2) == 2  # a now holds 6
+        # the refused session is still open and as it was; a rollback never needs more bytes
+        assert step(b, 4, 4) == 4
+        assert step(a, 4, 2) == 2  # a's buffers keep their 12 positions: a rollback frees nothing
+        b.close()
+        wait_until(lambda: client.info().sessions_open == 1, what="b's buffers freed")
         c = open_session(client)
-        assert step(c, 0, 14) == 14  # 6 + 14 = 20
-        with pytest.raises(TrunkError, match="RESOURCE_EXHAUSTED"):
-            step(
-                open_session(client), 0, 21
-            )  # more than the whole budget: refused, nothing allocated
+        assert step(c, 0, 8) == 8  # 12 + 8 = 20
+        e = open_session(client)
+        with pytest.raises(StepRefused, match="RESOURCE_EXHAUSTED"):
+            step(e, 0, 21)  # more than the whole budget: refused, nothing allocated
         c.close()
+        e.close()
         wait_until(
-            lambda: client.info().sessions_open == 1, what="closed sessions to free their positions"
+            lambda: client.info().sessions_open == 1, what="closed sessions to free their buffers"
         )
-        assert step(a, 6, 14) == 14
+        assert step(a, 6, 14) == 14  # a's buffers grow to 20 positions, exactly what is left
+        assert client.info().cache_allocated_bytes == 20 * BYTES_PER_POSITION
     finally:
         a.close()
         b.close()

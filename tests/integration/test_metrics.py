@@ -54,7 +54,9 @@ def test_scrape_counts_steps_and_sessions(tiny_models: dict[str, Path], tmp_path
         assert value(during, "splitlm_steps_total") == 4
         assert value(during, "splitlm_positions_total") == 8
         assert value(during, "splitlm_trunk_compute_seconds_total") > 0
-        assert value(during, "splitlm_trunk_cache_bytes") > 0
+        # 2 layers x 256 B a position; the buffers hold the 5-token prefill exactly, then 8 more
+        assert value(during, "splitlm_trunk_cache_bytes") == 13 * 512
+        assert value(during, "splitlm_trunk_cache_used_bytes") == 8 * 512
         assert value(during, "process_resident_memory_bytes") > 50 * 2**20
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10)

@@ -195,6 +195,7 @@ def test_steps_show_in_samples(daemon: Daemon) -> None:
     assert all(0.12 <= w <= 1.5 for w in windows), windows
     assert any(0.2 <= w <= 0.3 for w in windows), windows
     assert any(s.sessions_open == 1 and s.trunk_cache_bytes > 0 for s in busy)
+    assert all(s.trunk_cache_used_bytes <= s.trunk_cache_bytes for s in mon.samples)
 
 
 @pytest.mark.parametrize("interval", [0.1, 20.0, -1.0])

@@ -20,7 +20,7 @@ PROPERTIES = [n for n, v in vars(RemoteSession).items() if isinstance(v, propert
 
 def test_the_protocol_names_what_callers_use() -> None:
     assert sorted(METHODS) == ["cancel", "close", "step"]
-    assert sorted(PROPERTIES) == ["bytes_received", "bytes_sent", "session_id", "wire_dtype"]
+    assert sorted(PROPERTIES) == ["bytes_received", "bytes_sent", "rollback_floor", "session_id", "wire_dtype"]
 
 
 @pytest.mark.parametrize("cls", [TrunkStream, FailoverSession])
@@ -51,7 +51,7 @@ def test_plain_and_failover_sessions_are_remote_sessions(
             s.cancel()  # no reconnect in progress: nothing stops, the session still steps
             out, compute_s = s.step(torch.randn(1, 3, p.hidden_size), 0)
             assert out.shape == (1, 3, p.hidden_size) and compute_s >= 0
-            assert s.wire_dtype == torch.float32 and s.session_id
+            assert s.wire_dtype == torch.float32 and s.session_id and s.rollback_floor == 0
             assert s.bytes_sent > 3 * p.hidden_size * 4 and s.bytes_received > 3 * p.hidden_size * 4
     finally:
         for s in sessions.values():

@@ -104,3 +104,15 @@ class TestWhatIsRetried:
         )
         assert describe(e) == "Socket closed"
         assert len(describe(TrunkError("UNAVAILABLE", "y" * 500))) <= 120
+
+
+def test_history_undo_restores_what_a_refused_step_erased() -> None:
+    """A step the daemon refuses (``StepRefused``) ran nowhere: the history goes back to what
+    the daemon's cache holds, including the steps that step's rollback would have erased."""
+    h = StepHistory()
+    for position, t in [(0, 5), (5, 1), (6, 1), (7, 1)]:
+        h.record(position, _t(t))
+    erased = h.record(6, _t(3))  # a rollback to 6
+    assert [s.position for s in h.steps] == [0, 5, 6] and len(erased) == 2
+    h.undo(erased)
+    assert [(s.position, s.length) for s in h.steps] == [(0, 5), (5, 1), (6, 1), (7, 1)]

@@ -59,32 +59,40 @@ class Plan(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., family: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., fingerprint: _Optional[str] = ..., config_digest: _Optional[str] = ..., weights_digest: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., weights: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_sessions", "max_context", "max_message_bytes")
+    __slots__ = ("max_sessions", "max_context", "max_message_bytes", "max_cache_bytes", "rollback_depth")
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_DEPTH_FIELD_NUMBER: _ClassVar[int]
     max_sessions: int
     max_context: int
     max_message_bytes: int
-    def __init__(self, max_sessions: _Optional[int] = ..., max_context: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_cache_bytes: int
+    rollback_depth: int
+    def __init__(self, max_sessions: _Optional[int] = ..., max_context: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., rollback_depth: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("plan", "limits", "server_version", "sessions_open", "batching")
+    __slots__ = ("plan", "limits", "server_version", "sessions_open", "batching", "cache_allocated_bytes", "cache_used_bytes")
     PLAN_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_OPEN_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     plan: Plan
     limits: Limits
     server_version: str
     sessions_open: int
     batching: Batching
-    def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., sessions_open: _Optional[int] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ...) -> None: ...
+    cache_allocated_bytes: int
+    cache_used_bytes: int
+    def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., sessions_open: _Optional[int] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., cache_allocated_bytes: _Optional[int] = ..., cache_used_bytes: _Optional[int] = ...) -> None: ...
 
 class Batching(_message.Message):
     __slots__ = ("enabled", "batches", "batched_steps")
@@ -97,7 +105,7 @@ class Batching(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., batches: _Optional[int] = ..., batched_steps: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("fingerprint", "config_digest", "weights_digest", "trunk_start", "trunk_end", "wire_dtype", "client", "weights")
+    __slots__ = ("fingerprint", "config_digest", "weights_digest", "trunk_start", "trunk_end", "wire_dtype", "client", "weights", "refusals_in_stream")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CONFIG_DIGEST_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +114,7 @@ class OpenSession(_message.Message):
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_IN_STREAM_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     config_digest: str
     weights_digest: str
@@ -114,7 +123,8 @@ class OpenSession(_message.Message):
     wire_dtype: DType
     client: str
     weights: str
-    def __init__(self, fingerprint: _Optional[str] = ..., config_digest: _Optional[str] = ..., weights_digest: _Optional[str] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., client: _Optional[str] = ..., weights: _Optional[str] = ...) -> None: ...
+    refusals_in_stream: bool
+    def __init__(self, fingerprint: _Optional[str] = ..., config_digest: _Optional[str] = ..., weights_digest: _Optional[str] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., client: _Optional[str] = ..., weights: _Optional[str] = ..., refusals_in_stream: _Optional[bool] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("step_id", "position", "hidden")
@@ -143,24 +153,38 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "hidden", "compute_us", "cached_length")
+    __slots__ = ("step_id", "hidden", "compute_us", "cached_length", "rollback_floor")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
     CACHED_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FLOOR_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden: Tensor
     compute_us: int
     cached_length: int
-    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., compute_us: _Optional[int] = ..., cached_length: _Optional[int] = ...) -> None: ...
+    rollback_floor: int
+    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., compute_us: _Optional[int] = ..., cached_length: _Optional[int] = ..., rollback_floor: _Optional[int] = ...) -> None: ...
+
+class StepRefused(_message.Message):
+    __slots__ = ("step_id", "code", "message")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    code: int
+    message: str
+    def __init__(self, step_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SessionReply(_message.Message):
-    __slots__ = ("opened", "result")
+    __slots__ = ("opened", "result", "refused")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     result: StepResult
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., result: _Optional[_Union[StepResult, _Mapping]] = ...) -> None: ...
+    refused: StepRefused
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., result: _Optional[_Union[StepResult, _Mapping]] = ..., refused: _Optional[_Union[StepRefused, _Mapping]] = ...) -> None: ...
 
 class MonitorRequest(_message.Message):
     __slots__ = ("interval_s",)
@@ -187,7 +211,7 @@ class GpuSample(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., utilization_percent: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., temperature_c: _Optional[float] = ..., power_w: _Optional[float] = ...) -> None: ...
 
 class MonitorSample(_message.Message):
-    __slots__ = ("time", "interval_s", "cpu_percent", "load_1m", "load_5m", "load_15m", "mem_used_bytes", "mem_total_bytes", "daemon_rss_bytes", "gpus", "gpu_status", "sessions_open", "steps_queued", "steps", "tokens_per_s", "step_p50_ms", "step_p95_ms", "trunk_cache_bytes")
+    __slots__ = ("time", "interval_s", "cpu_percent", "load_1m", "load_5m", "load_15m", "mem_used_bytes", "mem_total_bytes", "daemon_rss_bytes", "gpus", "gpu_status", "sessions_open", "steps_queued", "steps", "tokens_per_s", "step_p50_ms", "step_p95_ms", "trunk_cache_bytes", "trunk_cache_used_bytes", "trunk_cache_budget_bytes")
     TIME_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +230,8 @@ class MonitorSample(_message.Message):
     STEP_P50_MS_FIELD_NUMBER: _ClassVar[int]
     STEP_P95_MS_FIELD_NUMBER: _ClassVar[int]
     TRUNK_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRUNK_CACHE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRUNK_CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     time: float
     interval_s: float
     cpu_percent: float
@@ -224,4 +250,6 @@ class MonitorSample(_message.Message):
     step_p50_ms: float
     step_p95_ms: float
     trunk_cache_bytes: int
-    def __init__(self, time: _Optional[float] = ..., interval_s: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., load_1m: _Optional[float] = ..., load_5m: _Optional[float] = ..., load_15m: _Optional[float] = ..., mem_used_bytes: _Optional[int] = ..., mem_total_bytes: _Optional[int] = ..., daemon_rss_bytes: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[GpuSample, _Mapping]]] = ..., gpu_status: _Optional[str] = ..., sessions_open: _Optional[int] = ..., steps_queued: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., step_p50_ms: _Optional[float] = ..., step_p95_ms: _Optional[float] = ..., trunk_cache_bytes: _Optional[int] = ...) -> None: ...
+    trunk_cache_used_bytes: int
+    trunk_cache_budget_bytes: int
+    def __init__(self, time: _Optional[float] = ..., interval_s: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., load_1m: _Optional[float] = ..., load_5m: _Optional[float] = ..., load_15m: _Optional[float] = ..., mem_used_bytes: _Optional[int] = ..., mem_total_bytes: _Optional[int] = ..., daemon_rss_bytes: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[GpuSample, _Mapping]]] = ..., gpu_status: _Optional[str] = ..., sessions_open: _Optional[int] = ..., steps_queued: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., step_p50_ms: _Optional[float] = ..., step_p95_ms: _Optional[float] = ..., trunk_cache_bytes: _Optional[int] = ..., trunk_cache_used_bytes: _Optional[int] = ..., trunk_cache_budget_bytes: _Optional[int] = ...) -> None: ...
