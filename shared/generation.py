@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 
@@ -235,9 +235,9 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> l
         out = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
         )
-        if isinstance(out, dict) or hasattr(out, "input_ids"):
+        if isinstance(out, Mapping):  # a BatchEncoding (a UserDict) from newer transformers
             out = out["input_ids"]
-        return [int(i) for i in out]
+        return [int(i) for i in cast("list[int]", out)]  # one conversation: one list of ids
     return [int(i) for i in tokenizer(prompt)["input_ids"]]
 
 
@@ -262,7 +262,9 @@ class _Detokenizer:
         self.read = 0
 
     def text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence of ids decodes to one string
+        return text
 
     def _advance(self, ids: list[int]) -> bool:
         """Extend ``decoded`` to all of ``ids``; False while they end in a partial character."""
