@@ -80,10 +80,6 @@ GPU_GAUGES = (
 )
 """Per-GPU gauges (labels ``gpu``, ``name``): metric name, help, ``GpuSample`` attribute."""
 
-OPTIONAL_GAUGES = (
-    ("splitlm_trunk_cache_used_bytes", "Of which positions in use.", "cache_used_bytes"),
-)
-"""Gauges from ``Snapshot`` fields that a daemon may not have (absent or None: not exported)."""
 
 
 def require_client() -> None:
@@ -131,9 +127,7 @@ class SnapshotCollector:
         yield gauge("splitlm_trunk_cache_bytes",
                     "Trunk KV cache buffers allocated by all sessions (what --max-cache-bytes caps).",
                     s.cache_bytes)
-        for name, help, attr in OPTIONAL_GAUGES:
-            if (value := getattr(s, attr, None)) is not None:
-                yield gauge(name, help, value)
+        yield gauge("splitlm_trunk_cache_used_bytes", "Of which positions in use.", s.cache_used_bytes)
         if s.cache_budget_bytes is not None:
             yield gauge("splitlm_trunk_cache_budget_bytes", "The trunk cache cap (--max-cache-bytes).",
                         s.cache_budget_bytes)

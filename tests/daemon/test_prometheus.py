@@ -101,18 +101,11 @@ class TestRender:
         assert "# TYPE splitlm_steps counter" in text and "\nsplitlm_steps_total 10.0\n" in text
         assert encode(snapshot(), "")[1] == "text/plain; version=0.0.4; charset=utf-8"
 
-    def test_a_field_the_snapshot_grows_is_rendered_when_present(self) -> None:
-        """``splitlm_trunk_cache_used_bytes`` comes from a field another change adds to
-        ``Snapshot``: exported when the snapshot has it, absent otherwise."""
-        assert "splitlm_trunk_cache_used_bytes" not in parse(render(snapshot()))
-
-        @dataclasses.dataclass(frozen=True)
-        class Grown(Snapshot):
-            cache_used_bytes: int = 0
-
-        grown = Grown(**{f.name: getattr(snapshot(), f.name) for f in dataclasses.fields(Snapshot)},
-                      cache_used_bytes=1024)
-        assert parse(render(grown))["splitlm_trunk_cache_used_bytes"] == [("", 1024)]
+    def test_cache_bytes_allocated_and_in_use(self) -> None:
+        grown = dataclasses.replace(snapshot(), cache_bytes=4096, cache_used_bytes=1024)
+        m = parse(render(grown))
+        assert m["splitlm_trunk_cache_bytes"] == [("", 4096)]
+        assert m["splitlm_trunk_cache_used_bytes"] == [("", 1024)]
 
     def test_no_gpu_says_why_and_batching_counts(self) -> None:
         gpus, status = HostProbe(nvml=FakeNvml(init_error=FakeNvml.NVMLError_LibraryNotFound())).gpus()
