@@ -28,7 +28,7 @@ from .batcher import BatchPolicy
 from .budget import CacheBudget
 from .monitor import HostProbe, MonitorHub, TrunkState, requested_interval
 from .prometheus import Snapshot
-from .sessions import SessionStore, TrunkSession
+from .sessions import HeldSession, SessionStore
 from .status import SessionRefused, code_for
 from .steps import Limits, TrunkSteps, check_step_id, leaves_session_as_it_was
 
@@ -240,7 +240,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             "daemon shutting down: the session is closed; reconnect when it is back",
         )
 
-    async def _step(self, s: TrunkSession, req: pb.SessionRequest) -> pb.SessionReply:
+    async def _step(self, s: HeldSession, req: pb.SessionRequest) -> pb.SessionReply:
         if not req.HasField("step"):
             raise SessionRefused(grpc.StatusCode.INVALID_ARGUMENT, "this session is already open; send steps")
         step = req.step
