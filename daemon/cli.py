@@ -102,10 +102,11 @@ def run(loaded: Loaded[DaemonSettings]) -> int:
     from .batcher import BatchPolicy
     from .server import make_executor, serve
     from .service import TrunkService
+    from .steps import TrunkSteps
 
     limits = limits_for(args, trunk)
     batching = BatchPolicy(window_s=args.batch_window) if args.batch else None
-    service = TrunkService(trunk.part, trunk.fingerprint, limits, make_executor(), batching=batching)
+    service = TrunkService(TrunkSteps(trunk.part, trunk.fingerprint, limits, make_executor(), batching))
     log_start(trunk, service, batching)
     try:
         asyncio.run(serve(service, listen, args.shutdown_grace, security=security, notifier=notifier,
