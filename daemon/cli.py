@@ -12,12 +12,21 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..shared.errors import ExitCode, SplitlmError
 
 if TYPE_CHECKING:
+    import torch
+
     from ..shared.config import DaemonSettings, Loaded
+    from ..shared.models import Family, ModelSource, Part
+    from ..shared.models.precision import Precision
+    from ..shared.plan import Fingerprint, SplitPlan
+    from .batcher import BatchPolicy
+    from .notify import Notifier
+    from .service import Limits, TrunkService
 
 log = logging.getLogger("splitlm.daemon")
 
@@ -78,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(loaded: Loaded[DaemonSettings]) -> int:
+    """Load the trunk and serve it until a signal; refusals come before any weights load."""
     import asyncio
 
-    from ..shared.plan import Fingerprint, SplitPlan, default_split
     from .auth import check_exposure
     from .notify import Notifier
 
@@ -88,7 +97,46 @@ def run(loaded: Loaded[DaemonSettings]) -> int:
     security = check_exposure(args, loaded.sources)  # before any weights load: refusals are immediate
     listen = list(args.listen)
     notifier = Notifier()
+    trunk = load_trunk(args, notifier)
 
+    from .batcher import BatchPolicy
+    from .server import make_executor, serve
+    from .service import TrunkService
+    from .steps import TrunkSteps
+
+    limits = limits_for(args, trunk)
+    batching = BatchPolicy(window_s=args.batch_window) if args.batch else None
+    service = TrunkService(TrunkSteps(trunk.part, trunk.fingerprint, limits, make_executor(), batching))
+    log_start(trunk, service, batching)
+    try:
+        asyncio.run(serve(service, listen, args.shutdown_grace, security=security, notifier=notifier,
+                          keepalive_s=args.keepalive, metrics=args.metrics))
+    finally:
+        notifier.close()
+    return ExitCode.OK
+
+
+@dataclass(frozen=True)
+class LoadedTrunk:
+    """The trunk's layers in memory and what they are: what the service serves and the start
+    log describes."""
+
+    source: ModelSource
+    family: Family
+    plan: SplitPlan
+    device: torch.device
+    precision: Precision
+    part: Part
+    fingerprint: Fingerprint
+
+
+def load_trunk(args: DaemonSettings, notifier: Notifier) -> LoadedTrunk:
+    """Resolve the model and the plan (a bad ``--split`` fails before torch loads), then build
+    the trunk layers at the chosen precision, telling systemd the start takes longer meanwhile.
+
+    Raises:
+        SplitlmError: the model does not resolve, the plan or the precision is invalid.
+    """
     from ..shared.models import (
         PartSpec,
         build_part,
@@ -97,6 +145,7 @@ def run(loaded: Loaded[DaemonSettings]) -> int:
         resolve_device,
         resolve_dtype,
     )
+    from ..shared.plan import Fingerprint, SplitPlan, default_split
 
     source = resolve(args.model)
     family = family_for(source.config)
@@ -105,44 +154,50 @@ def run(loaded: Loaded[DaemonSettings]) -> int:
 
     import torch
 
-    from .budget import auto_budget
-    from .server import make_executor, serve
-    from .service import Limits, TrunkService
-
-    threads = args.threads
-    if threads:
-        torch.set_num_threads(threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     from ..shared.models.precision import apply_precision, resolve_precision
 
     precision = resolve_precision(args.weights, resolve_dtype(args.dtype, device), args.dtype != "auto", device)
-    dtype = precision.dtype
     with notifier.extending(f"loading {source.spec} trunk layers {plan} on {device}"):
-        part = build_part(source, family, PartSpec.trunk(plan.start, plan.end), dtype, device)
+        part = build_part(source, family, PartSpec.trunk(plan.start, plan.end), precision.dtype, device)
         apply_precision([part], precision)
         fingerprint = Fingerprint(
             source.config_digest(), source.weights_digest(), plan.start, plan.end, precision.tag
         )
-    model_context = int(getattr(source.config, "max_position_embeddings", 0) or 0) or 8192
-    limits = Limits(
+    return LoadedTrunk(source, family, plan, device, precision, part, fingerprint)
+
+
+def limits_for(args: DaemonSettings, trunk: LoadedTrunk) -> Limits:
+    """The service's limits: the settings', with the model's context and the device's memory
+    filling in what is left to ``auto``."""
+    from .budget import auto_budget
+    from .service import Limits
+
+    model_context = int(getattr(trunk.source.config, "max_position_embeddings", 0) or 0) or 8192
+    return Limits(
         max_sessions=args.max_sessions,
         max_context=args.max_context or model_context,
         max_message_bytes=args.max_message_bytes,
         max_cache_bytes=(
-            auto_budget(device) if args.max_cache_bytes == "auto" else int(args.max_cache_bytes)
+            auto_budget(trunk.device) if args.max_cache_bytes == "auto" else int(args.max_cache_bytes)
         ),
         idle_timeout_s=args.idle_timeout,
     )
-    from .batcher import BatchPolicy
 
-    batching = BatchPolicy(window_s=args.batch_window) if args.batch else None
-    service = TrunkService(part, fingerprint, limits, make_executor(), batching=batching)
+
+def log_start(trunk: LoadedTrunk, service: TrunkService, batching: BatchPolicy | None) -> None:
+    """What is served and within which limits, once, before the port opens."""
     import psutil
+    import torch
 
+    limits = service.limits
     log.info(
         "trunk of %s (%s, %d layers): layers %s on %s/%s weights %s, fingerprint %s, %d torch threads, RSS %.0f MiB",
-        source.spec, family.name, num_layers, plan, device, str(dtype).removeprefix("torch."),
-        precision.tag, fingerprint.digest, torch.get_num_threads(), psutil.Process().memory_info().rss / 2**20,
+        trunk.source.spec, trunk.family.name, trunk.plan.num_layers, trunk.plan, trunk.device,
+        str(trunk.precision.dtype).removeprefix("torch."), trunk.precision.tag, trunk.fingerprint.digest,
+        torch.get_num_threads(), psutil.Process().memory_info().rss / 2**20,
     )
     log.info(
         "limits: %d sessions, %d positions each, %s, idle timeout %s",
@@ -151,12 +206,6 @@ def run(loaded: Loaded[DaemonSettings]) -> int:
     )
     if batching is not None:
         log.info("batching: decode steps of concurrent sessions run as one batch (window %g s)", batching.window_s)
-    try:
-        asyncio.run(serve(service, listen, args.shutdown_grace, security=security, notifier=notifier,
-                          keepalive_s=args.keepalive, metrics=args.metrics))
-    finally:
-        notifier.close()
-    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -154,6 +154,31 @@ async def serve(
     """
     security = security or Security()
     notifier = notifier or Notifier({})
+    server, health_servicer = build_server(service, security, keepalive_s)
+    sockets = listen_on(server, security, listen)
+    exporter = await start_metrics(metrics, service)
+    await server.start()
+    await set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s on %s (%s)", service.plan.model_id, ", ".join(listen), describe_security(security))
+    notifier.ready(session_status(service, listen))
+    beat = asyncio.create_task(heartbeat(notifier, lambda: session_status(service, listen)))
+    try:
+        await until_signalled()
+    finally:
+        log.info("stopping: %d sessions open, grace %.0f s", len(service.sessions), grace_s)
+        beat.cancel()  # systemd stops watching once STOPPING=1 arrives
+        notifier.stopping(
+            f"stopping: {len(service.sessions)} sessions get up to {grace_s:g} s to finish their step"
+        )
+        await set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await stop_serving(service, server, grace_s, exporter, sockets)
+        log.info("stopped")
+
+
+def build_server(
+    service: TrunkService, security: Security, keepalive_s: float
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """The gRPC server with the trunk service, health and reflection on it; not bound yet."""
     server = grpc.aio.server(
         options=server_options(service.limits.max_message_bytes, keepalive_s),
         interceptors=security.interceptors(),
@@ -165,46 +190,65 @@ async def serve(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    sockets = listen_on(server, security, listen)
-    exporter = MetricsServer(metrics, service.metrics_snapshot) if metrics else None
-    if exporter is not None:
-        try:
-            await exporter.start()
-        except OSError as e:
-            raise SplitlmError(f"cannot serve metrics on {metrics}: {e.strerror or e}") from None
-    await server.start()
+    return server, health_servicer
+
+
+async def start_metrics(metrics: str | None, service: TrunkService) -> MetricsServer | None:
+    """The Prometheus exporter on ``metrics`` (``host:port``), started; None when off.
+
+    Raises:
+        SplitlmError: the address cannot be bound.
+    """
+    if not metrics:
+        return None
+    exporter = MetricsServer(metrics, service.metrics_snapshot)
+    try:
+        await exporter.start()
+    except OSError as e:
+        raise SplitlmError(f"cannot serve metrics on {metrics}: {e.strerror or e}") from None
+    return exporter
+
+
+async def set_health(
+    health_servicer: health.aio.HealthServicer, status: health_pb2.HealthCheckResponse.ServingStatus
+) -> None:
+    """Report ``status`` for the server as a whole ("") and for the trunk service."""
     for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info(
-        "serving %s on %s (%s)", service.plan.model_id, ", ".join(listen),
-        ", ".join(w for w, on in (("TLS on TCP", security.tls), ("token required", security.token)) if on)
-        or "no TLS, no token",
-    )
-    notifier.ready(session_status(service, listen))
-    beat = asyncio.create_task(heartbeat(notifier, lambda: session_status(service, listen)))
+        await health_servicer.set(name, status)
+
+
+def describe_security(security: Security) -> str:
+    """What the serving log line says about who may connect."""
+    on = [w for w, enabled in (("TLS on TCP", security.tls), ("token required", security.token)) if enabled]
+    return ", ".join(on) or "no TLS, no token"
+
+
+async def until_signalled() -> None:
+    """Return once SIGTERM or SIGINT arrives."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        log.info("stopping: %d sessions open, grace %.0f s", len(service.sessions), grace_s)
-        beat.cancel()  # systemd stops watching once STOPPING=1 arrives
-        notifier.stopping(
-            f"stopping: {len(service.sessions)} sessions get up to {grace_s:g} s to finish their step"
-        )
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        service.begin_shutdown()
-        await service.monitor.close()  # monitor streams never end by themselves: end them first
-        await server.stop(grace_s)
-        if exporter is not None:
-            await exporter.close()
-        for sock in sockets:
-            if sock.is_socket():
-                sock.unlink()
-        log.info("stopped")
+    await stop.wait()
+
+
+async def stop_serving(
+    service: TrunkService,
+    server: grpc.aio.Server,
+    grace_s: float,
+    exporter: MetricsServer | None,
+    sockets: list[Path],
+) -> None:
+    """Refuse new sessions, end the monitor streams, give in-flight steps ``grace_s``, then
+    close the exporter and remove the unix sockets."""
+    service.begin_shutdown()
+    await service.monitor.close()  # monitor streams never end by themselves: end them first
+    await server.stop(grace_s)
+    if exporter is not None:
+        await exporter.close()
+    for sock in sockets:
+        if sock.is_socket():
+            sock.unlink()
 
 
 def make_executor() -> ThreadPoolExecutor:

@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
@@ -21,14 +20,12 @@ from ..protos import trunk_pb2_grpc as pb_grpc
 from ..shared import codec
 from ..shared.cache import RollbackTooDeep
 from ..shared.errors import ContextExhausted, SplitlmError
-from ..shared.models import Part
 from ..shared.plan import Fingerprint
 from ..shared.version import __version__
-from .batcher import BatchPolicy
 from .budget import CacheBudget
 from .monitor import HostProbe, MonitorHub, TrunkState, requested_interval
 from .prometheus import Snapshot
-from .sessions import SessionStore, TrunkSession
+from .sessions import HeldSession, SessionStore
 from .status import SessionRefused, code_for
 from .steps import Limits, TrunkSteps, check_step_id, leaves_session_as_it_was
 
@@ -40,23 +37,19 @@ log = logging.getLogger(__name__)
 class TrunkService(pb_grpc.TrunkServicer):
     """Serves one trunk part to many sessions."""
 
-    def __init__(
-        self,
-        part: Part,
-        fingerprint: Fingerprint,
-        limits: Limits,
-        executor: ThreadPoolExecutor,
-        batching: BatchPolicy | None = None,
-    ) -> None:
-        self.steps = TrunkSteps(part, fingerprint, limits, executor, batching)
-        self.part = part
-        self.fingerprint = fingerprint
-        self.limits = limits
-        self.executor = executor
+    def __init__(self, steps: TrunkSteps) -> None:
+        """Args:
+        steps: the sessions and step logic this servicer speaks gRPC for.
+        """
+        self.steps = steps
+        self.part = steps.part
+        self.fingerprint = steps.fingerprint
+        self.limits = steps.limits
         self.metrics = self.steps.metrics
         self.batcher = self.steps.batcher
         self._stopping: asyncio.Future[None] | None = None
         self.monitor = MonitorHub(HostProbe(), self.metrics, self._trunk_state)
+        part, fingerprint = self.part, self.fingerprint
         src = part.source
         self.plan = pb.Plan(
             model_id=src.model_id,
@@ -244,7 +237,7 @@ class TrunkService(pb_grpc.TrunkServicer):
             "daemon shutting down: the session is closed; reconnect when it is back",
         )
 
-    async def _step(self, s: TrunkSession, req: pb.SessionRequest) -> pb.SessionReply:
+    async def _step(self, s: HeldSession, req: pb.SessionRequest) -> pb.SessionReply:
         if not req.HasField("step"):
             raise SessionRefused(grpc.StatusCode.INVALID_ARGUMENT, "this session is already open; send steps")
         step = req.step

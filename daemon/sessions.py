@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrunkSession:
-    """One session's state in the daemon.
+class HeldSession:
+    """One session as the daemon holds it: its trunk cache and step bookkeeping (the client's
+    side of a session is ``shared.client.RemoteSession``).
 
     Attributes:
         session_id: random id, for logs.
@@ -52,7 +53,7 @@ class SessionStore:
     def __init__(self, max_sessions: int, budget: CacheBudget | None = None) -> None:
         self.max_sessions = max_sessions
         self.budget = budget
-        self._sessions: dict[str, TrunkSession] = {}
+        self._sessions: dict[str, HeldSession] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -66,7 +67,7 @@ class SessionStore:
         return sum(s.cache.nbytes() for s in self._sessions.values())
 
     @contextlib.asynccontextmanager
-    async def open(self, cache: PartCache, wire_dtype: torch.dtype, client: str) -> AsyncIterator[TrunkSession]:
+    async def open(self, cache: PartCache, wire_dtype: torch.dtype, client: str) -> AsyncIterator[HeldSession]:
         """Hold a session for the body of the ``async with``; freed in ``finally``.
 
         Raises:
@@ -77,7 +78,7 @@ class SessionStore:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the daemon is at its limit of {self.max_sessions} sessions (--max-sessions); try again later",
             )
-        s = TrunkSession(uuid.uuid4().hex[:12], cache, wire_dtype, client)
+        s = HeldSession(uuid.uuid4().hex[:12], cache, wire_dtype, client)
         self._sessions[s.session_id] = s
         log.info("session %s opened by %r (%d open)", s.session_id, client, len(self._sessions))
         try:

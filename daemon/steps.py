@@ -29,7 +29,7 @@ from ..shared.plan import Fingerprint
 from .batcher import BatchPolicy, StepBatcher
 from .budget import CacheBudget, bytes_per_position
 from .metrics import StepRecorder
-from .sessions import SessionStore, TrunkSession
+from .sessions import HeldSession, SessionStore
 from .status import SessionRefused
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class TrunkSteps:
             )
         return self.part.dtype if wire is None else wire
 
-    def open(self, wire: torch.dtype, client: str) -> contextlib.AbstractAsyncContextManager[TrunkSession]:
+    def open(self, wire: torch.dtype, client: str) -> contextlib.AbstractAsyncContextManager[HeldSession]:
         """A new session with an empty cache for the body of an ``async with``; freed after it.
 
         Raises:
@@ -166,7 +166,7 @@ class TrunkSteps:
 
     async def step(
         self,
-        s: TrunkSession,
+        s: HeldSession,
         step_id: int,
         position: int,
         hidden: pb.Tensor,
@@ -209,7 +209,7 @@ class TrunkSteps:
         return StepDone(ns, s.cache.length, s.cache.rollback_floor)
 
     def _run(
-        self, s: TrunkSession, h: torch.Tensor, position: int, encode: Callable[[torch.Tensor], object]
+        self, s: HeldSession, h: torch.Tensor, position: int, encode: Callable[[torch.Tensor], object]
     ) -> tuple[object, int]:
         """On the executor thread: one trunk step, its output handed to ``encode``."""
         t0 = time.perf_counter_ns()

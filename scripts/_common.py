@@ -41,10 +41,10 @@ def load_full(model_name: str, threads: int) -> tuple[Any, Any]:
     import torch
 
     torch.set_num_threads(threads)
-    from splitlm.shared import session as ss
+    from splitlm.shared import prepare
     from splitlm.shared.models import PartSpec, build_part
 
-    model = ss.load_model(model_name)
+    model = prepare.load_model(model_name)
     full = build_part(model.source, model.family, PartSpec.full(model.num_layers), torch.float32, torch.device("cpu"))
     return model, full
 

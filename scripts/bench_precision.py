@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from splitlm.shared import session as ss
+from splitlm.shared import prepare
 from splitlm.shared.client import TrunkClient
 from splitlm.shared.failover import NO_FAILOVER
 from splitlm.shared.generation import GenerationSettings, generate, prompt_ids
@@ -62,12 +62,12 @@ def _agreement(ref: list[int], got: list[int]) -> tuple[float, int | None]:
 class _Fresh:
     """A split pipeline opened for each generation and closed after it."""
 
-    def __init__(self, parts: ss.SplitParts, client: TrunkClient, wire: torch.dtype | None) -> None:
+    def __init__(self, parts: prepare.SplitParts, client: TrunkClient, wire: torch.dtype | None) -> None:
         self.parts, self.client, self.wire = parts, client, wire
         self.bytes_sent = self.bytes_received = 0
 
     def run(self, tokenizer, ids: list[int], settings: GenerationSettings):  # type: ignore[no-untyped-def]
-        pipe = ss.split_pipeline(self.parts, self.client, wire_dtype=self.wire, retry=NO_FAILOVER)
+        pipe = prepare.split_pipeline(self.parts, self.client, wire_dtype=self.wire, retry=NO_FAILOVER)
         try:
             res = generate(pipe, tokenizer, ids, settings, [])
         finally:
@@ -100,7 +100,7 @@ def main() -> None:  # noqa: C901, PLR0915 — a linear script
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     warnings.simplefilter("ignore")
     tmp = Path(tempfile.mkdtemp(prefix="bench_precision."))
-    model = ss.load_model("smollm2")
+    model = prepare.load_model("smollm2")
     daemons, clients, full, split, wires = {}, {}, {}, {}, {}
     # a pipeline is a session per generation (``_Fresh``): a session left idle for minutes while
     # the other configurations run is dropped by the daemon's ping policy (see the report)
@@ -108,9 +108,9 @@ def main() -> None:  # noqa: C901, PLR0915 — a linear script
         for p in precisions:
             daemons[p] = start_daemon("smollm2", f"unix:{tmp / p}.sock", tmp / f"{p}.log", "--weights", p)
             clients[p] = TrunkClient(daemons[p].address)
-            parts = ss.split_parts(model, clients[p].info(), CPU)
+            parts = prepare.split_parts(model, clients[p].info(), CPU)
             split[p] = _Fresh(parts, clients[p], None)
-            full[p] = ss.full_pipeline(model, torch.float32, CPU, weights=p)
+            full[p] = prepare.full_pipeline(model, torch.float32, CPU, weights=p)
             if p == "float32":
                 for w in (torch.bfloat16, torch.float16):
                     wires[str(w).removeprefix("torch.")] = _Fresh(parts, clients[p], w)

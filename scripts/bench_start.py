@@ -31,7 +31,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from _common import spawn_daemon, stop
+from _common import stop
+
+from splitlm.shared.launcher import DaemonStartError, OwnedDaemon
 
 PROMPT = "Hi"
 
@@ -61,36 +63,20 @@ def time_first_byte(cmd: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
-def time_daemon(model: str, address: str, env: dict[str, str], keep: bool = False) -> tuple[float, subprocess.Popen[bytes]]:
-    """Seconds from starting the daemon to its first answered ``Info``; the daemon (stopped
-    unless ``keep``)."""
-    from splitlm.shared.client import TrunkClient
-    from splitlm.shared.errors import DaemonUnreachable
-
-    saved = dict(os.environ)
-    os.environ.update(env)  # spawn_daemon passes os.environ on
+def time_daemon(model: str, address: str, env: dict[str, str], keep: bool = False) -> tuple[float, OwnedDaemon]:
+    """Seconds from starting the daemon to its first answered ``Info`` (polled every 20 ms); the
+    daemon (stopped unless ``keep``)."""
+    daemon = OwnedDaemon(["--model", model], address=address, env=env, name="the daemon")
+    t0 = time.perf_counter()
+    daemon.spawn()
     try:
-        t0 = time.perf_counter()
-        proc = spawn_daemon(model, address)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    client = TrunkClient(address, connect_timeout_s=1.0)
-    try:
-        while True:
-            try:
-                client.info()
-                break
-            except DaemonUnreachable:
-                if proc.poll() is not None or time.perf_counter() - t0 > 600:
-                    raise SystemExit(f"the daemon exited or did not answer ({proc.poll()})") from None
-                time.sleep(0.02)
-        elapsed = time.perf_counter() - t0
-    finally:
-        client.close()
+        daemon.wait_ready(600, poll_s=0.02)
+    except DaemonStartError as e:
+        raise SystemExit(str(e)) from None
+    elapsed = time.perf_counter() - t0
     if not keep:
-        stop(proc)
-    return elapsed, proc
+        stop(daemon)
+    return elapsed, daemon
 
 
 def time_chat(address: str, env: dict[str, str], state: Path) -> float:

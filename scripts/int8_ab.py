@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from splitlm.shared import session as ss
+from splitlm.shared import prepare
 from splitlm.shared.generation import LocalPipeline
 from splitlm.shared.models import PartSpec, build_part
 from splitlm.shared.models.precision import _conv1d_to_linear, decoder_layers
@@ -54,7 +54,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
-    model = ss.load_model("smollm2")
+    model = prepare.load_model("smollm2")
     L = model.num_layers
     cpu = torch.device("cpu")
     variants = {}

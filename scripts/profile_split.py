@@ -49,7 +49,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.client_threads)
-    from splitlm.shared import session as ss
+    from splitlm.shared import prepare
     from splitlm.shared.client import TrunkClient
     from splitlm.shared.failover import NO_FAILOVER
     from splitlm.shared.generation import GenerationSettings, LocalPipeline, generate
@@ -61,8 +61,8 @@ def main() -> int:
     try:
         client = TrunkClient(f"unix:{sock}")
         info = client.info()
-        model = ss.load_model(args.model)
-        parts = ss.split_parts(model, info, torch.device("cpu"), with_full=True)
+        model = prepare.load_model(args.model)
+        parts = prepare.split_parts(model, info, torch.device("cpu"), with_full=True)
         assert parts.full is not None
         vocab = int(model.source.config.vocab_size)
         results: dict[str, dict[str, list[float]]] = {}
@@ -84,7 +84,7 @@ def main() -> int:
             return LocalPipeline(parts.full)
 
         def split() -> object:
-            return ss.split_pipeline(parts, client, retry=NO_FAILOVER)
+            return prepare.split_pipeline(parts, client, retry=NO_FAILOVER)
 
         lengths = [args.short] + ([args.long] if args.long else [])
         for n in lengths:  # warm-up

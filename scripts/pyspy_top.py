@@ -10,15 +10,18 @@ its event loop. Prints self time per line and inclusive time per function, in % 
 
 from __future__ import annotations
 
+import argparse
 import collections
-import sys
 
 
 def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("profile", help="a py-spy raw profile (py-spy record -f raw)")
+    args = p.parse_args()
     self_time = {"client": collections.Counter[str](), "daemon": collections.Counter[str]()}
     inclusive = {"client": collections.Counter[str](), "daemon": collections.Counter[str]()}
     totals = collections.Counter[str]()
-    with open(sys.argv[1]) as fh:
+    with open(args.profile) as fh:
         for line in fh:
             stack, _, count = line.rstrip("\n").rpartition(" ")
             n = int(count)

@@ -1,7 +1,7 @@
 """The split's per-step transport overhead (round trip - daemon compute), three client designs,
 measured interleaved against one real daemon serving a tiny random model (compute ~negligible):
 
-- ``sync-queue``: splitlm's ``TrunkSession`` (sync stub; requests handed to grpc's thread
+- ``sync-queue``: splitlm's ``TrunkStream`` (sync stub; requests handed to grpc's thread
   through a queue-fed request iterator; replies read from the call iterator);
 - ``aio-own-loop``: ``grpc.aio`` on an event loop owned by the stepping thread
   (``run_until_complete`` per step: no Python thread hand-off);
@@ -44,7 +44,7 @@ def main() -> int:
     from splitlm.shared.client import (
         DEFAULT_MAX_MESSAGE_BYTES,
         TrunkClient,
-        TrunkSession,
+        TrunkStream,
         channel_options,
     )
     from splitlm.shared.plan import Fingerprint
@@ -77,7 +77,7 @@ def main() -> int:
             return req
 
         def sync_queue() -> list[float]:
-            s = TrunkSession(client, fp, torch.float32)
+            s = TrunkStream(client, fp, torch.float32)
             out = []
             for i in range(args.steps):
                 t0 = time.perf_counter()

@@ -105,7 +105,7 @@ def main() -> int:
     import torch
 
     from splitlm.shared import client as cl
-    from splitlm.shared import session as ss
+    from splitlm.shared import prepare
     from splitlm.shared.failover import NO_FAILOVER
     from splitlm.shared.generation import GenerationSettings, LocalPipeline, generate
 
@@ -116,7 +116,7 @@ def main() -> int:
                         program=[sys.executable, __file__, "--serve"])
     sent: list[float] = []
     got: list[float] = []
-    send, receive = cl.TrunkSession._send, cl.TrunkSession._receive
+    send, receive = cl.TrunkStream._send, cl.TrunkStream._receive
 
     def timed_send(self: Any, req: Any) -> None:
         sent.append(time.perf_counter())
@@ -127,21 +127,21 @@ def main() -> int:
         got.append(time.perf_counter())
         return reply
 
-    cl.TrunkSession._send = timed_send  # type: ignore[method-assign]
-    cl.TrunkSession._receive = timed_receive  # type: ignore[method-assign]
+    cl.TrunkStream._send = timed_send  # type: ignore[method-assign]
+    cl.TrunkStream._receive = timed_receive  # type: ignore[method-assign]
     lat: dict[str, list[float]] = {"full": [], "split": []}
     try:
         client = cl.TrunkClient(f"unix:{sock}")
         info = client.info()
-        model = ss.load_model(args.model)
-        parts = ss.split_parts(model, info, torch.device("cpu"), with_full=True)
+        model = prepare.load_model(args.model)
+        parts = prepare.split_parts(model, info, torch.device("cpu"), with_full=True)
         assert parts.full is not None
         ids = prompt_ids(16, int(model.source.config.vocab_size))
         for rnd in range(args.rounds + 1):  # round 0 warms up
             for mode in ("full", "split"):
                 sent.clear()
                 got.clear()
-                pipe = LocalPipeline(parts.full) if mode == "full" else ss.split_pipeline(parts, client, retry=NO_FAILOVER)
+                pipe = LocalPipeline(parts.full) if mode == "full" else prepare.split_pipeline(parts, client, retry=NO_FAILOVER)
                 r = generate(pipe, model.tokenizer, ids, GenerationSettings(max_new_tokens=args.tokens), eos_ids=[])
                 pipe.close()
                 if rnd:

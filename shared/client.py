@@ -1,7 +1,10 @@
-"""The gRPC client of the trunk daemon: ``Info`` and sessions.
+"""The gRPC client of the trunk daemon: ``Info``, the monitor and sessions.
 
-Blocking API for the CLI and for Textual thread workers. A session is one bidirectional stream;
-``step`` sends one request and waits for its reply, so a token costs one round trip.
+Blocking API for the CLI and for Textual thread workers. A session with the trunk is a
+``RemoteSession``: either a ``TrunkStream`` (one bidirectional stream; ``step`` sends one request
+and waits for its reply, so a token costs one round trip) or a ``FailoverSession``
+(``splitlm.shared.failover``), which outlives its streams. Callers use the protocol, never the
+concrete class. (The daemon's record of an open session is ``daemon.sessions.HeldSession``.)
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import grpc
 
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
     import torch
 
     from .config import ClientSettings
-    from .failover import FailoverSession, OnReconnect, RetryPolicy
+    from .failover import OnReconnect, RetryPolicy
     from .monitor import MonitorSample
     from .plan import Fingerprint
 
@@ -77,9 +80,60 @@ _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
 def _trunk_error(e: grpc.RpcError) -> TrunkError:
-    code = e.code() if hasattr(e, "code") else None
-    details = e.details() if hasattr(e, "details") else str(e)
-    return TrunkError(code.name if code is not None else "UNKNOWN", details or "")
+    """The error of a failed call; an ``RpcError`` that is not a call (none of ours) is UNKNOWN."""
+    if not isinstance(e, grpc.Call):
+        return TrunkError("UNKNOWN", str(e))
+    return TrunkError(e.code().name, e.details() or "")
+
+
+@runtime_checkable
+class RemoteSession(Protocol):
+    """A session with the trunk daemon, as pipelines and front ends use it.
+
+    ``TrunkStream`` (one stream; a break is an error) and ``FailoverSession`` (reconnects and
+    replays on a break) both are one; ``TrunkClient.open_session`` picks which. Not thread-safe:
+    one thread steps a session at a time; only ``cancel`` may come from another thread.
+    """
+
+    @property
+    def session_id(self) -> str:
+        """The daemon's id of the session (a failover session's changes on a resume)."""
+        ...
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        """The dtype hidden states travel in, both ways."""
+        ...
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes of requests sent so far (over every stream the session used)."""
+        ...
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes of replies received so far."""
+        ...
+
+    @property
+    def rollback_floor(self) -> int:
+        """The lowest position a step may start from (the daemon's sliding-window layers keep
+        only so much); below it, a caller re-prefills from position 0."""
+        ...
+
+    def step(self, hidden: torch.Tensor, position: int) -> tuple[torch.Tensor, float]:
+        """The trunk's output ``(1, t, H)`` for hidden states ``(1, t, H)`` at
+        ``[position, position + t)``, and the daemon's compute time in seconds."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop a reconnect in progress (any thread); the stepping thread then gets an error.
+        A session that never reconnects has nothing to stop."""
+        ...
+
+    def close(self) -> None:
+        """End the session; the daemon frees its cache."""
+        ...
 
 
 class TrunkClient:
@@ -189,7 +243,7 @@ class TrunkClient:
         wire_dtype: torch.dtype,
         retry: RetryPolicy | None = None,
         on_reconnect: OnReconnect | None = None,
-    ) -> TrunkSession | FailoverSession:
+    ) -> RemoteSession:
         """Open a session for the plan ``fingerprint``.
 
         With an enabled ``retry`` policy the session survives a broken stream (daemon killed or
@@ -201,14 +255,14 @@ class TrunkClient:
                 RESOURCE_EXHAUSTED for a full session table).
         """
         clock = StepClock(self.step_deadline)  # one per logical session: a resume keeps it
-        session = TrunkSession(self, fingerprint, wire_dtype, clock=clock)
+        session = TrunkStream(self, fingerprint, wire_dtype, clock=clock)
         if retry is None or not retry.enabled:
             return session
         from .failover import FailoverSession
 
         return FailoverSession(
             session,
-            lambda timeout_s: TrunkSession(
+            lambda timeout_s: TrunkStream(
                 self, fingerprint, wire_dtype, open_timeout_s=timeout_s, clock=clock
             ),
             retry,
@@ -277,8 +331,10 @@ class MonitorStream:
         self._call.cancel()
 
 
-class TrunkSession:
-    """One open session: its stream, its step ids and the bytes it moved.
+class TrunkStream:
+    """A session on one stream: its step ids and the bytes it moved; a ``RemoteSession``.
+
+    The stream breaking ends it (``FailoverSession`` reopens one and replays onto it).
 
     Every wait for a reply is bounded: the open by the step deadline's floor, a step (or a
     pipelined replay) by ``clock.budget`` of its positions. Past it the stream is cancelled and
@@ -485,6 +541,9 @@ class TrunkSession:
             raise TrunkError("INTERNAL", f"reply for step {reply.result.step_id}, expected {step_id}")
         self.rollback_floor = reply.result.rollback_floor
         return reply.result
+
+    def cancel(self) -> None:
+        """Nothing to stop: a single stream never reconnects (see ``RemoteSession.cancel``)."""
 
     def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
         """End the stream (the daemon frees the cache) and wait, at most ``wait_s``, for the

@@ -40,7 +40,8 @@ from .errors import DaemonUnreachable, SplitlmError, StepRefused, TrunkError, Us
 
 if TYPE_CHECKING:
     from ..protos import trunk_pb2 as pb
-    from .client import TrunkSession
+    from .client import TrunkStream
+    from .config import ClientSettings
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,20 @@ class RetryPolicy:
             raise UsageError(f"the retry multiplier must be >= 1, got {self.multiplier}")
         if not 0 <= self.jitter <= 1:
             raise UsageError(f"the retry jitter must be in [0, 1], got {self.jitter}")
+
+    @classmethod
+    def from_settings(cls, settings: ClientSettings) -> RetryPolicy:
+        """The policy of the ``--retry-*`` settings (``retry_initial``, ``retry_max_delay``,
+        ``retry_deadline``); every front end builds it here, so they cannot drift apart.
+
+        Raises:
+            UsageError: the settings contradict each other (max delay below the first).
+        """
+        return cls(
+            initial_delay_s=settings.retry_initial,
+            max_delay_s=settings.retry_max_delay,
+            deadline_s=settings.retry_deadline,
+        )
 
     @property
     def enabled(self) -> bool:
@@ -223,7 +238,7 @@ class StepHistory:
 
 
 class FailoverSession:
-    """A trunk session that outlives its stream; the same interface as ``TrunkSession``.
+    """A trunk session that outlives its stream; a ``RemoteSession`` like ``TrunkStream``.
 
     Every step is recorded before it is sent. When a step fails with a transient error the
     session reopens (backoff and jitter, within ``policy.deadline_s``), replays the history
@@ -243,8 +258,8 @@ class FailoverSession:
 
     def __init__(
         self,
-        stream: TrunkSession,
-        reopen: Callable[[float], TrunkSession],
+        stream: TrunkStream,
+        reopen: Callable[[float], TrunkStream],
         policy: RetryPolicy,
         on_reconnect: OnReconnect | None = None,
         rng: random.Random | None = None,
@@ -270,7 +285,7 @@ class FailoverSession:
 
     @property
     def rollback_floor(self) -> int:
-        """See ``TrunkSession.rollback_floor``; a replay rebuilds the same floor."""
+        """See ``TrunkStream.rollback_floor``; a replay rebuilds the same floor."""
         return self._stream.rollback_floor
 
     @property
@@ -381,7 +396,7 @@ class FailoverSession:
         so a daemon that accepts the stream and never answers cannot hang the client."""
         return max(0.05, self.policy.deadline_s - (time.monotonic() - broke))
 
-    def _retire(self, stream: TrunkSession) -> None:
+    def _retire(self, stream: TrunkStream) -> None:
         """Close a dead stream, keeping its byte counts in the totals."""
         stream.close()
         self._bytes_sent_before += stream.bytes_sent

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 
@@ -22,8 +22,7 @@ from .sampling import Sampler, SamplingSettings
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from .client import TrunkSession
-    from .failover import FailoverSession
+    from .client import RemoteSession
     from .models import Part
 
 log = logging.getLogger(__name__)
@@ -123,7 +122,7 @@ class SplitPipeline:
     the recorded steps), not the conversation; the bottom and top caches here are not touched.
     """
 
-    def __init__(self, bottom: Part, session: TrunkSession | FailoverSession, top: Part) -> None:
+    def __init__(self, bottom: Part, session: RemoteSession, top: Part) -> None:
         self.bottom, self.session, self.top = bottom, session, top
         self.bottom_cache = bottom.new_cache()
         self.top_cache = top.new_cache()
@@ -218,6 +217,16 @@ class GenerationResult:
     bytes_sent: int = 0
     bytes_received: int = 0
 
+    def add_token(self, token: int, latency_s: float, client_s: float, trunk_s: float) -> None:
+        """Record a generated token and its timings; the first token's latency is the TTFT."""
+        if not self.token_ids:
+            self.ttft_s = latency_s
+        else:
+            self.per_token_s.append(latency_s)
+        self.client_compute_s.append(client_s)
+        self.trunk_compute_s.append(trunk_s)
+        self.token_ids.append(token)
+
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> list[int]:
     """Token ids of a one-turn prompt: the chat template when ``chat`` and the model has one,
@@ -226,9 +235,9 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> l
         out = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
         )
-        if isinstance(out, dict) or hasattr(out, "input_ids"):
+        if isinstance(out, Mapping):  # a BatchEncoding (a UserDict) from newer transformers
             out = out["input_ids"]
-        return [int(i) for i in out]
+        return [int(i) for i in cast("list[int]", out)]  # one conversation: one list of ids
     return [int(i) for i in tokenizer(prompt)["input_ids"]]
 
 
@@ -253,7 +262,9 @@ class _Detokenizer:
         self.read = 0
 
     def text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence of ids decodes to one string
+        return text
 
     def _advance(self, ids: list[int]) -> bool:
         """Extend ``decoded`` to all of ``ids``; False while they end in a partial character."""
@@ -334,7 +345,7 @@ def generate(
     detok = _Detokenizer(tokenizer, settings.stop)
     eos = set(eos_ids)
     bytes0 = (pipeline.bytes_sent, pipeline.bytes_received)
-    t_start = t_prev = time.perf_counter()
+    clock = _TokenClock()
     step_ids: Sequence[int] = ids
     position = start_position
     stopped = False
@@ -343,32 +354,16 @@ def generate(
             result.finish_reason = "cancelled"
             break
         out = pipeline.step(step_ids, position)
-        t0 = time.perf_counter()
-        token = sampler(out.logits)
-        client_s = out.client_s + (time.perf_counter() - t0)
-        now = time.perf_counter()
-        latency = now - t_prev
-        t_prev = now
-        if not result.token_ids:
-            result.ttft_s = now - t_start
-        else:
-            result.per_token_s.append(latency)
-        result.client_compute_s.append(client_s)
-        result.trunk_compute_s.append(out.trunk_s)
-        result.token_ids.append(token)
+        token, client_s = _sample(sampler, out)
+        latency = clock.tick()
+        result.add_token(token, latency, client_s, out.trunk_s)
         position += len(step_ids)
         step_ids = [token]
-        if token in eos:
-            result.finish_reason = "eos"
-            delta = ""
-        else:
-            delta, stopped = detok.push(result.token_ids)
+        delta, stopped = ("", False) if token in eos else detok.push(result.token_ids)
         if on_token is not None:
             on_token(TokenEvent(len(result.token_ids) - 1, token, delta, latency, client_s, out.trunk_s))
-        if token in eos:
-            break
-        if stopped:
-            result.finish_reason = "stop"
+        if token in eos or stopped:
+            result.finish_reason = "eos" if token in eos else "stop"
             break
     # text still held back (a partial stop string or character at the very end) is in
     # ``result.text``; a streaming front end prints ``result.text[len(streamed):]`` last
@@ -376,3 +371,24 @@ def generate(
     result.bytes_sent = pipeline.bytes_sent - bytes0[0]
     result.bytes_received = pipeline.bytes_received - bytes0[1]
     return result
+
+
+def _sample(sampler: Sampler, out: StepOutput) -> tuple[int, float]:
+    """The next token from a step's logits, and the step's client compute with the sampling."""
+    t0 = time.perf_counter()
+    token = sampler(out.logits)
+    return token, out.client_s + (time.perf_counter() - t0)
+
+
+class _TokenClock:
+    """Time between tokens, taken once each token is sampled; the first token's is from the
+    start of the generation (its TTFT)."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def tick(self) -> float:
+        """Seconds since the previous token (or the start)."""
+        now = time.perf_counter()
+        latency, self._last = now - self._last, now
+        return latency

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.FAILURE
     finally:
         # close channels before the interpreter exits: gRPC's threads must not be holding a
-        # call when it is torn down (see TrunkSession.close)
+        # call when it is torn down (see TrunkStream.close)
         while _CLIENTS:
             _CLIENTS.pop().close()
 
@@ -147,14 +147,6 @@ def _settings(args: argparse.Namespace) -> GenerationSettings:
 
     sampling = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     return GenerationSettings(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()), sampling=sampling)
-
-
-def _retry(args: argparse.Namespace) -> Any:
-    from ..shared.failover import RetryPolicy
-
-    return RetryPolicy(
-        initial_delay_s=args.retry_initial, max_delay_s=args.retry_max_delay, deadline_s=args.retry_deadline
-    )
 
 
 def _reconnect_notice(event: Any) -> None:
@@ -250,30 +242,32 @@ def _run(pipeline: Any, model: Any, ids: list[int], settings: GenerationSettings
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from ..shared.failover import RetryPolicy
+
     settings = _settings(args)
-    retry = _retry(args)
+    retry = RetryPolicy.from_settings(args.client_config.settings)
     prompt = _prompt(args)
-    from ..shared import session as ss
+    from ..shared import prepare
     from ..shared.generation import Pipeline, prompt_ids
 
     pipeline: Pipeline
     if args.full:
         _quiet_libraries()
         device, dtype = _device_dtype(args)
-        model = ss.load_model(args.model)
-        pipeline = ss.full_pipeline(model, dtype, device, weights=_weights(args))
-        plan = ss.plan_dict(model, None, None)
+        model = prepare.load_model(args.model)
+        pipeline = prepare.full_pipeline(model, dtype, device, weights=_weights(args))
+        plan = prepare.plan_dict(model, None, None)
     else:
         client = _client(args)
         info = client.info()
         _quiet_libraries()
         device = _device_dtype(args)[0]
-        model = ss.load_model(ss.client_model_spec(args.model, info))
-        parts = ss.split_parts(model, info, device, weights=_weights(args))
-        pipeline = ss.split_pipeline(
+        model = prepare.load_model(prepare.client_model_spec(args.model, info))
+        parts = prepare.split_parts(model, info, device, weights=_weights(args))
+        pipeline = prepare.split_pipeline(
             parts, client, wire_dtype=_wire_dtype(args), retry=retry, on_reconnect=_reconnect_notice
         )
-        plan = ss.plan_dict(model, parts.plan.split, parts.fingerprint.digest)
+        plan = prepare.plan_dict(model, parts.plan.split, parts.fingerprint.digest)
     ids = prompt_ids(model.tokenizer, prompt, chat=not args.no_chat)
     try:
         res = _run(pipeline, model, ids, settings, stream=not args.json)
@@ -350,10 +344,12 @@ def _print_comparison(out: dict[str, Any], title: str) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """The same prompt full (here) and split (through the daemon), with ``shared.comparison``."""
+    from ..shared.failover import RetryPolicy
+
     settings = _settings(args)
-    retry = _retry(args)
+    retry = RetryPolicy.from_settings(args.client_config.settings)
     prompt = _prompt(args)
-    from ..shared import session as ss
+    from ..shared import prepare
     from ..shared.comparison import compare
     from ..shared.generation import LocalPipeline, prompt_ids
 
@@ -361,17 +357,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     info = client.info()
     _quiet_libraries()
     device = _device_dtype(args)[0]
-    model = ss.load_model(ss.client_model_spec(args.model, info))
-    parts = ss.split_parts(model, info, device, with_full=True, weights=_weights(args))
+    model = prepare.load_model(prepare.client_model_spec(args.model, info))
+    parts = prepare.split_parts(model, info, device, with_full=True, weights=_weights(args))
     assert parts.full is not None
     full = LocalPipeline(parts.full)
-    split = ss.split_pipeline(parts, client, wire_dtype=_wire_dtype(args), retry=retry, on_reconnect=_reconnect_notice)
+    split = prepare.split_pipeline(parts, client, wire_dtype=_wire_dtype(args), retry=retry, on_reconnect=_reconnect_notice)
     ids = prompt_ids(model.tokenizer, prompt, chat=not args.no_chat)
     try:
         result = compare(full, split, model.tokenizer, ids, settings, model.eos_ids, warmup=True)
     finally:
         split.close()
-    out = _comparison_json(result, ss.plan_dict(model, parts.plan.split, parts.fingerprint.digest))
+    out = _comparison_json(result, prepare.plan_dict(model, parts.plan.split, parts.fingerprint.digest))
     if args.json:
         print(json.dumps(out))
     else:

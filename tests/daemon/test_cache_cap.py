@@ -23,6 +23,7 @@ import torch
 from splitlm.daemon.budget import bytes_per_position
 from splitlm.daemon.handlers import add_trunk_service
 from splitlm.daemon.service import Limits, TrunkService
+from splitlm.daemon.steps import TrunkSteps
 from splitlm.protos import trunk_pb2 as pb
 from splitlm.protos import trunk_pb2_grpc as pb_grpc
 from splitlm.shared import codec
@@ -65,7 +66,7 @@ async def start(model: Path, max_cache_bytes: int) -> tuple[grpc.aio.Server, grp
     part = build_part(src, family_for(src.config), PartSpec.trunk(START, END), torch.float32, torch.device("cpu"))
     fp = Fingerprint(src.config_digest(), src.weights_digest(), START, END, "float32")
     limits = Limits(max_sessions=64, max_context=256, max_message_bytes=2**24, max_cache_bytes=max_cache_bytes)
-    service = TrunkService(part, fp, limits, ThreadPoolExecutor(1))
+    service = TrunkService(TrunkSteps(part, fp, limits, ThreadPoolExecutor(1)))
     server = grpc.aio.server()
     add_trunk_service(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -83,7 +84,7 @@ async def llama_daemon(tiny_models: dict[str, Path], request: pytest.FixtureRequ
     finally:
         await channel.close()
         await server.stop(0)
-        d.service.executor.shutdown()
+        d.service.steps.executor.shutdown()
 
 
 class Stream:

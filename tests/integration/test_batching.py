@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from splitlm.shared import session as ss
+from splitlm.shared import prepare
 from splitlm.shared.client import TrunkClient
 from splitlm.shared.config import DaemonSettings, load
 from splitlm.shared.errors import TrunkError
@@ -51,9 +51,9 @@ def _together(address: str, model_dir, prompts) -> list:  # type: ignore[no-unty
     """Each prompt in its own session and thread, all at once. The client parts are loaded first,
     one after the other (loading is not thread-safe); then the generations run concurrently."""
     client = TrunkClient(address)
-    model = ss.LoadedModel(*_source(model_dir))
-    parts = ss.split_parts(model, client.info(), torch.device("cpu"))
-    pipes = [ss.split_pipeline(parts, client) for _ in prompts]
+    model = prepare.LoadedModel(*_source(model_dir))
+    parts = prepare.split_parts(model, client.info(), torch.device("cpu"))
+    pipes = [prepare.split_pipeline(parts, client) for _ in prompts]
     try:
         return _concurrently([
             lambda pipe=pipe, p=p: list(

@@ -17,7 +17,7 @@ import grpc
 import pytest
 import torch
 
-from splitlm.shared.client import TrunkClient, TrunkSession
+from splitlm.shared.client import TrunkClient, TrunkStream
 from splitlm.shared.errors import DaemonUnreachable, StepRefused, TrunkError
 from splitlm.shared.plan import Fingerprint
 from tests.conftest import Daemon
@@ -34,16 +34,16 @@ def wait_until(
         time.sleep(0.02)
 
 
-def open_session(client: TrunkClient) -> TrunkSession:
+def open_session(client: TrunkClient) -> TrunkStream:
     p = client.info().plan
     s = client.open_session(
         Fingerprint(p.config_digest, p.weights_digest, p.trunk_start, p.trunk_end), torch.float32
     )
-    assert isinstance(s, TrunkSession)
+    assert isinstance(s, TrunkStream)
     return s
 
 
-def step(s: TrunkSession, position: int, t: int, width: int = 64) -> int:
+def step(s: TrunkStream, position: int, t: int, width: int = 64) -> int:
     out, _ = s.step(torch.randn(1, t, width), position)
     return int(out.shape[1])
 

@@ -14,8 +14,8 @@ from contextlib import closing
 import pytest
 import torch
 
-from splitlm.shared import session as ss
-from splitlm.shared.client import TrunkClient, TrunkSession
+from splitlm.shared import prepare
+from splitlm.shared.client import TrunkClient, TrunkStream
 from splitlm.shared.errors import TrunkError, UsageError
 from splitlm.shared.generation import GenerationSettings, generate
 from splitlm.shared.models import PartSpec, build_part
@@ -28,16 +28,16 @@ CPU = torch.device("cpu")
 N = 20
 
 
-def _model(model_dir) -> ss.LoadedModel:  # type: ignore[no-untyped-def]
-    return ss.LoadedModel(*_source(model_dir))
+def _model(model_dir) -> prepare.LoadedModel:  # type: ignore[no-untyped-def]
+    return prepare.LoadedModel(*_source(model_dir))
 
 
-def _split_run(address: str, model: ss.LoadedModel, n: int, wire: torch.dtype | None = None,
+def _split_run(address: str, model: prepare.LoadedModel, n: int, wire: torch.dtype | None = None,
                weights: str | None = None, prompt=PROMPT):  # type: ignore[no-untyped-def]
     client = TrunkClient(address)
     try:
-        parts = ss.split_parts(model, client.info(), CPU, weights=weights)
-        pipe = ss.split_pipeline(parts, client, wire_dtype=wire)
+        parts = prepare.split_parts(model, client.info(), CPU, weights=weights)
+        pipe = prepare.split_pipeline(parts, client, wire_dtype=wire)
         try:
             res = generate(pipe, _NoText(), list(prompt), GenerationSettings(max_new_tokens=n), [])
             return res, pipe.session.wire_dtype
@@ -57,7 +57,7 @@ def test_split_through_daemon_equals_full_at_the_same_precision(  # type: ignore
     with closing(TrunkClient(d.address)) as client:
         assert client.info().plan.weights == weights
     split, wire = _split_run(d.address, model, N)  # --weights unset: the daemon's precision
-    full = generate(ss.full_pipeline(model, torch.float32, CPU, weights=weights), _NoText(), list(PROMPT),
+    full = generate(prepare.full_pipeline(model, torch.float32, CPU, weights=weights), _NoText(), list(PROMPT),
                     GenerationSettings(max_new_tokens=N), [])
     assert len(split.token_ids) == N
     assert split.token_ids == full.token_ids
@@ -78,7 +78,7 @@ def test_other_precision_is_refused_and_the_daemon_lives_on(tiny_models, daemon_
         p = client.info().plan
         mine = Fingerprint(p.config_digest, p.weights_digest, p.trunk_start, p.trunk_end, "bfloat16")
         with pytest.raises(TrunkError) as e:
-            TrunkSession(client, mine, torch.bfloat16)
+            TrunkStream(client, mine, torch.bfloat16)
         assert e.value.code == "FAILED_PRECONDITION"
         assert "weight precision (int8 here, bfloat16 from the client): pass --weights int8" in str(e.value)
     res, _ = _split_run(d.address, model, 3)  # still serving
@@ -98,7 +98,7 @@ def test_half_wire_halves_the_bytes_and_the_default_is_exact(tiny_models, daemon
 
     exact, wire, res_exact = per_token(None)
     assert wire == torch.float32  # default: the trunk's dtype, exact
-    full = generate(ss.full_pipeline(model, torch.float32, CPU), _NoText(), list(PROMPT),
+    full = generate(prepare.full_pipeline(model, torch.float32, CPU), _NoText(), list(PROMPT),
                     GenerationSettings(max_new_tokens=24), [])
     assert res_exact.token_ids == full.token_ids
     for half in (torch.bfloat16, torch.float16):
@@ -122,8 +122,8 @@ def test_daemon_converts_both_ways(tiny_models, daemon_factory, weights, wires) 
     for wire in wires:
         h = torch.randn(1, 5, trunk.hidden_size, generator=torch.Generator().manual_seed(3)).to(wire)
         with closing(TrunkClient(d.address)) as client:
-            parts = ss.split_parts(model, client.info(), CPU)
-            s = TrunkSession(client, parts.fingerprint, wire)
+            parts = prepare.split_parts(model, client.info(), CPU)
+            s = TrunkStream(client, parts.fingerprint, wire)
             try:
                 out, _ = s.step(h, 0)
             finally:

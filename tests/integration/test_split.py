@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from splitlm.shared import session as ss
+from splitlm.shared import prepare
 from splitlm.shared.client import TrunkClient
 from splitlm.shared.generation import GenerationSettings, generate
 from tests.conftest import FAMILY_KINDS, reference_generate, run_cli
@@ -18,9 +18,9 @@ from tests.shared.test_engine import PROMPT, _NoText
 def split_generate(address: str, model_dir, n: int, prompt=PROMPT, stop_at_eos: bool = True):  # type: ignore[no-untyped-def]
     client = TrunkClient(address)
     info = client.info()
-    model = ss.LoadedModel(*_source(model_dir))
-    parts = ss.split_parts(model, info, torch.device("cpu"))
-    pipe = ss.split_pipeline(parts, client)
+    model = prepare.LoadedModel(*_source(model_dir))
+    parts = prepare.split_parts(model, info, torch.device("cpu"))
+    pipe = prepare.split_pipeline(parts, client)
     try:
         return generate(pipe, _NoText(), list(prompt), GenerationSettings(max_new_tokens=n),
                         model.eos_ids if stop_at_eos else []), pipe

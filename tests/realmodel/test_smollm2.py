@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitlm.shared import session as ss
+from splitlm.shared import prepare
 from splitlm.shared.client import TrunkClient
 from splitlm.shared.generation import GenerationSettings, generate, prompt_ids
 from tests.conftest import Daemon, reference_generate, run_cli, start_daemon
@@ -44,9 +44,9 @@ def test_split_equals_transformers_generate_for_32_tokens(smol_daemon, smollm2_p
 def test_rollback_regenerates_the_same_reply(smol_daemon) -> None:  # type: ignore[no-untyped-def]
     client = TrunkClient(smol_daemon.address)
     info = client.info()
-    model = ss.load_model("smollm2")
-    parts = ss.split_parts(model, info, torch.device("cpu"))
-    pipe = ss.split_pipeline(parts, client)
+    model = prepare.load_model("smollm2")
+    parts = prepare.split_parts(model, info, torch.device("cpu"))
+    pipe = prepare.split_pipeline(parts, client)
     ids = prompt_ids(model.tokenizer, "Name three colours.", chat=True)
     settings = GenerationSettings(max_new_tokens=24)
     first = generate(pipe, model.tokenizer, ids, settings, model.eos_ids)

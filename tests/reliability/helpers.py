@@ -14,7 +14,7 @@ import psutil
 import torch
 
 from splitlm.protos import trunk_pb2 as pb
-from splitlm.shared import session as ss
+from splitlm.shared import prepare
 from splitlm.shared.client import TrunkClient
 from splitlm.shared.failover import NO_FAILOVER, OnReconnect, RetryPolicy
 from splitlm.shared.generation import (
@@ -68,13 +68,13 @@ class Split:
     """An in-process split client of one daemon: the tiny model's bottom and top, loaded once."""
 
     client: TrunkClient
-    parts: ss.SplitParts
+    parts: prepare.SplitParts
     eos_ids: list[int]
 
     def pipeline(
         self, retry: RetryPolicy = NO_FAILOVER, on_reconnect: OnReconnect | None = None
     ) -> SplitPipeline:
-        return ss.split_pipeline(self.parts, self.client, retry=retry, on_reconnect=on_reconnect)
+        return prepare.split_pipeline(self.parts, self.client, retry=retry, on_reconnect=on_reconnect)
 
     def close(self) -> None:
         self.client.close()
@@ -86,8 +86,8 @@ def connect(address: str, model_dir: Path) -> Split:
     client = TrunkClient(address)
     src = resolve(str(model_dir))
     tokenizer: Any = _NoText()  # random models have no tokenizer; the ids are all that matter
-    model = ss.LoadedModel(src, family_for(src.config), tokenizer, src.generation_eos())
-    parts = ss.split_parts(model, client.info(), torch.device("cpu"))
+    model = prepare.LoadedModel(src, family_for(src.config), tokenizer, src.generation_eos())
+    parts = prepare.split_parts(model, client.info(), torch.device("cpu"))
     return Split(client, parts, model.eos_ids)
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitlm.shared import session as ss
-from splitlm.shared.client import TrunkClient, TrunkSession
+from splitlm.shared import prepare
+from splitlm.shared.client import TrunkClient, TrunkStream
 from splitlm.shared.failover import FailoverSession, RetryPolicy
 from splitlm.shared.generation import GenerationSettings, generate, prompt_ids
 from tests.conftest import run_cli, start_daemon
@@ -99,9 +99,9 @@ def test_replay_is_bit_identical_and_its_cost(daemon_factory: Factory) -> None:
     one round trip at a time, and one prefill of all positions (not what failover does)."""
     d = daemon_factory("smollm2")
     client = TrunkClient(d.address)
-    model = ss.load_model("smollm2")
-    parts = ss.split_parts(model, client.info(), torch.device("cpu"))
-    pipe = ss.split_pipeline(parts, client, retry=RetryPolicy())
+    model = prepare.load_model("smollm2")
+    parts = prepare.split_parts(model, client.info(), torch.device("cpu"))
+    pipe = prepare.split_pipeline(parts, client, retry=RetryPolicy())
     session = pipe.session
     assert isinstance(session, FailoverSession)
     outputs: list[bytes] = []
@@ -120,8 +120,8 @@ def test_replay_is_bit_identical_and_its_cost(daemon_factory: Factory) -> None:
     positions = session.history.positions
     assert len(steps) == len(res.token_ids) == n and positions == len(ids) + n - 1
 
-    def fresh() -> TrunkSession:
-        return TrunkSession(client, parts.fingerprint, parts.trunk_dtype)
+    def fresh() -> TrunkStream:
+        return TrunkStream(client, parts.fingerprint, parts.trunk_dtype)
 
     s1 = fresh()
     t0 = time.perf_counter()

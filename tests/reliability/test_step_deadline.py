@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from splitlm.protos import trunk_pb2_grpc as pb_grpc
-from splitlm.shared import session as ss
+from splitlm.shared import prepare
 from splitlm.shared.client import TrunkClient
 from splitlm.shared.deadline import StepClock, StepDeadline, StepDeadlineExceeded, Watchdog
 from splitlm.shared.errors import UsageError
@@ -46,13 +46,13 @@ TEST_DEADLINE = StepDeadline(floor_s=2.0, per_position_s=0.0, latency_factor=1.0
 """2 s a step, and (tiny model: milliseconds per position) hardly more: the bound is ~2.0 s."""
 
 
-def _client(address: str, model_dir: Path, deadline: StepDeadline) -> tuple[TrunkClient, ss.SplitParts]:
+def _client(address: str, model_dir: Path, deadline: StepDeadline) -> tuple[TrunkClient, prepare.SplitParts]:
     from splitlm.shared.models import family_for, resolve
 
     client = TrunkClient(address, connect_timeout_s=10, step_deadline=deadline)
     src = resolve(str(model_dir))
-    model = ss.LoadedModel(src, family_for(src.config), _NoText(), src.generation_eos())
-    parts = ss.split_parts(model, client.info(), torch.device("cpu"), with_full=True)
+    model = prepare.LoadedModel(src, family_for(src.config), _NoText(), src.generation_eos())
+    parts = prepare.split_parts(model, client.info(), torch.device("cpu"), with_full=True)
     return client, parts
 
 
@@ -104,7 +104,7 @@ def test_a_stalled_step_fails_over_and_stays_exact(stalled: Callable[..., Any]) 
     assert parts.full is not None
     want = run_ids(LocalPipeline(parts.full), PROMPT, 24).token_ids
     events: list[tuple[float, object]] = []
-    pipe = ss.split_pipeline(
+    pipe = prepare.split_pipeline(
         parts, client, retry=RetryPolicy(initial_delay_s=0.05, max_delay_s=0.5, deadline_s=60),
         on_reconnect=lambda e: events.append((time.monotonic(), e)),
     )
@@ -150,7 +150,7 @@ def test_without_failover_a_stalled_step_names_the_deadline(stalled: Callable[..
     says which step, how long, and which setting raises it."""
     daemon, proxy, model = stalled(answer_steps=3)
     client, parts = _client(proxy.address, model, TEST_DEADLINE)
-    pipe = ss.split_pipeline(parts, client, retry=NO_FAILOVER)
+    pipe = prepare.split_pipeline(parts, client, retry=NO_FAILOVER)
     try:
         t0 = time.monotonic()
         with pytest.raises(StepDeadlineExceeded) as err:
@@ -174,7 +174,7 @@ def test_a_daemon_that_keeps_stalling_runs_out_the_retry_deadline(stalled: Calla
     deadline = StepDeadline(floor_s=1.5, per_position_s=0.0, latency_factor=1.0)
     client, parts = _client(proxy.address, model, deadline)
     policy = RetryPolicy(initial_delay_s=0.05, max_delay_s=0.3, deadline_s=5.0)
-    pipe = ss.split_pipeline(parts, client, retry=policy)
+    pipe = prepare.split_pipeline(parts, client, retry=policy)
     try:
         t0 = time.monotonic()
         with pytest.raises(FailoverGaveUp) as err:

@@ -276,6 +276,7 @@ def test_client_reads_client_toml(tmp_path: Path) -> None:
 def test_client_failover_settings_are_layered_too(tmp_path: Path) -> None:
     """The failover's bounds (issue 5: "bounded, configurable") come from flags > SPLITLM_* >
     client.toml > defaults like every client setting, and reach the retry policy."""
+    from splitlm.shared.failover import RetryPolicy
     from splitlm.tui import cli
 
     f = tmp_path / "client.toml"
@@ -294,7 +295,7 @@ def test_client_failover_settings_are_layered_too(tmp_path: Path) -> None:
         ["generate", "--config", str(f), "--retry-deadline", "90", "hi"]
     )
     cli._apply_config(args)
-    policy = cli._retry(args)
+    policy = RetryPolicy.from_settings(args.client_config.settings)
     assert (policy.deadline_s, policy.max_delay_s, policy.initial_delay_s) == (90.0, 3.0, 0.25)
     with pytest.raises(ConfigError, match=r'retry_deadline = "-1" from SPLITLM_RETRY_DEADLINE'):
         load(ClientSettings, {}, env={"SPLITLM_RETRY_DEADLINE": "-1"}, file_name="client")

@@ -19,7 +19,7 @@ from ...shared.stats import ReplyStats
 
 if TYPE_CHECKING:
     from ...shared.generation import LocalPipeline, TokenEvent
-    from ...shared.session import SplitParts
+    from ...shared.prepare import SplitParts
     from .config import ChatSettings
     from .engine import ChatEngine, Progress
 
@@ -61,7 +61,7 @@ class Comparer:
         """Build the full model (with a bottom and top sharing its tensors), once."""
         if self.full is not None:
             return
-        from ...shared import session as ss
+        from ...shared import prepare
         from ...shared.generation import LocalPipeline
         from ...shared.models import resolve_device
 
@@ -70,7 +70,7 @@ class Comparer:
             raise SplitlmError("the chat model is not loaded yet (is the daemon up?)")
         device = resolve_device(eng.config.device)
         progress(f"loading the full model here ({eng.model.num_layers} layers)", 0, 1)
-        parts = ss.split_parts(
+        parts = prepare.split_parts(
             eng.model, eng.info_reply, device, with_full=True, weights=eng.config.local_weights()
         )
         assert parts.full is not None
@@ -86,7 +86,7 @@ class Comparer:
         Raises:
             DaemonUnreachable: the daemon went away during the split run.
         """
-        from ...shared import session as ss
+        from ...shared import prepare
         from ...shared.comparison import compare
         from ...shared.failover import NO_FAILOVER
         from ...shared.generation import prompt_ids
@@ -111,7 +111,7 @@ class Comparer:
 
         if not self._warm:  # first calls pay one-off costs (allocator, kernels): not measured
             progress("warming up", 0, 2 * n)
-        split = ss.split_pipeline(self.parts, eng.client, retry=NO_FAILOVER)
+        split = prepare.split_pipeline(self.parts, eng.client, retry=NO_FAILOVER)
         try:
             result = compare(
                 self.full, split, eng.model.tokenizer, ids, gen, eng.model.eos_ids, warmup=not self._warm,

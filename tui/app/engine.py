@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ...shared.client import TrunkClient
     from ...shared.failover import FailoverEvent
     from ...shared.generation import GenerationResult, SplitPipeline, TokenEvent
-    from ...shared.session import LoadedModel, SplitParts
+    from ...shared.prepare import LoadedModel, SplitParts
     from .config import AppConfig, ChatSettings
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class ChatEngine:
             progress(label, done, total)
 
         step("loading torch and transformers", 0)
-        from ...shared import session as ss
+        from ...shared import prepare
         from ...shared.models import resolve_device
 
         quiet_libraries()
@@ -134,11 +134,11 @@ class ChatEngine:
         info = client.info()
         named = self.config.model or info.plan.model_id
         step(f"reading the model {PurePath(named).name or named} (config, tokenizer)", 2)
-        model = ss.load_model(ss.client_model_spec(self.config.model, info))
+        model = prepare.load_model(prepare.client_model_spec(self.config.model, info))
         device = resolve_device(self.config.device)
         a, b = info.plan.trunk_start, info.plan.trunk_end
         step(f"loading the bottom [0, {a}) and top [{b}, {info.plan.num_layers}) weights", 3)
-        parts = ss.split_parts(model, info, device, weights=self.config.local_weights())
+        parts = prepare.split_parts(model, info, device, weights=self.config.local_weights())
         step(f"connecting to the trunk at {client.address}", 4)
         self.model, self.parts, self.info_reply = model, parts, info
         self._open_pipeline()
@@ -161,16 +161,14 @@ class ChatEngine:
         return self.plan
 
     def _open_pipeline(self) -> None:
-        from ...shared import session as ss
-        from ...shared.failover import RetryPolicy
+        from ...shared import prepare
 
         assert self.parts is not None and self.client is not None
         if self.pipeline is not None:
             self.pipeline.close()
             self.pipeline = None
-        policy = self.config.retry or RetryPolicy()
-        self.pipeline = ss.split_pipeline(
-            self.parts, self.client, wire_dtype=self.config.wire_torch_dtype(), retry=policy,
+        self.pipeline = prepare.split_pipeline(  # retry None: split_pipeline's default policy
+            self.parts, self.client, wire_dtype=self.config.wire_torch_dtype(), retry=self.config.retry,
             on_reconnect=self._failover,
         )
         self.cached = []
@@ -268,7 +266,7 @@ class ChatEngine:
     def stop_reconnect(self) -> None:
         """Esc while the session is reconnecting: give up now (any thread)."""
         pipe = self.pipeline
-        if self._reconnecting.is_set() and pipe is not None and hasattr(pipe.session, "cancel"):
+        if self._reconnecting.is_set() and pipe is not None:
             pipe.session.cancel()
 
     def forget_cache(self) -> None:

@@ -120,15 +120,6 @@ def serve_command(args: argparse.Namespace) -> str:
     return shlex.join([sys.executable, "-m", "splitlm.tui.cli", *serve_argv(args)])
 
 
-def retry_policy(args: argparse.Namespace) -> Any:
-    """The failover policy from the shared ``--retry-*`` flags (validated there)."""
-    from ...shared.failover import RetryPolicy
-
-    return RetryPolicy(
-        initial_delay_s=args.retry_initial, max_delay_s=args.retry_max_delay, deadline_s=args.retry_deadline
-    )
-
-
 def hold_typed_keys() -> list[Any] | None:
     """Keep what the user types before the app's first screen for the app.
 
@@ -214,7 +205,9 @@ def _run_chat(args: argparse.Namespace, connect: Callable[[], Any] | None, trunk
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, system_prompt=args.system,
     )
-    retry = retry_policy(args)
+    from ...shared.failover import RetryPolicy
+
+    retry = RetryPolicy.from_settings(args.client_config.settings)
     if args.serve:
         from textual_serve.server import Server
 

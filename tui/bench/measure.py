@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ...shared.client import TrunkClient
     from ...shared.generation import GenerationResult, Pipeline, StepOutput
     from ...shared.models import Part
-    from ...shared.session import LoadedModel, SplitParts
+    from ...shared.prepare import LoadedModel, SplitParts
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Serialised:
 
 def make_pipeline(setup: Setup, mode: str, lock: threading.Lock | None = None) -> Pipeline:
     """A fresh pipeline (new caches; a new trunk session for the split) without failover."""
-    from ...shared import session as ss
+    from ...shared import prepare
     from ...shared.failover import NO_FAILOVER
     from ...shared.generation import LocalPipeline
 
@@ -147,7 +147,7 @@ def make_pipeline(setup: Setup, mode: str, lock: threading.Lock | None = None) -
             bottom=Serialised(parts.bottom, lock),  # type: ignore[arg-type]
             top=Serialised(parts.top, lock),  # type: ignore[arg-type]
         )
-    return ss.split_pipeline(parts, setup.client, wire_dtype=setup.wire_dtype, retry=NO_FAILOVER)
+    return prepare.split_pipeline(parts, setup.client, wire_dtype=setup.wire_dtype, retry=NO_FAILOVER)
 
 
 def _generate(setup: Setup, pipe: Pipeline, ids: list[int], new_tokens: int) -> GenerationResult:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ...protos import trunk_pb2 as pb
     from ...shared.client import TrunkClient
     from ...shared.launcher import OwnedDaemon
-    from ...shared.session import SplitParts
+    from ...shared.prepare import SplitParts
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _progress(total: int) -> tuple[Callable[[str], None], Callable[[], None]]:
 def _load_model(spec: str) -> tuple[Any, Any]:
     """The model and its tokenizer; None for a weights-only directory (prompts are then fixed id
     sequences and no text is made, which times the same for full and split)."""
-    from ...shared import session as ss
+    from ...shared import prepare
     from ...shared.models import family_for, resolve
     from .prompts import NoText
 
@@ -116,7 +116,7 @@ def _load_model(spec: str) -> tuple[Any, Any]:
         tokenizer = None
     # NoText stands in for a tokenizer (decode only: the bench times ids, never text)
     text = tokenizer or NoText()
-    model = ss.LoadedModel(source, family_for(source.config), text, source.generation_eos())  # type: ignore[arg-type]
+    model = prepare.LoadedModel(source, family_for(source.config), text, source.generation_eos())  # type: ignore[arg-type]
     return model, tokenizer
 
 
@@ -195,7 +195,7 @@ def _connect(
             daemon's at ``--trunk``.
         DaemonStartError: the bench's own daemon did not start.
     """
-    from ...shared import session as ss
+    from ...shared import prepare
     from ...shared.client import TrunkClient
     from ...shared.launcher import OwnedDaemon
 
@@ -218,7 +218,7 @@ def _connect(
     stack.callback(client.close)
     info = client.info()
     _check_split(opts, info)
-    model_spec = opts.model or ss.client_model_spec(None, info)
+    model_spec = opts.model or prepare.client_model_spec(None, info)
     model, tokenizer = _load_model(model_spec)
     return None, client, info, model, tokenizer, model_spec
 
@@ -286,7 +286,7 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
 
     import torch
 
-    from ...shared import session as ss
+    from ...shared import prepare
     from ...shared.models import resolve_device
     from ...shared.models.precision import client_weights
     from . import measure, report
@@ -302,7 +302,7 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
     with ExitStack() as stack:
         daemon, client, info, model, tokenizer, model_spec = _connect(opts, stack, client_factory)
         device = resolve_device(getattr(args, "device", None) or "auto")
-        parts = ss.split_parts(model, info, device, with_full=True,
+        parts = prepare.split_parts(model, info, device, with_full=True,
                                weights=client_weights(opts.weights, opts.dtype))
         assert parts.full is not None
         wire_dtype = getattr(torch, opts.wire_dtype) if opts.wire_dtype else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from textual.widgets import Input
 
 from splitlm.shared.failover import RetryPolicy
@@ -58,6 +60,29 @@ async def test_daemon_dying_mid_reply_keeps_the_partial_reply(daemon_factory, ch
             assert chat.messages[-1].finish_reason in ("length", "eos")
         finally:
             d2.stop()
+
+
+async def test_escape_while_reconnecting_gives_up_at_once(daemon_factory, chat_model, make_config) -> None:  # type: ignore[no-untyped-def]
+    """Esc stops a reconnect in progress (``RemoteSession.cancel``) instead of waiting out the
+    retry deadline; the partial reply stays."""
+    d = daemon_factory(chat_model, "--split", "2:4")
+    patient = RetryPolicy(initial_delay_s=0.5, max_delay_s=1.0, deadline_s=120)
+    config = make_config(d.address, settings=ChatSettings(max_new_tokens=3000), retry=patient)
+    app = SplitlmApp(config)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_loaded(pilot, app)
+        await send(pilot, app, "why is the sky blue")
+        chat = app.chat_screen()
+        strip = chat.query_one(LatencyStrip)
+        await wait_until(pilot, lambda: strip.tokens >= 5, what="5 tokens")
+        d.proc.kill()
+        await wait_until(pilot, lambda: app.connection == "reconnecting", timeout=30, what="reconnecting")
+        t0 = time.monotonic()
+        await pilot.press("escape")
+        await wait_reply(pilot, app, 2, timeout=15)
+        assert time.monotonic() - t0 < 10  # not the 120 s retry deadline
+        reply = chat.messages[-1]
+        assert reply.finish_reason == "failed" and reply.content
 
 
 async def test_daemon_down_at_start_then_up(chat_model, make_config, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""Setting up a generation for a front end: model, parts and pipeline, split or full.
+"""Preparing a generation for a front end: model, parts and pipeline, split or full.
 
 Both front ends (the headless CLI and the TUI) call these; they never build parts themselves.
 """
