@@ -3,7 +3,7 @@
 # make demo    : a daemon on the bundled SmolLM2 on a unix socket, a split reply through it, then
 #               (at a terminal) `splitlm chat` on it; without a terminal it exits after the reply
 # make proto   : regenerate protos/splitlm/v1/trunk_pb2*.py from trunk.proto
-# make lint    : ruff, and a check that the generated protos are fresh
+# make lint    : ruff, mypy (strict), and a check that the generated protos are fresh
 # make bench   : `splitlm bench` on SmolLM2; rewrites BENCHMARKS.md's results (between its markers),
 #                docs/bench/*.png and docs/bench/results.json. BENCH_ARGS='--quick' for a short run.
 #
@@ -44,8 +44,13 @@ demo: $(STAMP)
 proto: $(STAMP)
 	$(PY) protos/generate.py
 
+# mypy checks the folders under their installed names (splitlm.shared, ...): build/mypy/splitlm/
+# links to them, and pyproject.toml's [tool.mypy] (strict) names the packages and that path
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	mkdir -p build/mypy/splitlm
+	for d in protos shared daemon tui; do ln -sfn ../../../$$d build/mypy/splitlm/$$d; done
+	$(VENV)/bin/mypy
 	$(PY) protos/generate.py --check
 
 # --batch: the daemon batches concurrent sessions' decode steps (the concurrency rows and P5).

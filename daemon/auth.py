@@ -17,7 +17,7 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -122,8 +122,12 @@ def check_exposure(s: DaemonSettings, sources: Mapping[str, str]) -> Security:
     return sec
 
 
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
 def _deny(message: str) -> Callable[..., Awaitable[Any]]:
-    async def abort(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def abort(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     return abort
@@ -149,9 +153,11 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]
+        ],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
         method = details.method or ""
         if method.startswith(UNAUTHENTICATED_PREFIXES):
             return await continuation(details)

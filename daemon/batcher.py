@@ -103,12 +103,12 @@ class StepBatcher:
         """
         loop = asyncio.get_running_loop()
         item = _Waiting(cache, h, position, max_context, encode, loop.create_future())
-        self._waiting.append(item)  # type: ignore[arg-type]
+        self._waiting.append(item)
         self._arrived.set()
         self.queue.add(1)
         if self._drain is None or self._drain.done():
             self._drain = loop.create_task(self._run_waiting())
-        return await item.future  # type: ignore[return-value]
+        return await item.future
 
     async def _run_waiting(self) -> None:
         loop = asyncio.get_running_loop()

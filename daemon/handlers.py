@@ -47,14 +47,14 @@ def lenient_parser(cls: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-async def _reject(request: Any, context: grpc.aio.ServicerContext, method: str) -> None:
+async def _reject(request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
     if isinstance(request, Malformed):
         log.warning("%s: %s", method, request.message)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
 
 def _checked_stream(
-    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, method: str
+    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any], method: str
 ) -> AsyncIterator[Any]:
     async def gen() -> AsyncIterator[Any]:
         async for request in requests:
@@ -65,17 +65,17 @@ def _checked_stream(
 
 
 def _handler(name: str, fn: Callable[..., Any], client_streaming: bool, server_streaming: bool,
-             parse: Callable[[bytes], Any], serialize: Callable[[Any], bytes]) -> grpc.RpcMethodHandler:
+             parse: Callable[[bytes], Any], serialize: Callable[[Any], bytes]) -> grpc.RpcMethodHandler[Any, Any]:
     if not client_streaming and not server_streaming:
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await _reject(request, context, name)
             return await fn(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, parse, serialize)
     if not client_streaming:
 
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             await _reject(request, context, name)
             async for reply in fn(request, context):
                 yield reply
@@ -83,12 +83,12 @@ def _handler(name: str, fn: Callable[..., Any], client_streaming: bool, server_s
         return grpc.unary_stream_rpc_method_handler(unary_stream, parse, serialize)
     if not server_streaming:
 
-        async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             return await fn(_checked_stream(requests, context, name), context)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, parse, serialize)
 
-    async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         async for reply in fn(_checked_stream(requests, context, name), context):
             yield reply
 

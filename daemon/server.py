@@ -210,9 +210,10 @@ async def start_metrics(metrics: str | None, service: TrunkService) -> MetricsSe
 
 
 async def set_health(
-    health_servicer: health.aio.HealthServicer, status: health_pb2.HealthCheckResponse.ServingStatus
+    health_servicer: health.aio.HealthServicer, status: int
 ) -> None:
-    """Report ``status`` for the server as a whole ("") and for the trunk service."""
+    """Report ``status`` (a ``HealthCheckResponse.ServingStatus`` value: an int, as grpc's own
+    ``set`` takes it) for the server as a whole ("") and for the trunk service."""
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, status)
 

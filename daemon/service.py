@@ -75,7 +75,9 @@ class TrunkService(pb_grpc.TrunkServicer):
     def budget(self) -> CacheBudget:
         return self.steps.budget
 
-    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoReply:
+    async def Info(
+        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext[pb.InfoRequest, pb.InfoReply]
+    ) -> pb.InfoReply:
         return pb.InfoReply(
             plan=self.plan,
             limits=pb.Limits(
@@ -134,7 +136,7 @@ class TrunkService(pb_grpc.TrunkServicer):
         )
 
     async def Monitor(
-        self, request: pb.MonitorRequest, context: grpc.aio.ServicerContext
+        self, request: pb.MonitorRequest, context: grpc.aio.ServicerContext[pb.MonitorRequest, pb.MonitorSample]
     ) -> AsyncIterator[pb.MonitorSample]:
         try:
             interval = requested_interval(request.interval_s)
@@ -156,7 +158,9 @@ class TrunkService(pb_grpc.TrunkServicer):
         return self.steps.check_open(theirs, req.fingerprint, wire)
 
     async def Session(
-        self, request_iterator: AsyncIterator[pb.SessionRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.SessionRequest],
+        context: grpc.aio.ServicerContext[pb.SessionRequest, pb.SessionReply],
     ) -> AsyncIterator[pb.SessionReply]:
         requests = request_iterator.__aiter__()
         try:

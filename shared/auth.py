@@ -12,11 +12,19 @@ import logging
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from grpc import _CallFuture, _CallIterator  # names of grpc's stubs only
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +108,37 @@ class BearerToken(
             getattr(details, "compression", None),
         )
 
-    def _intercept(
-        self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
-    ) -> Any:
-        """Every kind of call alike: ``request`` is the request, or the iterator of requests."""
-        return continuation(self._with_token(details), request)
+    # every kind of call alike: the same details with the token, the request (or the iterator of
+    # requests) passed on untouched; four methods only so that each carries its kind's types
 
-    intercept_unary_unary = intercept_unary_stream = _intercept
-    intercept_stream_unary = intercept_stream_stream = _intercept
+    def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, _Req], _CallFuture[_Resp]],
+        client_call_details: grpc.ClientCallDetails,
+        request: _Req,
+    ) -> _CallFuture[_Resp]:
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_unary_stream(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, _Req], _CallIterator[_Resp]],
+        client_call_details: grpc.ClientCallDetails,
+        request: _Req,
+    ) -> _CallIterator[_Resp]:
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_stream_unary(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Iterator[_Req]], _CallFuture[_Resp]],
+        client_call_details: grpc.ClientCallDetails,
+        request_iterator: Iterator[_Req],
+    ) -> _CallFuture[_Resp]:
+        return continuation(self._with_token(client_call_details), request_iterator)
+
+    def intercept_stream_stream(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Iterator[_Req]], _CallIterator[_Resp]],
+        client_call_details: grpc.ClientCallDetails,
+        request_iterator: Iterator[_Req],
+    ) -> _CallIterator[_Resp]:
+        return continuation(self._with_token(client_call_details), request_iterator)

@@ -28,8 +28,11 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import (
     Cache,
+    CacheLayerMixin,
+    DummyLayer,
     DynamicLayer,
     DynamicSlidingWindowLayer,
+    LinearAttentionCacheLayerMixin,
     get_layer_types_and_kwargs,
 )
 from transformers.configuration_utils import PreTrainedConfig
@@ -203,7 +206,6 @@ class _Buffers:
 
 class FullLayer(_Buffers, DynamicLayer):
     """A full-attention layer cache that can be truncated to an absolute length."""
-
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,13 +295,15 @@ class PartCache(Cache):
         self, config: PreTrainedConfig, start: int, end: int, rollback_depth: int = ROLLBACK_DEPTH
     ) -> None:
         types, kwargs = get_layer_types_and_kwargs(config)
-        layers: list[DynamicLayer] = []
+        # typed as Cache.__init__ takes it (a list of any of transformers' layer kinds)
+        layers: list[CacheLayerMixin | LinearAttentionCacheLayerMixin | DummyLayer] = []
         for i, (kind, kw) in enumerate(zip(types, kwargs)):
             cls = _LAYER_CLASSES.get(kind)
             if cls is None:
                 raise ValueError(f"layer {i} has attention type {kind!r}, which splitlm does not support")
             if not start <= i < end:
-                layers.append(FullLayer())
+                # transformers leaves DynamicLayer.__init__ (FullLayer's) unannotated
+                layers.append(FullLayer())  # type: ignore[no-untyped-call]
             elif cls is SlidingLayer:
                 layers.append(SlidingLayer(rollback_depth=rollback_depth, **kw))
             else:

@@ -222,7 +222,11 @@ class TrunkClient:
             DaemonUnreachable: nothing answered within the connect timeout.
         """
         try:
-            return self.stub.Info(pb.InfoRequest(), timeout=self.connect_timeout_s, wait_for_ready=False)
+            # the generated stub is untyped: its reply is Any to mypy
+            reply: pb.InfoReply = self.stub.Info(
+                pb.InfoRequest(), timeout=self.connect_timeout_s, wait_for_ready=False
+            )
+            return reply
         except grpc.RpcError as e:
             if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise self.unreachable(e.details() or e.code().name) from None

@@ -17,12 +17,12 @@ import torch
 from ..protos import trunk_pb2 as pb
 from .errors import InvalidStep
 
-TORCH_OF: dict[int, torch.dtype] = {
+TORCH_OF: dict[pb.DType, torch.dtype] = {
     pb.FLOAT32: torch.float32,
     pb.FLOAT16: torch.float16,
     pb.BFLOAT16: torch.bfloat16,
 }
-PB_OF: dict[torch.dtype, int] = {v: k for k, v in TORCH_OF.items()}
+PB_OF: dict[torch.dtype, pb.DType] = {v: k for k, v in TORCH_OF.items()}
 NAMES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ITEMSIZE: dict[torch.dtype, int] = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 

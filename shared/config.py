@@ -810,7 +810,8 @@ def config_file(
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            data: dict[str, Any] = tomllib.load(fh)  # tomli (Python 3.10) may come without types
+            return data
     except FileNotFoundError:
         raise ConfigError(f"config file {path} (from --config) does not exist") from None
     except OSError as e:

@@ -248,8 +248,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     retry = RetryPolicy.from_settings(args.client_config.settings)
     prompt = _prompt(args)
     from ..shared import prepare
-    from ..shared.generation import prompt_ids
+    from ..shared.generation import Pipeline, prompt_ids
 
+    pipeline: Pipeline
     if args.full:
         _quiet_libraries()
         device, dtype = _device_dtype(args)

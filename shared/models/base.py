@@ -235,7 +235,17 @@ class Part:
             cache.length = position + 1
         if self.spec.head:
             h = self.family.head(self.model, h)  # (B, 1, V)
-        return list(h.split(1, dim=0))
+        return list(torch.split(h, 1, dim=0))  # B x (1, 1, V); torch.split is typed, Tensor.split not
+
+
+def submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model``'s submodule at the dotted ``path`` (``"model.layers.3"``), typed as a Module.
+
+    ``nn.Module.__getattr__`` is typed ``Tensor | Module``, so ``model.model.norm(h)`` is not a
+    call mypy accepts; ``get_submodule`` walks the same attributes (``AttributeError`` when one is
+    missing) and is typed to return a Module.
+    """
+    return model.get_submodule(path)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..cache import PartCache
-from .base import Family
+from .base import Family, submodule
 from .rows import RowsCache, per_row
 
 _MASKS = {
@@ -31,19 +31,20 @@ class RotaryDecoderFamily(Family):
     head_names: ClassVar[tuple[str, ...]] = ("model.norm.weight", "lm_head.weight")
 
     def embed(self, model: nn.Module, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return model.model.embed_tokens(ids)  # (1, t, H); Gemma's embedding scales inside
+        h: torch.Tensor = submodule(model, "model.embed_tokens")(ids)  # (1, t, H); Gemma's scales inside
+        return h
 
     def rotary(
         self, body: nn.Module, h: torch.Tensor, position_ids: torch.Tensor, types: set[str]
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(cos, sin) per attention type; one rotary table unless the family has several."""
-        pe = body.rotary_emb(h, position_ids)
+        pe = submodule(body, "rotary_emb")(h, position_ids)
         return {t: pe for t in types}
 
     def run_layers(
         self, model: nn.Module, h: torch.Tensor, position_ids: torch.Tensor, cache: PartCache | RowsCache
     ) -> torch.Tensor:
-        body = model.model
+        body = submodule(model, "model")
         config = body.config
         types = cache.types
         first: dict[str, int] = {}
@@ -56,7 +57,7 @@ class RotaryDecoderFamily(Family):
         }
         rope = self.rotary(body, h, position_ids, set(first))
         for i in range(cache.start, cache.end):
-            h = body.layers[i](
+            h = submodule(body, f"layers.{i}")(
                 h,
                 attention_mask=masks[types[i]],
                 position_embeddings=rope[types[i]],
@@ -67,4 +68,6 @@ class RotaryDecoderFamily(Family):
         return h
 
     def head(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return model.lm_head(model.model.norm(h))  # (1, t, V)
+        h = submodule(model, "model.norm")(h)
+        logits: torch.Tensor = submodule(model, "lm_head")(h)  # (1, t, V)
+        return logits

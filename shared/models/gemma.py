@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .base import submodule
 from .decoder import RotaryDecoderFamily
 
 
@@ -23,8 +24,9 @@ class GemmaFamily(RotaryDecoderFamily):
     def rotary(
         self, body: nn.Module, h: torch.Tensor, position_ids: torch.Tensor, types: set[str]
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        if body.config.model_type == "gemma3_text":
-            return {t: body.rotary_emb(h, position_ids, t) for t in types}
+        if getattr(body.config, "model_type", None) == "gemma3_text":
+            rotary_emb = submodule(body, "rotary_emb")
+            return {t: rotary_emb(h, position_ids, t) for t in types}
         return super().rotary(body, h, position_ids, types)
 
     def head(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:

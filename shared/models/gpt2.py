@@ -12,7 +12,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from ..cache import PartCache
-from .base import Family
+from .base import Family, submodule
 from .rows import RowsCache, per_row
 
 
@@ -24,21 +24,24 @@ class GPT2Family(Family):
     head_names: ClassVar[tuple[str, ...]] = ("transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight")
 
     def embed(self, model: nn.Module, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        body = model.transformer
-        h = body.wte(ids) + body.wpe(position_ids)  # (1, t, H)
-        return body.drop(h)
+        body = submodule(model, "transformer")
+        h = submodule(body, "wte")(ids) + submodule(body, "wpe")(position_ids)  # (1, t, H)
+        out: torch.Tensor = submodule(body, "drop")(h)
+        return out
 
     def run_layers(
         self, model: nn.Module, h: torch.Tensor, position_ids: torch.Tensor, cache: PartCache | RowsCache
     ) -> torch.Tensor:
-        body = model.transformer
+        body = submodule(model, "transformer")
         mask = per_row(  # a batch of rows (RowsCache) gets the list of each row's own mask
             create_causal_mask, cache, h, position_ids, config=body.config, attention_mask=None,
             layer_idx=cache.start,
         )
         for i in range(cache.start, cache.end):
-            h = body.h[i](h, cache, mask, None, encoder_attention_mask=None, use_cache=True, position_ids=position_ids)
+            h = submodule(body, f"h.{i}")(h, cache, mask, None, encoder_attention_mask=None, use_cache=True, position_ids=position_ids)
         return h
 
     def head(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return model.lm_head(model.transformer.ln_f(h))  # (1, t, V)
+        h = submodule(model, "transformer.ln_f")(h)
+        logits: torch.Tensor = submodule(model, "lm_head")(h)  # (1, t, V)
+        return logits

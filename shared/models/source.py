@@ -224,7 +224,8 @@ def _iter_gguf(
 
     reader = read_tensors(path)  # the table alone: gguf's GGUFReader parses every vocabulary entry
     architecture = reader.architecture
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
+    processor_class: type[TensorProcessor] = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
+    processor = processor_class(config=config.to_dict())
     mapping = _gguf_name_map(skeleton, processor, config)
     writer = None
     if cache is not None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints, is_typeddict
 
 import pytest
 
 from splitlm.tui.bench import report
 from splitlm.tui.bench.measure import ConcurrencySample, RunSample, single_schedule
 from splitlm.tui.bench.prompts import prompt_of_length
+from splitlm.tui.bench.summary import ChatFigures, Memory, Summary
 
 
 def _sample(mode: str, n: int, lat: float, rnd: int = 0, tokens: tuple[int, ...] = (5, 6, 7)) -> RunSample:
@@ -113,3 +116,59 @@ def test_markdown_is_spliced_between_the_markers() -> None:
     assert report.splice(None, "x") == f"{report.BEGIN}\nx\n{report.END}\n"
     with pytest.raises(ValueError, match="markers"):
         report.splice("# a file without markers\n", "x")
+
+
+def _conforms(value: object, tp: Any, where: str) -> None:
+    """``value`` has the shape ``tp`` (a TypedDict, dict/list/tuple of, a union, a plain type)."""
+    if is_typeddict(tp):
+        assert isinstance(value, dict), where
+        hints = get_type_hints(tp)
+        assert set(value) <= set(hints), f"{where}: {sorted(set(value) - set(hints))} not in {tp.__name__}"
+        assert tp.__required_keys__ <= set(value), f"{where}: {sorted(tp.__required_keys__ - set(value))} missing"
+        for k, v in value.items():
+            _conforms(v, hints[k], f"{where}.{k}")
+        return
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is dict:
+        assert isinstance(value, dict), where
+        for k, v in value.items():
+            assert isinstance(k, str), where
+            _conforms(v, args[1], f"{where}[{k}]")
+    elif origin is list:
+        assert isinstance(value, list), where
+        for i, v in enumerate(value):
+            _conforms(v, args[0], f"{where}[{i}]")
+    elif origin in (Union, UnionType):
+        errors = []
+        for arm in args:
+            try:
+                _conforms(value, arm, where)
+                return
+            except AssertionError as e:
+                errors.append(str(e))
+        raise AssertionError(f"{where}: {value!r} fits none of {tp}: {errors}")
+    elif tp is type(None):
+        assert value is None, where
+    elif tp is float:  # JSON numbers: an int is a float's value too
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: {value!r}"
+    else:
+        assert isinstance(value, tp), f"{where}: {value!r} is not {tp}"
+
+
+def test_the_summary_is_what_its_types_say() -> None:
+    """``summary.Summary`` is what results.json holds: every key the bench writes is declared (with
+    its type) and every required one is written, with all figures present and with none."""
+    samples = [_sample("full", 16, 0.010), _sample("split", 16, 0.0102), _sample("full", 512, 0.012),
+               _sample("split", 512, 0.0125)]
+    conc = [ConcurrencySample("split", 1, 1.0, 10, (10.0,)), ConcurrencySample("full", 1, 1.0, 12, (12.0,)),
+            ConcurrencySample("split", 8, 1.0, 45, (5.6,) * 8)]
+    memory = Memory(full_rss_bytes=1000, client_rss_bytes=550, daemon_rss_bytes=700, baseline_rss_bytes=100)
+    chat = ChatFigures(ratio=0.95, source="c.json", app_tokens_per_s_median=19.0,
+                       idle_cpu_percent_of_one_core={"chat_screen": 0.7})
+    full = report.summarise(samples, conc, hidden=8, itemsize=4, memory=memory, chat=chat)
+    _conforms(full, Summary, "summary")
+    assert "scaling_vs_one" in full["concurrency"]["1"]["split"] and "ratio_aggregate" in full["concurrency"]["1"]
+    _conforms(report.summarise([], [], hidden=8, itemsize=4, memory=Memory(daemon_rss_bytes=None), chat=None),
+              Summary, "empty summary")
+    with pytest.raises(AssertionError, match="not in ModeSummary"):  # the check itself sees a stray key
+        _conforms({**full, "full": {**full["full"], "stray": 1}}, Summary, "summary")

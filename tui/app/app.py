@@ -13,6 +13,7 @@ from typing import Any
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.message import Message as TextualMessage
 from textual.reactive import reactive
 from textual.screen import Screen
 
@@ -199,6 +200,10 @@ class SplitlmApp(App[None]):
 
     # --- the monitor stream ---
 
+    def _post(self, message: TextualMessage) -> None:
+        """``post_message`` for the monitor feed's callbacks, which are typed to return nothing."""
+        self.post_message(message)
+
     @work(thread=True, exclusive=True, group="monitor", exit_on_error=False)
     def follow_monitor(self) -> None:
         try:
@@ -209,9 +214,9 @@ class SplitlmApp(App[None]):
         self._feed = MonitorFeed(
             client,
             self.config.monitor_interval_s,
-            on_sample=lambda s: self.post_message(MonitorSampled(s)),
-            on_state=lambda state, detail: self.post_message(ConnectionChanged(state, detail)),
-            on_unavailable=lambda reason: self.post_message(MonitorUnavailable(reason)),
+            on_sample=lambda s: self._post(MonitorSampled(s)),
+            on_state=lambda state, detail: self._post(ConnectionChanged(state, detail)),
+            on_unavailable=lambda reason: self._post(MonitorUnavailable(reason)),
         )
         try:
             self._feed.run()
@@ -250,7 +255,7 @@ class SplitlmApp(App[None]):
             self.pop_screen()
         self.push_screen(name)
 
-    def action_back(self) -> None:
+    async def action_back(self) -> None:
         if len(self.screen_stack) > 2:
             self.pop_screen()
 

@@ -8,7 +8,7 @@ Pure functions: tested without a model or a UI.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -63,12 +63,14 @@ def conversation_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mess
     ``prompt_ids``). A model without a chat template gets the texts joined by blank lines.
     """
     if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(
+        out: object = tokenizer.apply_chat_template(
             chat_messages(messages, system_prompt), add_generation_prompt=True, tokenize=True
         )
-        if isinstance(out, dict) or hasattr(out, "input_ids"):
-            out = out["input_ids"]
-        return [int(i) for i in out]
+        # transformers 5 answers a BatchEncoding (a mapping); older ones the list of ids
+        ids = out["input_ids"] if isinstance(out, Mapping) else out
+        if not isinstance(ids, list):
+            raise TypeError(f"apply_chat_template gave {type(ids).__name__}, not a list of ids")
+        return [int(i) for i in ids]
     parts = [system_prompt] if system_prompt.strip() else []
     parts.extend(m.content for m in messages)
     return [int(i) for i in tokenizer("\n\n".join(parts))["input_ids"]]

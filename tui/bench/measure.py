@@ -141,8 +141,11 @@ def make_pipeline(setup: Setup, mode: str, lock: threading.Lock | None = None) -
         return LocalPipeline(setup.full if lock is None else Serialised(setup.full, lock))  # type: ignore[arg-type]
     parts = setup.parts
     if lock is not None:
+        # Serialised stands in for a Part (the same calls, under the lock), as for the full model
         parts = dataclasses.replace(
-            parts, bottom=Serialised(parts.bottom, lock), top=Serialised(parts.top, lock)
+            parts,
+            bottom=Serialised(parts.bottom, lock),  # type: ignore[arg-type]
+            top=Serialised(parts.top, lock),  # type: ignore[arg-type]
         )
     return prepare.split_pipeline(parts, setup.client, wire_dtype=setup.wire_dtype, retry=NO_FAILOVER)
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ...shared.errors import UsageError
+from .summary import MODES, Summary
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def check_available() -> None:
         raise UsageError("--plots needs matplotlib: pip install 'splitlm[bench]'") from None
 
 
-def write(summary: dict[str, Any], out_dir: Path, title: str) -> dict[str, Path]:
+def write(summary: Summary, out_dir: Path, title: str) -> dict[str, Path]:
     """Write the plots; returns title -> file."""
     import matplotlib
 
@@ -43,12 +44,13 @@ def write(summary: dict[str, Any], out_dir: Path, title: str) -> dict[str, Path]
         files[label] = path
 
     lengths = [int(n) for n in summary["split"]["by_prompt_length"]]
-    for key, name, label, ylabel in (
+    charts: tuple[tuple[Literal["ttft_p50_s", "per_token_p50_s"], str, str, str], ...] = (
         ("ttft_p50_s", "ttft.png", "Time to first token", "TTFT (ms)"),
         ("per_token_p50_s", "per_token.png", "Per-token latency vs context", "per-token latency p50 (ms)"),
-    ):
+    )
+    for key, name, label, ylabel in charts:
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        for mode in ("full", "split"):
+        for mode in MODES:
             by = summary[mode]["by_prompt_length"]
             ax.plot(lengths, [by[str(n)][key] * 1e3 for n in lengths], marker="o", label=mode,
                     color=COLOURS[mode])
@@ -80,7 +82,7 @@ def write(summary: dict[str, Any], out_dir: Path, title: str) -> dict[str, Path]
     if conc:
         ns = sorted(int(n) for n in conc)
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        for mode in ("full", "split"):
+        for mode in MODES:
             ys = [conc[str(n)].get(mode, {}).get("aggregate_tokens_per_s", float("nan")) for n in ns]
             ax.plot(ns, ys, marker="o", label=f"{mode}, aggregate", color=COLOURS[mode])
             ys = [conc[str(n)].get(mode, {}).get("per_session_tokens_per_s_p50", float("nan")) for n in ns]

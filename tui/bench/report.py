@@ -1,7 +1,8 @@
 """From samples to figures: summaries per mode, split/full ratios, the issue's goals P1-P8, and
 the same results as a terminal table and as the Markdown section of BENCHMARKS.md.
 
-Everything here is pure (dicts in, dicts or text out), so it is tested without a model.
+Everything here is pure (samples in, a ``summary.Summary`` or text out), so it is tested without a
+model.
 """
 
 from __future__ import annotations
@@ -12,11 +13,24 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ...shared.comparison import Agreement, pooled_agreement
 from ...shared.stats import percentile, ratio
 from .measure import ConcurrencySample, RunSample
+from .summary import (
+    MODES,
+    AgreementSummary,
+    ChatFigures,
+    ConcurrencyFigures,
+    ConcurrencyRow,
+    Goal,
+    Memory,
+    ModeSummary,
+    PromptLengthFigures,
+    Summary,
+    WireSummary,
+)
 
 LLAMA_CPP_MS_PER_TOKEN = 9.7
 """Issue 6's reference: llama.cpp decoding the same SmolLM2 Q4_1 GGUF on this machine (2 threads),
@@ -32,7 +46,7 @@ def _decode(samples: Iterable[RunSample]) -> list[float]:
     return [x for s in samples for x in s.per_token_s]
 
 
-def mode_summary(samples: Sequence[RunSample]) -> dict[str, Any]:
+def mode_summary(samples: Sequence[RunSample]) -> ModeSummary:
     """Figures of one mode over all its recorded runs (decode figures pool every prompt length)."""
     lat = _decode(samples)
     lengths = sorted({s.prompt_len for s in samples})
@@ -59,17 +73,17 @@ def mode_summary(samples: Sequence[RunSample]) -> dict[str, Any]:
         "late_p50_s": percentile(_decode(late), 0.5),
         "late_over_early": ratio(percentile(_decode(late), 0.5), percentile(_decode(early), 0.5)) if len(lengths) > 1 else NAN,
         "by_prompt_length": {
-            str(n): {
-                "ttft_p50_s": percentile([s.ttft_s for s in ss], 0.5),
-                "per_token_p50_s": percentile(_decode(ss), 0.5),
-                "per_token_p95_s": percentile(_decode(ss), 0.95),
-            }
+            str(n): PromptLengthFigures(
+                ttft_p50_s=percentile([s.ttft_s for s in ss], 0.5),
+                per_token_p50_s=percentile(_decode(ss), 0.5),
+                per_token_p95_s=percentile(_decode(ss), 0.95),
+            )
             for n, ss in by_len.items()
         },
     }
 
 
-def agreement(samples: Sequence[RunSample]) -> dict[str, Any]:
+def agreement(samples: Sequence[RunSample]) -> AgreementSummary:
     """Greedy tokens of full and split, run against run (same round, same prompt), pooled with
     ``shared.comparison``'s measure (the one ``splitlm compare`` and the chat app show)."""
     full = {(s.round, s.prompt_len): s.token_ids for s in samples if s.mode == "full"}
@@ -81,12 +95,12 @@ def agreement(samples: Sequence[RunSample]) -> dict[str, Any]:
             "matching_tokens": pooled.matching_tokens, "percent": pooled.percent}
 
 
-def wire(samples: Sequence[RunSample], hidden: int, itemsize: int) -> dict[str, Any]:
+def wire(samples: Sequence[RunSample], hidden: int, itemsize: int) -> WireSummary:
     """Wire bytes per generated token (decode steps) and per prompt token (prefill steps)."""
     split = [s for s in samples if s.mode == "split"]
     decode = [b for s in split for b in s.step_bytes[1:]]
     payload = 2 * hidden * itemsize
-    per_prompt = {}
+    per_prompt: dict[str, float] = {}
     for n in sorted({s.prompt_len for s in split}):
         per_prompt[str(n)] = statistics.median(
             [s.step_bytes[0] / n for s in split if s.prompt_len == n and s.step_bytes]
@@ -103,16 +117,21 @@ def wire(samples: Sequence[RunSample], hidden: int, itemsize: int) -> dict[str, 
     }
 
 
-def concurrency(samples: Sequence[ConcurrencySample]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def concurrency(samples: Sequence[ConcurrencySample]) -> dict[str, ConcurrencyRow]:
+    """Per number of concurrent sessions (as a string: JSON keys), each mode's figures."""
+    out: dict[str, ConcurrencyRow] = {}
     for s in samples:
         row = out.setdefault(str(s.sessions), {})
-        row[s.mode] = {
-            "aggregate_tokens_per_s": s.tokens / s.wall_s if s.wall_s > 0 else NAN,
-            "per_session_tokens_per_s_p50": percentile(s.session_tokens_per_s, 0.5),
-            "wall_s": s.wall_s,
-            "tokens": s.tokens,
-        }
+        figures = ConcurrencyFigures(
+            aggregate_tokens_per_s=s.tokens / s.wall_s if s.wall_s > 0 else NAN,
+            per_session_tokens_per_s_p50=percentile(s.session_tokens_per_s, 0.5),
+            wall_s=s.wall_s,
+            tokens=s.tokens,
+        )
+        if s.mode == "full":
+            row["full"] = figures
+        elif s.mode == "split":
+            row["split"] = figures
     for row in out.values():
         if "full" in row and "split" in row:
             row["ratio_aggregate"] = ratio(
@@ -120,7 +139,7 @@ def concurrency(samples: Sequence[ConcurrencySample]) -> dict[str, Any]:
             )
     one = out.get("1", {})
     for row in out.values():
-        for mode in ("full", "split"):
+        for mode in MODES:
             if mode in row and mode in one:
                 row[mode]["scaling_vs_one"] = ratio(
                     row[mode]["aggregate_tokens_per_s"], one[mode]["aggregate_tokens_per_s"]
@@ -128,25 +147,29 @@ def concurrency(samples: Sequence[ConcurrencySample]) -> dict[str, Any]:
     return out
 
 
-def ratios(full: dict[str, Any], split: dict[str, Any], memory: dict[str, Any]) -> dict[str, float]:
-    keys = ("per_token_p50_s", "per_token_p95_s", "tokens_per_s", "late_over_early", "early_p50_s",
-            "late_p50_s")
-    out = {k: ratio(split[k], full[k]) for k in keys}
+_RATIO_KEYS: tuple[
+    Literal["per_token_p50_s", "per_token_p95_s", "tokens_per_s", "late_over_early", "early_p50_s", "late_p50_s"],
+    ...,
+] = ("per_token_p50_s", "per_token_p95_s", "tokens_per_s", "late_over_early", "early_p50_s", "late_p50_s")
+"""The figures of a mode that ``ratios`` puts as split / full."""
+
+
+def ratios(full: ModeSummary, split: ModeSummary, memory: Memory) -> dict[str, float]:
+    out: dict[str, float] = {k: ratio(split[k], full[k]) for k in _RATIO_KEYS}
     for n, row in split["by_prompt_length"].items():
         f = full["by_prompt_length"].get(n)
         if f:
             out[f"ttft_{n}"] = ratio(row["ttft_p50_s"], f["ttft_p50_s"])
-    if memory.get("client_rss_bytes") and memory.get("full_rss_bytes"):
-        out["client_rss_over_full_rss"] = memory["client_rss_bytes"] / memory["full_rss_bytes"]
+    client, full_rss = memory.get("client_rss_bytes"), memory.get("full_rss_bytes")
+    if client and full_rss:
+        out["client_rss_over_full_rss"] = client / full_rss
         base = memory.get("baseline_rss_bytes") or 0
-        if memory["full_rss_bytes"] > base:  # what loading the parts added to a bare interpreter
-            out["client_loaded_over_full_loaded"] = (
-                (memory["client_rss_bytes"] - base) / (memory["full_rss_bytes"] - base)
-            )
+        if full_rss > base:  # what loading the parts added to a bare interpreter
+            out["client_loaded_over_full_loaded"] = (client - base) / (full_rss - base)
     return out
 
 
-def read_chat(path: Path | None) -> dict[str, Any] | None:
+def read_chat(path: Path | None) -> ChatFigures | None:
     """P7's input: ``scripts/bench_chat.py --json`` output (``app_over_headless``, or its two
     medians), ``{"ratio": r}``, or ``{"chat_tokens_per_s": a, "generate_tokens_per_s": b}``.
 
@@ -156,22 +179,42 @@ def read_chat(path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
     d = json.loads(path.read_text())
-    pairs = (("app_tokens_per_s_median", "headless_tokens_per_s_median"),
-             ("chat_tokens_per_s", "generate_tokens_per_s"))
+    pairs: tuple[tuple[_ChatFigure, _ChatFigure], ...] = (
+        ("app_tokens_per_s_median", "headless_tokens_per_s_median"),
+        ("chat_tokens_per_s", "generate_tokens_per_s"),
+    )
     if isinstance(d, dict) and isinstance(d.get("app_over_headless"), (int, float)):
         d = {**d, "ratio": d["app_over_headless"]}
-    # the app's own figures ride along when bench_chat.py wrote them (tokens/s, idle CPU)
-    extras = (*pairs[0], "idle_cpu_percent_of_one_core", "idle_window_s", "client_threads")
-    kept = {k: d[k] for k in extras if k in d} if isinstance(d, dict) else {}
     if isinstance(d, dict) and isinstance(d.get("ratio"), (int, float)):
-        return {"ratio": float(d["ratio"]), "source": str(path), **kept}
+        out = ChatFigures(ratio=float(d["ratio"]), source=str(path))
+        # the app's own figures ride along when bench_chat.py wrote them (tokens/s, idle CPU)
+        for key in _CHAT_EXTRAS:
+            if key in d:
+                out[key] = d[key]
+        return out
     for app, head in pairs:
         if isinstance(d, dict) and all(isinstance(d.get(k), (int, float)) for k in (app, head)) and d[head]:
-            return {"ratio": d[app] / d[head], "source": str(path), app: d[app], head: d[head]}
+            out = ChatFigures(ratio=d[app] / d[head], source=str(path))
+            out[app] = d[app]
+            out[head] = d[head]
+            return out
     raise ValueError(
         f"{path}: expected scripts/bench_chat.py's JSON (app_over_headless), {{\"ratio\": R}} or "
         "{\"chat_tokens_per_s\": A, \"generate_tokens_per_s\": B}"
     )
+
+
+_ChatFigure = Literal[
+    "app_tokens_per_s_median", "headless_tokens_per_s_median", "chat_tokens_per_s", "generate_tokens_per_s"
+]
+_CHAT_EXTRAS: tuple[
+    Literal[
+        "app_tokens_per_s_median", "headless_tokens_per_s_median", "idle_cpu_percent_of_one_core",
+        "idle_window_s", "client_threads",
+    ],
+    ...,
+] = ("app_tokens_per_s_median", "headless_tokens_per_s_median", "idle_cpu_percent_of_one_core", "idle_window_s",
+     "client_threads")
 
 
 def _nearest(keys: Iterable[str], target: int) -> str | None:
@@ -179,12 +222,12 @@ def _nearest(keys: Iterable[str], target: int) -> str | None:
     return min(ks, key=lambda k: (abs(int(k) - target), int(k))) if ks else None
 
 
-def goals(summary: dict[str, Any], chat: dict[str, Any] | None) -> list[dict[str, Any]]:
+def goals(summary: Summary, chat: ChatFigures | None) -> list[Goal]:
     """P1-P8 of issue 6, each with its value and ``passed`` (None: not measured in this run)."""
     split, r = summary["split"], summary["ratios"]
     w, conc = summary["wire"], summary["concurrency"]
 
-    def row(gid: str, figure: str, goal: str, value: float | None, ok: bool | None, shown: str) -> dict[str, Any]:
+    def row(gid: str, figure: str, goal: str, value: float | None, ok: bool | None, shown: str) -> Goal:
         if value is not None and isinstance(value, float) and math.isnan(value):
             value, ok, shown = None, None, "not measured"
         return {"id": gid, "figure": figure, "goal": goal, "value": value, "passed": ok, "shown": shown}
@@ -224,12 +267,12 @@ def summarise(
     conc: Sequence[ConcurrencySample],
     hidden: int,
     itemsize: int,
-    memory: dict[str, Any],
-    chat: dict[str, Any] | None,
-) -> dict[str, Any]:
+    memory: Memory,
+    chat: ChatFigures | None,
+) -> Summary:
     full = mode_summary([s for s in samples if s.mode == "full"])
     split = mode_summary([s for s in samples if s.mode == "split"])
-    summary: dict[str, Any] = {
+    summary: Summary = {
         "full": full,
         "split": split,
         "agreement": agreement(samples),
@@ -237,8 +280,9 @@ def summarise(
         "memory": memory,
         "concurrency": concurrency(conc),
         "chat": chat,
+        "ratios": ratios(full, split, memory),
+        "goals": [],  # goals() reads the rest of the summary
     }
-    summary["ratios"] = ratios(full, split, memory)
     summary["goals"] = goals(summary, chat)
     return summary
 
@@ -256,15 +300,15 @@ def _f(x: Any, scale: float = 1.0, digits: int = 2) -> str:
     return f"{x * scale:.{digits}f}"
 
 
-def table_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+def table_rows(summary: Summary) -> list[tuple[str, str, str, str]]:
     """``(figure, full, split, split/full)`` rows, shared by the terminal table and Markdown."""
     full, split, r = summary["full"], summary["split"], summary["ratios"]
     rows: list[tuple[str, str, str, str]] = []
     a = summary["agreement"]
     rows.append(("greedy tokens agreeing", "—", f"{a['matching_tokens']}/{a['tokens']}", f"{_f(a['percent'], 1, 1)} %"))
     for n, row in split["by_prompt_length"].items():
-        f = full["by_prompt_length"].get(n, {})
-        rows.append((f"TTFT, {n}-token prompt (ms)", _f(f.get("ttft_p50_s"), 1e3), _f(row["ttft_p50_s"], 1e3),
+        f = full["by_prompt_length"].get(n)
+        rows.append((f"TTFT, {n}-token prompt (ms)", _f(f["ttft_p50_s"] if f else None, 1e3), _f(row["ttft_p50_s"], 1e3),
                      _f(r.get(f"ttft_{n}"), 1, 3)))
     rows += [
         ("per-token latency p50 (ms)", _f(full["per_token_p50_s"], 1e3), _f(split["per_token_p50_s"], 1e3),
@@ -301,22 +345,22 @@ def table_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                      _f(r.get("client_loaded_over_full_loaded"), 1, 3)))
     if m.get("daemon_rss_bytes"):
         rows.append(("resident memory (MiB): daemon", "—", _f(m["daemon_rss_bytes"], 2**-20, 0), "—"))
-    for n, row in summary["concurrency"].items():
-        f, s = row.get("full", {}), row.get("split", {})
+    for n, crow in summary["concurrency"].items():
+        fc, sc = crow.get("full", {}), crow.get("split", {})
         noun = "session" if n == "1" else "sessions"
-        rows.append((f"{n} {noun}: aggregate tokens/s", _f(f.get("aggregate_tokens_per_s")),
-                     _f(s.get("aggregate_tokens_per_s")), _f(row.get("ratio_aggregate"), 1, 3)))
-        rows.append((f"{n} {noun}: per-session tokens/s p50", _f(f.get("per_session_tokens_per_s_p50")),
-                     _f(s.get("per_session_tokens_per_s_p50")),
-                     _f(ratio(s.get("per_session_tokens_per_s_p50", NAN), f.get("per_session_tokens_per_s_p50", NAN)), 1, 3)))
+        rows.append((f"{n} {noun}: aggregate tokens/s", _f(fc.get("aggregate_tokens_per_s")),
+                     _f(sc.get("aggregate_tokens_per_s")), _f(crow.get("ratio_aggregate"), 1, 3)))
+        rows.append((f"{n} {noun}: per-session tokens/s p50", _f(fc.get("per_session_tokens_per_s_p50")),
+                     _f(sc.get("per_session_tokens_per_s_p50")),
+                     _f(ratio(sc.get("per_session_tokens_per_s_p50", NAN), fc.get("per_session_tokens_per_s_p50", NAN)), 1, 3)))
     return rows
 
 
-def _verdict(g: dict[str, Any]) -> str:
+def _verdict(g: Goal) -> str:
     return "not measured" if g["passed"] is None else "pass" if g["passed"] else "miss"
 
 
-def text_table(summary: dict[str, Any], header: str) -> str:
+def text_table(summary: Summary, header: str) -> str:
     rows = table_rows(summary)
     w = max(len(r[0]) for r in rows)
     lines = [header, f"{'':{w}}  {'full':>10}  {'split':>22}  {'split/full':>10}"]
@@ -329,7 +373,7 @@ def text_table(summary: dict[str, Any], header: str) -> str:
     return "\n".join(lines)
 
 
-def markdown(summary: dict[str, Any], meta: dict[str, Any], plots: dict[str, str]) -> str:
+def markdown(summary: Summary, meta: dict[str, Any], plots: dict[str, str]) -> str:
     """The results section: provenance, the table, the goals, the plots."""
     s = meta["settings"]
     lines = [
@@ -353,15 +397,16 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any], plots: dict[str, str
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in table_rows(summary)]
     lines += ["", "| goal | figure | target | measured | |", "|---|---|---|---|---|"]
     lines += [f"| {g['id']} | {g['figure']} | {g['goal']} | {g['shown']} | {_verdict(g)} |" for g in summary["goals"]]
-    if summary.get("chat"):
-        lines += ["", chat_text(summary["chat"])]
+    chat = summary["chat"]
+    if chat:
+        lines += ["", chat_text(chat)]
     if plots:
         lines.append("")
         lines += [f"![{title}]({path})" for title, path in plots.items()]
     return "\n".join(lines) + "\n"
 
 
-def chat_text(chat: dict[str, Any]) -> str:
+def chat_text(chat: ChatFigures) -> str:
     """One line on the chat app from ``--chat-json``: P7's two sides and its idle CPU."""
     src = f", from {chat['source']}" if chat.get("source") else ""
     threads = f", {chat['client_threads']} client thread(s)" if chat.get("client_threads") else ""

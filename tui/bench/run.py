@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...shared.errors import ExitCode, ModelNotFound, SplitlmError, UsageError
 from .options import MAX_LENGTH, BenchOptions
+from .summary import Memory, Summary
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -113,7 +114,9 @@ def _load_model(spec: str) -> tuple[Any, Any]:
     except ModelNotFound:
         log.info("%s ships no tokenizer: prompts are fixed id sequences", source.model_id)
         tokenizer = None
-    model = prepare.LoadedModel(source, family_for(source.config), tokenizer or NoText(), source.generation_eos())
+    # NoText stands in for a tokenizer (decode only: the bench times ids, never text)
+    text = tokenizer or NoText()
+    model = prepare.LoadedModel(source, family_for(source.config), text, source.generation_eos())  # type: ignore[arg-type]
     return model, tokenizer
 
 
@@ -222,26 +225,29 @@ def _connect(
 
 def _memory(
     opts: BenchOptions, model_spec: str, parts: SplitParts, client: TrunkClient, tick: Callable[[str], None]
-) -> dict[str, Any]:
+) -> Memory:
     """Resident memory: the daemon's (its monitor), and with ``--memory`` the full model's and the
     client parts' in fresh child processes, next to a bare interpreter's."""
     from .memory import MemoryRequest
     from .memory import measure as measure_memory
 
-    memory: dict[str, Any] = {"daemon_rss_bytes": _daemon_rss(client)}
+    memory = Memory(daemon_rss_bytes=_daemon_rss(client))
     if opts.memory:
         req = MemoryRequest(model_spec, (parts.plan.start, parts.plan.end), parts.fingerprint.precision,
                             opts.threads)
         for part in ("full", "client"):
             tick(f"memory: {part}")
             m = measure_memory(part, req)
-            memory[f"{part}_rss_bytes"] = m["rss_bytes"]
+            if part == "full":
+                memory["full_rss_bytes"] = m["rss_bytes"]
+            else:
+                memory["client_rss_bytes"] = m["rss_bytes"]
             memory["baseline_rss_bytes"] = m["baseline_rss_bytes"]
     return memory
 
 
 def _write_outputs(
-    opts: BenchOptions, summary: dict[str, Any], meta: dict[str, Any], raw: dict[str, Any], title: str
+    opts: BenchOptions, summary: Summary, meta: dict[str, Any], raw: dict[str, Any], title: str
 ) -> None:
     """``--plots``, ``--json`` and ``--markdown``, each when asked for."""
     from . import report

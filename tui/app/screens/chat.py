@@ -11,6 +11,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.message import Message as TextualMessage
 from textual.reactive import reactive
 from textual.screen import Screen
 from textual.timer import Timer
@@ -329,15 +330,19 @@ class ChatScreen(Screen[None]):
         self._strip_timer = self.set_interval(0.25, self.query_one(LatencyStrip).refresh_figures)
         self.run_reply(list(self.messages), floor)
 
+    def _post(self, message: TextualMessage) -> None:
+        """``post_message`` for the engine's callbacks, which are typed to return nothing."""
+        self.post_message(message)
+
     @work(thread=True, exclusive=True, group="reply", exit_on_error=False)
     def run_reply(self, messages: list[Message], floor: int | None) -> None:
         worker = get_current_worker()
         engine = self.splitlm.engine
-        engine.on_failover = lambda ev: self.post_message(Failover(ev))
+        engine.on_failover = lambda ev: self._post(Failover(ev))
         try:
             outcome = engine.reply(
                 messages, self.splitlm.settings, floor,
-                on_token=lambda ev: self.post_message(ReplyToken(ev)),
+                on_token=lambda ev: self._post(ReplyToken(ev)),
                 should_stop=lambda: self._stop.is_set() or worker.is_cancelled,
             )
         except SplitlmError as e:

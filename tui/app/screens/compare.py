@@ -142,8 +142,8 @@ class CompareScreen(Screen[None]):
         self.query_one("#compare-agreement", Label).update(f"failed: {msg.error.splitlines()[0]}")
         self.notify(msg.error, severity="error", timeout=8)
 
-    def action_back_or_stop(self) -> None:
+    async def action_back_or_stop(self) -> None:
         if self.running:
             self._stop.set()
         else:
-            self.app.action_back()  # type: ignore[attr-defined]
+            await self.app.action_back()

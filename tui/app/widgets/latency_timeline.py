@@ -34,10 +34,11 @@ class LatencyTimeline(PlotextPlot):
         t = self.timings[: self.MAX_BARS]
         if t:
             x = list(range(len(t)))
+            # plotext's stacked_bar takes labels=; textual_plotext's copy of its signature says label=
             plt.stacked_bar(
                 x,
                 [[s.own_s * 1e3 for s in t], [s.trunk_s * 1e3 for s in t], [s.wire_s * 1e3 for s in t]],
-                labels=["own", "trunk", "wire"],
+                labels=["own", "trunk", "wire"],  # type: ignore[call-arg]
                 width=1,
             )
             step = max(1, len(t) // 6)

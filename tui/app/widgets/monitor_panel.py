@@ -68,6 +68,8 @@ class MonitorPanel(Vertical):
 
     def _show_gpus(self, history: MonitorHistory) -> None:
         s = history.latest
+        if s is None:
+            return
         box = self.query_one("#monitor-gpus", Vertical)
         if not s.gpus:
             reason = s.gpu_status or "no NVIDIA GPU"

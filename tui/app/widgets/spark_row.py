@@ -18,12 +18,12 @@ class SparkRow(Horizontal):
 
     def __init__(self, name: str, *, id: str | None = None) -> None:
         super().__init__(id=id, classes="spark-row")
-        self._name = name
+        self._title = name  # not _name: Widget keeps the widget's own name there
         self._values: list[float] = []
         self._text = ""
 
     def compose(self) -> ComposeResult:
-        yield Label(self._name, classes="spark-name")
+        yield Label(self._title, classes="spark-name")
         yield Sparkline([], classes="spark-line")
         yield Label("", classes="spark-value")
 
