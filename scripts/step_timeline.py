@@ -36,12 +36,12 @@ def serve(argv: list[str]) -> int:
     """The daemon, its handlers timed; the records go to ``$TIMELINE_OUT`` at exit."""
     import atexit
 
-    from splitlm.daemon import cli, service
+    from splitlm.daemon import cli, service, steps
 
     records: list[dict[str, float]] = []
     now: dict[str, float] = {}
     next_request, step, run_step = (
-        service.TrunkService._next_request, service.TrunkService._step, service.TrunkService._run_step,
+        service.TrunkService._next_request, service.TrunkService._step, steps.TrunkSteps._run,
     )
 
     async def timed_next(self: Any, requests: Any) -> Any:
@@ -63,7 +63,7 @@ def serve(argv: list[str]) -> int:
 
     service.TrunkService._next_request = timed_next  # type: ignore[method-assign]
     service.TrunkService._step = timed_step  # type: ignore[method-assign]
-    service.TrunkService._run_step = timed_run  # type: ignore[method-assign]
+    steps.TrunkSteps._run = timed_run  # type: ignore[method-assign]
     atexit.register(lambda: Path(os.environ["TIMELINE_OUT"]).write_text(json.dumps(records)))
     return cli.main(argv)
 
