@@ -190,11 +190,13 @@ class TrunkSteps:
         self.part.check_input(h)
         t = int(h.shape[1])
         reachable = position == 0 or s.cache.rollback_floor <= position <= s.cache.length
+        grows = True  # unless planned otherwise, count the buffers again after the step
         if reachable and position + t <= self.limits.max_context:
             # reserve before any buffer grows; a gap, a too deep rollback or an overlong step
             # fails in forward, with nothing allocated
             growth = s.cache.plan(position, t, self.layer_position_bytes, self.budget.free)
             s.reserved = self.budget.reserve(s.reserved, s.reserved + growth.planned, len(self.sessions))
+            grows = growth.planned > 0
         try:
             if self.batcher is not None:
                 _, ns = await self.batcher.submit(s.cache, h, position, self.limits.max_context, encode)
@@ -202,7 +204,8 @@ class TrunkSteps:
                 _, ns = await self.metrics.queue.run(self.executor, self._run, s, h, position, encode)
             self.metrics.record(t, ns / 1e9)
         finally:
-            s.reserved = self.budget.settle(s.reserved, s.cache.allocated_bytes())
+            if grows:  # a step planned to grow nothing allocates nothing (most decode steps)
+                s.reserved = self.budget.settle(s.reserved, s.cache.allocated_bytes())
         s.last_step_id = step_id
         s.steps += 1
         s.last_used = time.monotonic()

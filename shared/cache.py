@@ -309,19 +309,15 @@ class PartCache(Cache):
             else:
                 layers.append(cls(**kw))
         super().__init__(layers=layers)
+        self._own_layers = tuple(layer for layer in layers[start:end] if isinstance(layer, _Buffers))
         self.types = list(types)
         self.start = start
         self.end = end
         self.length = 0
 
-    def _own(self) -> list[_Buffers]:
-        """The layers of this part."""
-        own: list[_Buffers] = []
-        for i in range(self.start, self.end):
-            layer = self.layers[i]
-            assert isinstance(layer, _Buffers)
-            own.append(layer)
-        return own
+    def _own(self) -> tuple[_Buffers, ...]:
+        """The layers of this part (found once at construction: every step walks them)."""
+        return self._own_layers
 
     @property
     def rollback_floor(self) -> int:
