@@ -166,6 +166,25 @@ class Number(Reader):
         return format_number(value)
 
 
+class DraftValue(Reader):
+    """A ``--draft`` value (``shared.draft.spec``), kept in its normal spelling."""
+
+    def __init__(self) -> None:
+        from .draft.spec import DRAFT_FORMS
+
+        self.allowed = DRAFT_FORMS
+
+    def __call__(self, raw: object) -> str:
+        from .draft.spec import DraftSpec
+
+        if not isinstance(raw, str):
+            raise ValueError
+        try:
+            return str(DraftSpec.parse(raw))
+        except UsageError:
+            raise ValueError from None
+
+
 class SplitRange(Reader):
     """Trunk layers ``A:B`` as a pair of ints (the model's range is checked once it is known)."""
 
@@ -524,6 +543,17 @@ class ClientSettings:
     )
     log_level: str = setting(
         "WARNING", _LOG_LEVELS, _LOG_HELP, commands=(SPLITLM,), metavar="LEVEL"
+    )
+    draft: str = setting(
+        "off", DraftValue(),
+        "speculative decoding: draft tokens here, verify several per round trip (off, ngram: "
+        "prompt lookup, model:PATH: a small model with the same tokenizer, student:PATH: made "
+        "by splitlm distill)",
+        commands=LOCAL_PARTS, metavar="DRAFT",
+    )
+    draft_max: int = setting(
+        8, Integer(1), "the most tokens one draft proposes (the length adapts below it)",
+        commands=LOCAL_PARTS, metavar="K",
     )
     retry_deadline: float = setting(
         180.0, Duration(0, "turns failover off"),

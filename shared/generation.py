@@ -33,7 +33,8 @@ class StepOutput:
     """What one pipeline step returns.
 
     Attributes:
-        logits: the last position's logits ``(V,)``.
+        logits: the logits of the step's last ``logits_for`` positions, ``(n, V)``; the last row
+            is the next token's.
         client_s: compute time spent on this machine (bottom, top).
         trunk_s: the daemon's own compute time for the step (0 for a local pipeline).
     """
@@ -46,7 +47,7 @@ class StepOutput:
 class Pipeline(Protocol):
     """Runs a model's steps for one session; ``position`` below the cached length rolls back."""
 
-    def step(self, ids: Sequence[int], position: int) -> StepOutput: ...
+    def step(self, ids: Sequence[int], position: int, logits_for: int = 1) -> StepOutput: ...
 
     @property
     def bytes_sent(self) -> int: ...
@@ -103,12 +104,12 @@ class LocalPipeline:
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    def step(self, ids: Sequence[int], position: int) -> StepOutput:
+    def step(self, ids: Sequence[int], position: int, logits_for: int = 1) -> StepOutput:
         t0 = time.perf_counter()
         ids, position = self.tokens.rewind(ids, position, self.cache.rollback_floor)
-        logits = self.part.forward(torch.tensor([ids]), position, self.cache)
+        logits = self.part.forward(torch.tensor([ids]), position, self.cache, logits_for=logits_for)
         self.tokens.ran(ids, position)
-        return StepOutput(logits[0, -1], time.perf_counter() - t0)
+        return StepOutput(logits[0], time.perf_counter() - t0)
 
     def close(self) -> None:
         self.cache = self.part.new_cache()
@@ -141,7 +142,7 @@ class SplitPipeline:
         """The lowest position a step may start from without a re-prefill (all three caches)."""
         return max(self.bottom_cache.rollback_floor, self.session.rollback_floor, self.top_cache.rollback_floor)
 
-    def step(self, ids: Sequence[int], position: int) -> StepOutput:
+    def step(self, ids: Sequence[int], position: int, logits_for: int = 1) -> StepOutput:
         t0 = time.perf_counter()
         ids, position = self.tokens.rewind(ids, position, self.rollback_floor)
         h = self.bottom.forward(torch.tensor([ids]), position, self.bottom_cache)
@@ -152,10 +153,10 @@ class SplitPipeline:
             self.tokens.refused(position)  # the session is as it was; the bottom cache is not
             raise
         t2 = time.perf_counter()
-        logits = self.top.forward(h2, position, self.top_cache)
+        logits = self.top.forward(h2, position, self.top_cache, logits_for=logits_for)
         t3 = time.perf_counter()
         self.tokens.ran(ids, position)
-        return StepOutput(logits[0, -1], (t1 - t0) + (t3 - t2), trunk_s)
+        return StepOutput(logits[0], (t1 - t0) + (t3 - t2), trunk_s)
 
     def close(self) -> None:
         self.session.close()
@@ -376,7 +377,7 @@ def generate(
 def _sample(sampler: Sampler, out: StepOutput) -> tuple[int, float]:
     """The next token from a step's logits, and the step's client compute with the sampling."""
     t0 = time.perf_counter()
-    token = sampler(out.logits)
+    token = sampler(out.logits[-1])
     return token, out.client_s + (time.perf_counter() - t0)
 
 

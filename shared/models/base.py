@@ -155,7 +155,12 @@ class Part:
 
     @torch.inference_mode()
     def forward(
-        self, x: torch.Tensor, position: int, cache: PartCache, max_context: int | None = None
+        self,
+        x: torch.Tensor,
+        position: int,
+        cache: PartCache,
+        max_context: int | None = None,
+        logits_for: int = 1,
     ) -> torch.Tensor:
         """Run positions ``[position, position + t)``; roll ``cache`` back first if needed.
 
@@ -164,10 +169,12 @@ class Part:
             position: the first position of ``x``; at most ``cache.length``.
             cache: this session's cache (from ``new_cache``).
             max_context: refuse to grow the cache past this many positions.
+            logits_for: a part with the head computes the logits of this many last positions
+            (a draft's verification needs every drafted position's; at most ``t``).
 
         Returns:
             Hidden states ``(1, t, H)``, or for a part with the head the logits of the last
-            position, ``(1, 1, V)``.
+            ``logits_for`` positions, ``(1, logits_for, V)``.
 
         Raises:
             InvalidStep, PositionError, ContextExhausted: the step does not fit; nothing changed.
@@ -182,7 +189,8 @@ class Part:
         h = self.family.run_layers(self.model, h, position_ids, cache)
         cache.length = position + t
         if self.spec.head:
-            return self.family.head(self.model, h[:, -1:, :])  # (1, 1, V)
+            n = max(1, min(logits_for, t))
+            return self.family.head(self.model, h[:, -n:, :])  # (1, n, V)
         return h
 
     def begin_step(self, x: torch.Tensor, position: int, cache: PartCache, max_context: int | None = None) -> None:

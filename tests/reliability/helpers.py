@@ -98,8 +98,8 @@ class Recording:
     inner: SplitPipeline
     logits: list[torch.Tensor] = field(default_factory=list)
 
-    def step(self, ids: Sequence[int], position: int) -> StepOutput:
-        out = self.inner.step(ids, position)
+    def step(self, ids: Sequence[int], position: int, logits_for: int = 1) -> StepOutput:
+        out = self.inner.step(ids, position, logits_for)
         self.logits.append(out.logits.clone())
         return out
 

@@ -32,6 +32,8 @@ def samples(option: Option, n: int = 3) -> list[str]:
         out = [f"127.0.0.1:{9001 + i}" for i in range(n)]
     elif isinstance(r, config.SplitRange):
         out = [f"2:{5 + i}" for i in range(n)]
+    elif isinstance(r, config.DraftValue):
+        out = ["ngram", "ngram:2", "model:/tmp/sample-draft"]
     elif isinstance(r, config.PathValue):
         out = [f"/tmp/sample-{option.key}-{i}" for i in range(n)]
     elif isinstance(r, config.Text):

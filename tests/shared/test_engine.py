@@ -21,13 +21,13 @@ class _InProcessSplit:
         self.caches = [p.new_cache() for p in parts]
         self.bytes_sent = self.bytes_received = 0
 
-    def step(self, ids, position):  # type: ignore[no-untyped-def]
+    def step(self, ids, position, logits_for=1):  # type: ignore[no-untyped-def]
         from splitlm.shared.generation import StepOutput
 
         x = torch.tensor([list(ids)])
         for part, cache in zip(self.parts, self.caches):
-            x = part.forward(x, position, cache)
-        return StepOutput(x[0, -1], 0.0)
+            x = part.forward(x, position, cache, logits_for=logits_for) if part.spec.head else part.forward(x, position, cache)
+        return StepOutput(x[0], 0.0)
 
     def close(self) -> None:
         pass

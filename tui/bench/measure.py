@@ -106,9 +106,9 @@ class Metered:
     def bytes_received(self) -> int:
         return self.inner.bytes_received
 
-    def step(self, ids: Sequence[int], position: int) -> StepOutput:
+    def step(self, ids: Sequence[int], position: int, logits_for: int = 1) -> StepOutput:
         before = self.inner.bytes_sent + self.inner.bytes_received
-        out = self.inner.step(ids, position)
+        out = self.inner.step(ids, position, logits_for)
         self.step_bytes.append(self.inner.bytes_sent + self.inner.bytes_received - before)
         return out
 
