@@ -193,6 +193,11 @@ class TokenEvent:
         delta: text that became final with this token (may be empty).
         latency_s: time since the previous token (for the first: since the start, the TTFT).
         client_s, trunk_s: compute here and in the daemon for the step that produced it.
+        steps: pipeline steps (round trips, for the split) of this reply so far, the prefill's
+            included.
+        drafted, accepted: draft tokens proposed and accepted in this reply so far (0 without a
+            draft); ``accepted / drafted`` is the acceptance rate, ``index + 1`` over ``steps``
+            the tokens per round trip.
     """
 
     index: int
@@ -201,6 +206,9 @@ class TokenEvent:
     latency_s: float
     client_s: float
     trunk_s: float
+    steps: int = 1
+    drafted: int = 0
+    accepted: int = 0
 
 
 @dataclass
@@ -217,6 +225,24 @@ class GenerationResult:
     trunk_compute_s: list[float] = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
+    steps: int = 0
+    """Pipeline steps (round trips for the split), the prefill's included."""
+    drafted: int = 0
+    """Draft tokens proposed (0 without a draft)."""
+    accepted: int = 0
+    """Draft tokens the model accepted."""
+    draft_s: float = 0.0
+    """Compute spent drafting (part of ``client_compute_s``)."""
+
+    @property
+    def acceptance(self) -> float | None:
+        """Accepted over drafted tokens; None when nothing was drafted."""
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Generated tokens per pipeline step (1 at most without a draft)."""
+        return len(self.token_ids) / self.steps if self.steps else 0.0
 
     def add_token(self, token: int, latency_s: float, client_s: float, trunk_s: float) -> None:
         """Record a generated token and its timings; the first token's latency is the TTFT."""
