@@ -307,6 +307,86 @@ class Duration(Reader):
         return f"{format_number(value)}s" if value else "0"
 
 
+class Durations(Reader):
+    """Several durations, comma-separated (``0,5,20,50,100ms``): a number without a unit takes
+    the unit of the last item that has one (so ``0,5,100ms`` is all milliseconds), else seconds.
+    Sorted, duplicates dropped; each from ``minimum`` to ``maximum`` seconds (a bound that catches
+    ``50`` meant as milliseconds)."""
+
+    def __init__(self, minimum: float = 0.0, maximum: float = math.inf) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+        self.allowed = (
+            f"comma-separated durations from {minimum:g} to {maximum:g} s such as 0,5,20,50,100ms"
+        )
+
+    def __call__(self, raw: object) -> tuple[float, ...]:
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ValueError
+        parsed: list[tuple[float, str]] = []
+        for item in items:
+            if isinstance(item, bool):
+                raise ValueError
+            if isinstance(item, (int, float)):
+                parsed.append((float(item), "s"))
+                continue
+            m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", str(item).lower())
+            if not m or m.group(2) not in _DURATION_UNITS:
+                raise ValueError
+            parsed.append((float(m.group(1)), m.group(2)))
+        units = [u for _, u in parsed if u]
+        fallback = units[-1] if units else "s"
+        out = sorted({n * _DURATION_UNITS[u or fallback] for n, u in parsed})
+        if any(not (math.isfinite(v) and self.minimum <= v <= self.maximum) for v in out):
+            raise ValueError
+        return tuple(out)
+
+    def show(self, value: Any) -> str:
+        return ",".join(f"{format_number(v * 1e3)}ms" for v in value)
+
+
+class ByteRate(ByteSize):
+    """Bytes per second: a size with an optional ``/s`` (``1MiB/s``, ``125000``)."""
+
+    def __init__(self, minimum: int = 1) -> None:
+        super().__init__(minimum)
+        self.allowed = f"bytes per second >= {minimum} such as 125000, 1MB/s or 10MiB/s"
+
+    def __call__(self, raw: object) -> int | str:
+        if isinstance(raw, str) and raw.strip().lower().endswith("/s"):
+            raw = raw.strip()[:-2]
+        return super().__call__(raw)
+
+    def show(self, value: Any) -> str:
+        return f"{super().show(value)}/s"
+
+
+class DraftValues(Reader):
+    """Several ``--draft`` values, comma-separated (``off,ngram,student:PATH``), each in its
+    normal spelling, in the order given, duplicates dropped."""
+
+    def __init__(self) -> None:
+        from .draft.spec import DRAFT_FORMS
+
+        self.allowed = "comma-separated drafts, each " + DRAFT_FORMS
+
+    def __call__(self, raw: object) -> tuple[str, ...]:
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ValueError
+        one = DraftValue()
+        out: list[str] = []
+        for item in items:
+            value = one(item)
+            if value not in out:
+                out.append(value)
+        return tuple(out)
+
+    def show(self, value: Any) -> str:
+        return ",".join(value)
+
+
 class Addresses(Reader):
     """A list of addresses: a TOML array, repeated flags, or a comma-separated string."""
 
@@ -666,6 +746,16 @@ CLIENT_FLAGS: tuple[Option, ...] = (
     Option("batch", Boolean(),
            "start the daemon with --batch (cross-session batching of decode steps)",
            default=False, commands=("bench",)),
+    Option("link_rtt", Durations(0, 10),
+           "measure across a slow link: a relay between the bench's client and the daemon adds "
+           "this round trip (each value a row set: 0,5,20,50,100ms; 0: a direct connection)",
+           commands=("bench",), metavar="RTT,..."),
+    Option("link_bandwidth", ByteRate(1),
+           "with --link-rtt: cap the relay at this many bytes per second each way (unset: no cap)",
+           commands=("bench",), metavar="BYTES/S"),
+    Option("drafts", DraftValues(),
+           "the drafts the link rows compare, e.g. off,ngram,student:PATH (unset: off and --draft)",
+           commands=("bench",), metavar="DRAFT,..."),
 )
 """The client's options that are flags alone (no environment variable, no TOML key) but that
 several commands take, or whose flag another program spells too."""

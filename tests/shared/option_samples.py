@@ -22,6 +22,10 @@ def samples(option: Option, n: int = 3) -> list[str]:
         out = [str(r.minimum + 3 + i) for i in range(n)]
     elif isinstance(r, config.Number):
         out = [str(0.375 + i / 8) for i in range(n)]
+    elif isinstance(r, config.Durations):
+        out = [f"0,{5 + i},50ms" for i in range(n)]
+    elif isinstance(r, config.DraftValues):
+        out = ["off,ngram", "ngram:2", "off,model:/tmp/sample-draft"]
     elif isinstance(r, config.Duration):
         out = [f"{7 + i}s" for i in range(n)]
     elif isinstance(r, config.ByteSize):
