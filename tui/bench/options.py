@@ -60,6 +60,19 @@ def bounded_int(minimum: int, maximum: int) -> Callable[[str], int]:
     return parse
 
 
+def kind_list(raw: str) -> tuple[str, ...]:
+    """An argparse ``type`` for ``grounded,chat``: known prompt kinds, in the order given."""
+    from .prompts import PROMPT_KINDS
+
+    items = [s.strip() for s in raw.split(",")]
+    bad = [s for s in items if s not in PROMPT_KINDS]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated prompt kinds of {', '.join(PROMPT_KINDS)}; got {raw!r}"
+        )
+    return tuple(dict.fromkeys(items))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The bench's flags: the registry's (``shared.config``: the target, ``--model``, the
     precision, ``--threads``, ``--split``, ``--batch``, ``--seed``, ``--json``) and its own."""
@@ -70,11 +83,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt lengths in tokens (default 16,64,256,512,1024; lengths past the "
                    "model's context are dropped; max: the longest the context holds)")
     p.add_argument("--new-tokens", type=bounded_int(2, 4096), default=None, metavar="N",
-                   help="tokens generated per run, greedy (default 32; --quick 16)")
+                   help="tokens generated per run, greedy (default 32, link rows 64; --quick 16)")
     p.add_argument("--warmup", type=bounded_int(0, 100), default=None, metavar="N",
                    help="unrecorded rounds first (default 1)")
     p.add_argument("--repeats", type=bounded_int(1, 1000), default=None, metavar="N",
-                   help="recorded rounds; full and split alternate within each (default 3; --quick 1)")
+                   help="recorded rounds; full and split alternate within each (default 3; link rows and "
+                   "--quick 1)")
     p.add_argument("--concurrency", type=int_list(1, 256), default=None, metavar="N,N,...",
                    help="concurrent sessions to measure (default 1,2,4,8,16,32; --quick 1,8)")
     p.add_argument("--daemon-threads", type=bounded_int(1, 1024), default=None, metavar="N",
@@ -90,6 +104,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a short run (~2 min on SmolLM2): prompts 16,512,1024, 16 tokens, 1 round, "
                    "concurrency 1,8")
+    p.add_argument("--prompt-kinds", type=kind_list, default=None, metavar="KIND,...",
+                   help="link rows: the prompt kinds to measure, of grounded (summarise, quote or "
+                   "edit a given text), chat (open questions), code (continue a source file) "
+                   "(default: all three)")
+    p.add_argument("--prompts", type=bounded_int(1, 3), default=None, metavar="N",
+                   help="link rows: prompts per kind (default 2; --quick 1)")
     add_flags(p, "bench")
 
 
@@ -114,6 +134,12 @@ class BenchOptions:
         memory: measure resident memory in child processes.
         quick: the short preset was asked for (recorded in the results).
         batch: start the daemon with cross-session batching.
+        link_rtts: the link rows' round trips in seconds (0: a direct connection); None when
+            no link rows were asked for.
+        link_bandwidth: the relay's cap in bytes/s per direction (None: no cap).
+        drafts: the drafts the link rows compare (``--draft`` spellings).
+        draft_max: ``--draft-max``.
+        prompt_kinds, prompts_per_kind: the link rows' prompts.
     """
 
     model: str | None
@@ -137,20 +163,46 @@ class BenchOptions:
     memory: bool = True
     quick: bool = False
     batch: bool = False
+    link_rtts: tuple[float, ...] | None = None
+    link_bandwidth: int | None = None
+    drafts: tuple[str, ...] = ("off",)
+    draft_max: int = 8
+    prompt_kinds: tuple[str, ...] = ()
+    prompts_per_kind: int = 2
+
+    @property
+    def link(self) -> bool:
+        """Whether this run measures the link rows (drafts across RTTs) instead of the issue-6
+        tables (full against split)."""
+        return self.link_rtts is not None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, trunk: str | None) -> BenchOptions:
-        """Fill the defaults (``--quick`` or full) under what was given explicitly."""
+    def from_args(
+        cls, args: argparse.Namespace, trunk: str | None, draft: str = "off", draft_given: bool = False
+    ) -> BenchOptions:
+        """Fill the defaults (``--quick`` or full) under what was given explicitly.
+
+        The link rows run when ``--link-rtt``, ``--drafts``, ``--prompt-kinds`` or ``--prompts``
+        is given, or ``--draft`` as a flag (``draft_given``); ``draft`` is the effective
+        ``--draft`` setting (any layer), compared with ``off`` when ``--drafts`` is not given.
+        """
+        from .prompts import PROMPT_KINDS
+
         q = bool(args.quick)
+        link_asked = draft_given or any(
+            getattr(args, k, None) is not None for k in ("link_rtt", "drafts", "prompt_kinds", "prompts")
+        )
+        link_rtts = (args.link_rtt or (0.0,)) if link_asked else None
+        drafts = args.drafts or tuple(dict.fromkeys(("off", draft)))
         return cls(
             model=args.model,
             trunk=trunk,
             split=args.split,
             prompt_lengths=args.prompt_lengths
             or (QUICK_PROMPT_LENGTHS if q else DEFAULT_PROMPT_LENGTHS),
-            new_tokens=args.new_tokens or (16 if q else 32),
+            new_tokens=args.new_tokens or (16 if q else 64 if link_asked else 32),
             warmup=1 if args.warmup is None else args.warmup,
-            repeats=args.repeats or (1 if q else 3),
+            repeats=args.repeats or (1 if q or link_asked else 3),
             concurrency=args.concurrency or (QUICK_CONCURRENCY if q else DEFAULT_CONCURRENCY),
             seed=0 if args.seed is None else args.seed,
             dtype=_unset(args.dtype, "auto"),
@@ -167,6 +219,12 @@ class BenchOptions:
             memory=not args.no_memory,
             quick=q,
             batch=bool(args.batch),
+            link_rtts=link_rtts,
+            link_bandwidth=args.link_bandwidth,
+            drafts=drafts,
+            draft_max=int(getattr(args, "draft_max", None) or 8),
+            prompt_kinds=args.prompt_kinds or PROMPT_KINDS,
+            prompts_per_kind=args.prompts or (1 if q else 2),
         )
 
 

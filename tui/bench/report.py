@@ -439,18 +439,18 @@ def load_text(machine: dict[str, Any]) -> str:
     return f"{a:.1f} at the start, {b:.1f} at the end"
 
 
-def splice(existing: str | None, section: str) -> str:
+def splice(existing: str | None, section: str, begin: str = BEGIN, end: str = END) -> str:
     """The file ``--markdown`` writes: ``section`` between the markers of ``existing`` (the
     handwritten text around them is kept), or the section alone, marked, for a new file.
 
     Raises:
         ValueError: ``existing`` has text but not both markers, in order.
     """
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
+    block = f"{begin}\n{section.rstrip()}\n{end}"
     if existing is None or not existing.strip():
         return block + "\n"
-    head, sep, rest = existing.partition(BEGIN)
-    _, sep2, tail = rest.partition(END)
+    head, sep, rest = existing.partition(begin)
+    _, sep2, tail = rest.partition(end)
     if not sep or not sep2:
-        raise ValueError(f"it has text but no {BEGIN!r} ... {END!r} markers to write between")
+        raise ValueError(f"it has text but no {begin!r} ... {end!r} markers to write between")
     return head + block + tail

@@ -52,14 +52,25 @@ def check_options(opts: BenchOptions) -> None:
 
         check_available()
     if opts.markdown is not None and opts.markdown.is_file():
+        from .link import BEGIN, END
+        from .report import BEGIN as TABLES_BEGIN
+        from .report import END as TABLES_END
         from .report import splice
 
+        markers = (BEGIN, END) if opts.link else (TABLES_BEGIN, TABLES_END)
         try:
-            splice(opts.markdown.read_text(), "")
+            splice(opts.markdown.read_text(), "", *markers)
         except ValueError as e:
             raise UsageError(f"--markdown {opts.markdown}: {e}; refusing to overwrite it") from None
     if opts.chat_json is not None and not opts.chat_json.is_file():
         raise UsageError(f"--chat-json {opts.chat_json}: no such file")
+    if opts.link:
+        for flag, given in (("--plots", opts.plots is not None), ("--chat-json", opts.chat_json is not None)):
+            if given:
+                raise UsageError(f"{flag} belongs to the full/split tables; the link rows (--link-rtt, "
+                                 "--drafts, --draft, --prompt-kinds, --prompts) do not draw or read it")
+    elif opts.link_bandwidth is not None:
+        raise UsageError("--link-bandwidth caps the relay of --link-rtt: give --link-rtt too")
 
 
 def daemon_args(opts: BenchOptions, max_sessions: int) -> list[str]:
@@ -184,7 +195,7 @@ def _finite(x: Any) -> Any:
 
 
 def _connect(
-    opts: BenchOptions, stack: ExitStack, client_factory: Callable[[], TrunkClient]
+    opts: BenchOptions, stack: ExitStack, client_factory: Callable[[], TrunkClient], check_lengths: bool = True
 ) -> tuple[OwnedDaemon | None, TrunkClient, pb.InfoReply, Any, Any, str]:
     """The daemon to measure, with a client and its ``Info``, and the model loaded here:
     ``(daemon the bench owns or None, client, info, model, tokenizer, model spec)``. Both are
@@ -204,7 +215,8 @@ def _connect(
         # before a daemon loads anything
         model_spec = opts.model or "smollm2"
         model, tokenizer = _load_model(model_spec)
-        _prompts(opts, tokenizer, int(model.source.config.vocab_size), _context(model, None), warn=False)
+        if check_lengths:
+            _prompts(opts, tokenizer, int(model.source.config.vocab_size), _context(model, None), warn=False)
         # a private socket; a non-zero exit at the end fails the run: a benchmark against a
         # daemon that crashed on the way out proves nothing about the figures before
         daemon = OwnedDaemon(daemon_args(opts, max(opts.concurrency)), name="the bench's trunk daemon")
@@ -278,8 +290,15 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
     """
     loaded = args.client_config
     trunk = args.trunk if loaded.source("trunk") == "--trunk" else None
-    opts = BenchOptions.from_args(args, trunk)
+    opts = BenchOptions.from_args(args, trunk, draft=loaded.settings.draft,
+                                  draft_given=loaded.source("draft") == "--draft")
     check_options(opts)
+    if opts.link:
+        if loaded.settings.tls_ca is not None and opts.trunk is not None and any(opts.link_rtts or ()):
+            raise UsageError("--link-rtt with --tls-ca: the relay listens on this machine, so the "
+                             "daemon's certificate would not name it; measure a plain loopback or "
+                             "unix-socket daemon")
+        return _run_link(args, opts, client_factory)
     started = dt.datetime.now(dt.timezone.utc)
     load_start = _loadavg()
     t_start = time.perf_counter()
@@ -359,4 +378,102 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
                             f"{opts.repeats} round(s), {opts.new_tokens} tokens per run, load average "
                             f"{report.load_text(meta['machine'])}"))
     _write_outputs(opts, summary, meta, report.raw_samples(samples, conc), title)
+    return ExitCode.OK
+
+
+def _run_link(args: argparse.Namespace, opts: BenchOptions, client_factory: Callable[[], TrunkClient]) -> int:
+    """The link rows (``link``): drafts across link RTTs on three kinds of prompt."""
+    started = dt.datetime.now(dt.timezone.utc)
+    load_start = _loadavg()
+    t_start = time.perf_counter()
+
+    import torch
+
+    from ...shared import prepare
+    from ...shared.client import TrunkClient
+    from ...shared.models import resolve_device
+    from ...shared.models.precision import client_weights
+    from . import link
+    from .prompts import kind_prompt_ids, kind_prompts
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    loaded = args.client_config
+    rtts = opts.link_rtts or (0.0,)
+
+    with ExitStack() as stack:
+        daemon, client, info, model, tokenizer, model_spec = _connect(opts, stack, client_factory, check_lengths=False)
+        device = resolve_device(getattr(args, "device", None) or "auto")
+        parts = prepare.split_parts(model, info, device, weights=client_weights(opts.weights, opts.dtype))
+        wire_dtype = getattr(torch, opts.wire_dtype) if opts.wire_dtype else None
+        vocab = int(model.source.config.vocab_size)
+        setup = link.LinkSetup(model, model.tokenizer, parts, client, wire_dtype)
+        chosen = kind_prompts(opts.prompt_kinds, opts.prompts_per_kind)
+        room = _context(model, info) - opts.new_tokens
+        if room < 8:
+            raise UsageError(f"--new-tokens {opts.new_tokens}: the context of {_context(model, info)} positions "
+                             "leaves no room for a link prompt")
+        prompts = [(p, kind_prompt_ids(p, tokenizer, vocab)) for p in chosen]
+        if any(len(ids) > room for _, ids in prompts):
+            log.warning("link prompts cut to %d tokens: the context holds %d with --new-tokens %d",
+                        room, _context(model, info), opts.new_tokens)
+            prompts = [(p, ids[:room]) for p, ids in prompts]
+        drafters = link.build_drafters(setup, opts.drafts, device)
+        for d in drafters.values():
+            if d is not None:
+                stack.callback(d.close)
+
+        def client_at(address: str) -> TrunkClient:
+            if daemon is not None:
+                return TrunkClient(address, source="the bench's relay")
+            return TrunkClient.from_settings(dataclasses.replace(loaded.settings, trunk=address),
+                                             source="the bench's relay")
+
+        total = link.total_runs(len(prompts), len(drafters), len(rtts), opts.warmup, opts.repeats)
+        tick, close_bar = _progress(total)
+        stack.callback(close_bar)
+        samples = link.run_link(setup, prompts, rtts, opts.link_bandwidth, drafters, opts.new_tokens,
+                                opts.warmup, opts.repeats, opts.draft_max, client_at, tick)
+        close_bar()
+        client_threads = torch.get_num_threads()
+    daemon_exit = daemon.exit_code if daemon is not None else None
+    if daemon is not None and daemon_exit != 0:
+        raise SplitlmError(f"the bench's trunk daemon exited with {daemon_exit}:\n{daemon.final_log}")
+    summary = link.summarise(samples)
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+               "torch": torch.__version__, "loadavg_start": load_start, "loadavg_end": _loadavg()}
+    from .report import load_text
+
+    meta: dict[str, Any] = {
+        "command": "splitlm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "started": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "elapsed_s": time.perf_counter() - t_start,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
+        "prompts": [{"kind": p.kind, "name": p.name, "tokens": len(ids)} for p, ids in prompts],
+        "plan": {"model": model.source.model_id, "layers": model.num_layers,
+                 "split": [parts.plan.start, parts.plan.end], "weights": parts.fingerprint.precision},
+        "threads": {"client": client_threads,
+                    "daemon": opts.daemon_threads if opts.trunk is None and opts.daemon_threads else "default"},
+        "machine": machine,
+        "loadavg": load_text(machine),
+        "daemon_exit_code": daemon_exit,
+    }
+    title = f"{model.source.model_id} split {parts.plan.start}:{parts.plan.end}"
+    print(link.text_table(summary, f"splitlm bench: {title}, across a link, up to {opts.new_tokens} tokens per "
+                          f"run, {opts.repeats} round(s), load average {meta['loadavg']}"))
+    if opts.json_path is not None:
+        doc = {"meta": meta, "summary": summary, "samples": {"link": link.raw(samples)}}
+        opts.json_path.parent.mkdir(parents=True, exist_ok=True)
+        opts.json_path.write_text(json.dumps(_finite(doc), indent=1, default=str) + "\n")
+    if opts.markdown is not None:
+        from .report import splice
+
+        existing = opts.markdown.read_text() if opts.markdown.is_file() else None
+        opts.markdown.parent.mkdir(parents=True, exist_ok=True)
+        opts.markdown.write_text(splice(existing, link.markdown(summary, meta), link.BEGIN, link.END))
     return ExitCode.OK
