@@ -478,7 +478,9 @@ LOCAL_PARTS = ("generate", "compare", "chat", "bench")
 """The commands that run parts of the model here."""
 SESSIONS = ("generate", "compare", "chat")
 """The commands that hold split sessions: failover and sampling apply."""
-COMMANDS = (TRUNKD, SPLITLM, *CLIENT_COMMANDS)
+RELAY = "relay"
+"""``splitlm relay``: the bench's slow link, standalone (no session, no model)."""
+COMMANDS = (TRUNKD, SPLITLM, *CLIENT_COMMANDS, RELAY)
 
 # ---- the precision names, spelled here and nowhere else
 
@@ -584,7 +586,7 @@ class ClientSettings:
 
     trunk: str = setting(
         None, Text(), "the daemon: unix:/path or host:port", default_factory=_default_trunk,
-        commands=CLIENT_COMMANDS, metavar="ADDR",
+        commands=(*CLIENT_COMMANDS, RELAY), metavar="ADDR",
     )
     model: str | None = setting(
         None, Text(),
@@ -753,6 +755,14 @@ CLIENT_FLAGS: tuple[Option, ...] = (
     Option("link_bandwidth", ByteRate(1),
            "with --link-rtt: cap the relay at this many bytes per second each way (unset: no cap)",
            commands=("bench",), metavar="BYTES/S"),
+    Option("relay_listen", Text(),
+           "where the relay listens: unix:/path or host:port (unset: a new socket in a private "
+           "directory when --trunk is a socket, else 127.0.0.1 on a free port)",
+           commands=(RELAY,), metavar="ADDR", flag="--listen"),
+    Option("rtt", Duration(0), "the round trip the relay adds (each way gets half)", default=0.0,
+           commands=(RELAY,), metavar="DURATION"),
+    Option("bandwidth", ByteRate(1), "cap each direction at this many bytes per second (unset: no cap)",
+           commands=(RELAY,), metavar="BYTES/S"),
     Option("drafts", DraftValues(),
            "the drafts the link rows compare, e.g. off,ngram,student:PATH (unset: off and --draft)",
            commands=("bench",), metavar="DRAFT,..."),

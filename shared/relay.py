@@ -192,7 +192,8 @@ class Relay:
         self._cleanup_dir()
 
     def __enter__(self) -> Relay:
-        return self.start()
+        """Start unless already started (``start`` first, to handle its errors apart)."""
+        return self if self._thread is not None else self.start()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

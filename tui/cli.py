@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.options import add_arguments as add_bench_arguments  # argparse only, no torch
 
     add_bench_arguments(b)
+    r = sub.add_parser("relay", help="forward connections to the daemon with a set delay (a slow link to try "
+                       "a remote daemon's speed on a local one)")
+    add_flags(r, "relay")
     ch = sub.add_parser("chat", help="the terminal chat app (what bare `splitlm` opens)")
     from .app.launch import add_chat_arguments  # no Textual import: the flags only
 
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
         handler = {"generate": cmd_generate, "compare": cmd_compare, "info": cmd_info, "monitor": cmd_monitor,
-                   "chat": cmd_chat, "bench": cmd_bench}[args.command]
+                   "chat": cmd_chat, "bench": cmd_bench, "relay": cmd_relay}[args.command]
         return handler(args)
     except SplitlmError as e:
         print(f"splitlm: error: {e}", file=sys.stderr)
@@ -427,6 +430,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.run import run
 
     return run(args, lambda: _client(args))
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    """``splitlm relay`` (``shared.relay``): serve until interrupted (Ctrl-C or SIGTERM), then
+    print what crossed."""
+    import signal
+    import threading
+
+    from ..shared.relay import Relay
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    relay = Relay(args.trunk, rtt_s=args.rtt, bandwidth=args.bandwidth, listen=args.relay_listen)
+    try:
+        relay.start()
+    except OSError as e:
+        raise UsageError(f"relay: cannot listen at {args.relay_listen or 'a new address'}: {e}") from None
+    with relay:
+        cap = "no bandwidth cap" if args.bandwidth is None else f"{args.bandwidth} bytes/s each way"
+        print(f"splitlm relay: {relay.address} -> {args.trunk}, RTT {args.rtt * 1e3:g} ms, {cap}; "
+              f"point the client at --trunk {relay.address} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    st = relay.stats
+    print(f"splitlm relay: {st.connections} connection(s), {st.bytes_up} bytes up, {st.bytes_down} bytes down",
+          file=sys.stderr)
+    return ExitCode.OK
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ other side when one side ends. Lower bounds only: nothing asserts that anything 
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -145,3 +146,40 @@ def test_a_target_nobody_listens_on_ends_the_connection(tmp_path: Path) -> None:
 def test_bad_relay_settings_are_refused(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         Relay("127.0.0.1:1", **kwargs).start()  # type: ignore[arg-type]
+
+
+def test_the_relay_command(tiny_models, daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``splitlm relay`` as a user runs it: the client reaches the daemon through it; SIGTERM
+    stops it cleanly with what crossed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import run_cli
+
+    d = daemon_factory(tiny_models["llama"], "--split", "2:4")
+    listen = f"unix:{tmp_path / 'relay.sock'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "splitlm.tui.cli", "relay", "--trunk", d.address, "--listen", listen, "--rtt", "20ms"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert f"splitlm relay: {listen} -> {d.address}, RTT 20 ms, no bandwidth cap" in first, first
+        r = run_cli("info", "--trunk", listen, "--json")
+        assert r.returncode == 0, r.stderr
+        assert '"trunk_start": 2' in r.stdout
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(30) == 0, rest
+        m = re.search(r"(\d+) connection\(s\), (\d+) bytes up, (\d+) bytes down", rest)
+        assert m and all(int(x) > 0 for x in m.groups()), rest
+        assert "Traceback" not in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # a bad address: exit 2 with the reason
+    bad = run_cli("relay", "--trunk", d.address, "--listen", "nowhere")
+    assert bad.returncode == 2 and "expected unix:/path or host:port" in bad.stderr, bad.stderr
