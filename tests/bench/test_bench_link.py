@@ -32,6 +32,7 @@ def test_bench_link_rows(tiny_text_models: dict[str, Path], tmp_path: Path) -> N
     ]
     for x in rows:
         assert x["tokens_per_s"] > 0 and x["tokens_per_step"] > 0 and x["client_ms_per_token"] > 0
+        assert x["vs_direct"] > 0
         if x["draft"] == "off":
             assert x["vs_no_draft"] == 1.0 and x["acceptance"] is None and x["tokens_per_step"] <= 1
         else:
@@ -61,17 +62,20 @@ def _sample(rtt: float, draft: str, prompt: str, tokens: int, decode_s: float, s
 def test_link_figures() -> None:
     s = summarise([
         _sample(0.05, "off", "a", 9, 0.8, 9),
+        _sample(0.0, "off", "a", 9, 0.4, 9),
         _sample(0.05, "ngram", "a", 9, 0.2, 3, drafted=8, accepted=6, ids=(0, 1, 2, 3, 9, 9, 9, 9, 9)),
     ])
-    off, ngram = s["rows"]
+    off, ngram, direct = s["rows"]
     assert off["tokens_per_s"] == pytest.approx(10.0) and off["vs_no_draft"] == 1.0
+    assert direct["tokens_per_s"] == pytest.approx(20.0) and direct["vs_direct"] == 1.0
+    assert off["vs_direct"] == pytest.approx(0.5) and ngram["vs_direct"] == pytest.approx(2.0)
     assert ngram["tokens_per_s"] == pytest.approx(40.0) and ngram["vs_no_draft"] == pytest.approx(4.0)
     assert ngram["acceptance"] == pytest.approx(0.75) and ngram["tokens_per_step"] == pytest.approx(3.0)
     assert ngram["client_ms_per_token"] == pytest.approx(10.0)
     assert (ngram["same_tokens"], ngram["compared_tokens"]) == (4, 9)
     grounded, chat, zero = s["goals"]
     assert grounded["value"] == pytest.approx(4.0) and grounded["passed"] is True
-    assert chat["passed"] is None and zero["passed"] is None  # no student draft, no 0 ms run
+    assert chat["passed"] is None and zero["passed"] is None  # no student draft, no draft at 0 ms
 
 
 def test_link_schedule_rotates_the_drafts() -> None:

@@ -9,7 +9,8 @@ and each opens a fresh trunk session. Warm-up runs (the first prompt with every 
 first RTT) are made and dropped.
 
 Figures per (RTT, draft, prompt kind): decode tokens/s, its ratio to no draft at the same RTT
-(split, one round trip per token), the acceptance rate, generated tokens per round trip
+(split, one round trip per token) and to no draft over the direct connection (RTT 0: how much of
+the local speed a remote daemon keeps), the acceptance rate, generated tokens per round trip
 (``GenerationResult.tokens_per_step``, pooled), client compute per decode token (bottom, top,
 sampling and drafting), and how many tokens agree with the no-draft run of the same prompt
 (greedy verification in chunks can break a near-tie differently from one-position steps).
@@ -104,6 +105,7 @@ class LinkRow(TypedDict):
     tokens: int
     tokens_per_s: float
     vs_no_draft: float | None
+    vs_direct: float | None
     acceptance: float | None
     tokens_per_step: float
     client_ms_per_token: float
@@ -237,13 +239,18 @@ def total_runs(n_prompts: int, n_drafts: int, n_rtts: int, warmup: int, repeats:
 # ---- figures
 
 
-def _row(rtt: float, draft: str, kind: str, ss: Sequence[LinkSample], off: Sequence[LinkSample]) -> LinkRow:
-    decode_tokens = sum(max(s.tokens - 1, 0) for s in ss)
+def _tps(ss: Sequence[LinkSample]) -> float:
+    """Decode tokens/s pooled over runs: tokens after the first over the time they took."""
     decode_s = sum(s.decode_s for s in ss)
-    tps = decode_tokens / decode_s if decode_s > 0 else NAN
-    off_tokens = sum(max(s.tokens - 1, 0) for s in off)
-    off_s = sum(s.decode_s for s in off)
-    off_tps = off_tokens / off_s if off_s > 0 else NAN
+    return sum(max(s.tokens - 1, 0) for s in ss) / decode_s if decode_s > 0 else NAN
+
+
+def _row(
+    rtt: float, draft: str, kind: str, ss: Sequence[LinkSample], off: Sequence[LinkSample],
+    direct: Sequence[LinkSample],
+) -> LinkRow:
+    decode_tokens = sum(max(s.tokens - 1, 0) for s in ss)
+    tps, off_tps, direct_tps = _tps(ss), _tps(off), _tps(direct)
     drafted = sum(s.drafted for s in ss)
     steps = sum(s.steps for s in ss)
     same: int | None = None
@@ -263,7 +270,8 @@ def _row(rtt: float, draft: str, kind: str, ss: Sequence[LinkSample], off: Seque
         "runs": len(ss),
         "tokens": sum(s.tokens for s in ss),
         "tokens_per_s": tps,
-        "vs_no_draft": ratio(tps, off_tps) if off and not math.isnan(off_tps) else None,
+        "vs_no_draft": None if math.isnan(off_tps) else ratio(tps, off_tps),
+        "vs_direct": None if math.isnan(direct_tps) else ratio(tps, direct_tps),
         "acceptance": sum(s.accepted for s in ss) / drafted if drafted else None,
         "tokens_per_step": sum(s.tokens for s in ss) / steps if steps else NAN,
         "client_ms_per_token": 1e3 * sum(s.client_s for s in ss) / decode_tokens if decode_tokens else NAN,
@@ -284,10 +292,11 @@ def summarise(samples: Sequence[LinkSample]) -> LinkSummary:
     for rtt in rtts:
         for kind in kinds:
             off = [s for s in samples if s.rtt_s == rtt and s.kind == kind and s.draft == "off"]
+            direct = [s for s in samples if s.rtt_s == 0 and s.kind == kind and s.draft == "off"]
             for draft in drafts:
                 ss = [s for s in samples if (s.rtt_s, s.draft, s.kind) == (rtt, draft, kind)]
                 if ss:
-                    rows.append(_row(rtt, draft, kind, ss, off))
+                    rows.append(_row(rtt, draft, kind, ss, off, direct))
     return {"rows": rows, "goals": goals(rows)}
 
 
@@ -337,14 +346,14 @@ def _same(r: LinkRow) -> str:
     return f"{r['same_tokens']}/{r['compared_tokens']}"
 
 
-HEADER = ("RTT ms", "draft", "prompts", "tokens/s", "× no draft", "accept", "tok/step",
+HEADER = ("RTT ms", "draft", "kind", "tokens/s", "× no draft", "× direct", "accept", "tok/step",
           "client ms/tok", "trunk ms/tok", "same tokens")
 
 
 def table_rows(summary: LinkSummary) -> list[tuple[str, ...]]:
     return [
         (f"{r['rtt_ms']:g}", r["draft"], r["kind"], _f(r["tokens_per_s"]), _f(r["vs_no_draft"]),
-         _f(r["acceptance"]), _f(r["tokens_per_step"]), _f(r["client_ms_per_token"]),
+         _f(r["vs_direct"]), _f(r["acceptance"]), _f(r["tokens_per_step"]), _f(r["client_ms_per_token"]),
          _f(r["trunk_ms_per_token"]), _same(r))
         for r in summary["rows"]
     ]
