@@ -390,7 +390,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     retry = RetryPolicy.from_settings(args.client_config.settings)
     prompt = _prompt(args)
     from ..shared import prepare
-    from ..shared.comparison import compare
+    from ..shared.comparison import MODES, Mode, compare
     from ..shared.generation import LocalPipeline, prompt_ids
 
     client = _client(args)
@@ -404,7 +404,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     split = prepare.split_pipeline(parts, client, wire_dtype=_wire_dtype(args), retry=retry, on_reconnect=_reconnect_notice)
     ids = prompt_ids(model.tokenizer, prompt, chat=not args.no_chat)
     # one drafter per side: the same drafts, lengths and chunks, so greedy tokens compare exactly
-    drafters = {"full": _drafter(args, model, device, parts), "split": _drafter(args, model, device, parts)}
+    drafters: dict[Mode, Any] = {m: _drafter(args, model, device, parts) for m in MODES}
     try:
         result = compare(full, split, model.tokenizer, ids, settings, model.eos_ids, warmup=True,
                          drafters=drafters, draft_max=args.draft_max)
