@@ -354,7 +354,7 @@ def _generate_batch(args: argparse.Namespace) -> int:
         for lane in lanes:
             if lane.drafter is not None:
                 lane.drafter.close()
-    print(f"splitlm: batch: {summary.lines} lines, {summary.failed} failed, {summary.tokens} tokens in "
+    print(f"splitlm: batch: {summary.lines} line{'s' if summary.lines != 1 else ''}, {summary.failed} failed, {summary.tokens} tokens in "
           f"{summary.seconds:.1f} s ({len(lanes)} at a time)", file=sys.stderr)
     return ExitCode.FAILURE if summary.failed else ExitCode.OK
 
