@@ -118,3 +118,16 @@ def test_usage_errors_exit_2_and_write_nothing(tmp_path: Path, capsys: pytest.Ca
                            "--output", str(out))
     assert rc == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "good.jsonl"]
+
+
+def test_full_batch_runs_here(tiny_text_models, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``--full --batch``: no daemon; the lines run one at a time and equal ``--full`` alone."""
+    common = ["--full", "--model", str(tiny_text_models["gpt2"]), "--no-chat", "--max-new-tokens", "6"]
+    alone = [json.loads(_generate(capsys, *common, "--json", p)[1])["token_ids"] for p in PROMPTS[:2]]
+    batch = tmp_path / "b.jsonl"
+    batch.write_text(f'{json.dumps({"prompt": PROMPTS[0]})}\n{{"prompt": 1}}\n{json.dumps({"prompt": PROMPTS[1]})}\n')
+    rc, out, err = _generate(capsys, *common, "--batch", str(batch), "--concurrency", "3")
+    results = _lines(out)
+    assert rc == 1 and "(1 at a time)" in err
+    assert [r.get("token_ids") for r in results] == [alone[0], None, alone[1]]
+    assert results[1] == {"line": 2, "id": None, "error": '"prompt" must be a non-empty string'}
