@@ -76,7 +76,7 @@ class Job:
 
 @dataclass(frozen=True)
 class BadLine:
-    """An input line that cannot run, with why (its result is ``{"line", "error"}``)."""
+    """An input line that cannot run, with why (its result is ``{"line", "id", "error"}``)."""
 
     line: int
     error: str

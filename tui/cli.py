@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate a reply (split through the daemon, or --full locally)",
         epilog="With --batch FILE: one JSON object a line in (prompt or messages, and optionally id, "
         "max_new_tokens, temperature, top_p, top_k, seed, stop, no_chat; the flags are the defaults), "
-        "one JSON result a line out, in input order; a bad line gets {\"line\": N, \"error\": ...} and "
-        "the others still run. Exit status: 0 when every line ran, 1 when some failed, 2 for a usage "
+        "one JSON result a line out, in input order; a bad line gets "
+        '{"line": N, "id": ..., "error": ...} and the others still run. Exit status: 0 when every '
+        "line ran, 1 when some failed, 2 for a usage "
         "error (no such file, an empty file, a bad flag).",
     )
     g.add_argument("--full", action="store_true", help="run the whole model here; no daemon needed")
