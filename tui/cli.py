@@ -396,7 +396,8 @@ def _batch_lanes(args: argparse.Namespace, lines: int) -> tuple[Any, list[Any], 
         return prepare.split_pipeline(parts, client, wire_dtype=wire, retry=retry, on_reconnect=_reconnect_notice)
 
     lanes = []
-    for _ in range(max(1, min(args.concurrency, lines))):
+    # more sessions than the daemon holds would only fail lines with RESOURCE_EXHAUSTED
+    for _ in range(max(1, min(args.concurrency, lines, info.limits.max_sessions))):
         drafter = _drafter(args, model, device, parts)
         lanes.append(Lane(open_session, None if drafter is None else SerialisedDrafter(drafter, lock)))
     return model, lanes, prepare.plan_dict(model, own.plan.split, own.fingerprint.digest)
