@@ -3,13 +3,14 @@ overrides them, and every way a line can be wrong is named in its error."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 
 from splitlm.shared.generation import GenerationSettings
 from splitlm.shared.sampling import SamplingSettings
-from splitlm.tui.batch import BadLine, Job, parse_line
+from splitlm.tui.batch import BadLine, Job, Progress, parse_line
 
 DEFAULTS = GenerationSettings(max_new_tokens=32, stop=("END",), sampling=SamplingSettings(0.5, 10, 0.9, 7))
 
@@ -58,3 +59,21 @@ def test_bad_lines_say_what_is_wrong(text: str, error: str) -> None:
     bad = parse_line(9, text, DEFAULTS, True)
     assert isinstance(bad, BadLine) and bad.line == 9
     assert error in bad.error, bad.error
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_only_on_a_terminal() -> None:
+    term, pipe = _Terminal(), io.StringIO()
+    for stream in (term, pipe):
+        p = Progress(6, stream)
+        p.show(2, 1, 4, 30)
+        p.show(6, 1, 0, 50)
+        p.close()
+    first, second = term.getvalue().split("\r")[1:]
+    assert first.startswith("batch: 2/6 done, 1 failed, 4 running, 30 tokens, ")
+    assert second.startswith("batch: 6/6 done, 1 failed, 0 running, 50 tokens, ") and second.endswith("\n")
+    assert pipe.getvalue() == ""
