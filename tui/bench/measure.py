@@ -105,6 +105,10 @@ class Metered:
     def bytes_received(self) -> int:
         return self.inner.bytes_received
 
+    @property
+    def link_ratio(self) -> float:
+        return self.inner.link_ratio
+
     def step(self, ids: Sequence[int], position: int, logits_for: int = 1) -> StepOutput:
         before = self.inner.bytes_sent + self.inner.bytes_received
         out = self.inner.step(ids, position, logits_for)
