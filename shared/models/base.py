@@ -289,6 +289,25 @@ def build_part(
     return build_parts(source, family, [spec], dtype, device)[0]
 
 
+WEIGHT_ALIGNMENT = 64
+"""Bytes every weight's data starts on (what torch's CPU allocator gives a new tensor)."""
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when its data does not start on ``WEIGHT_ALIGNMENT`` bytes.
+
+    MKL's one-row product (every decode step's linear layers on a CPU) rounds differently when the
+    weight starts off a 16-byte boundary, and a memory-mapped safetensors tensor (the GGUF cache)
+    starts wherever the file put it (8 bytes past one for SmolLM2). A process that loaded a layer
+    from the map and one that got it from a fresh allocation then computed different last bits
+    for the same step: the full model here and the daemon's trunk were not bit-identical on
+    decode steps. Aligned copies give every process the same kernel path.
+    """
+    if t.device.type == "cpu" and t.numel() and t.data_ptr() % WEIGHT_ALIGNMENT:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
 def build_parts(
     source: ModelSource, family: Family, specs: list[PartSpec], dtype: torch.dtype, device: torch.device
 ) -> list[Part]:
@@ -320,7 +339,7 @@ def build_parts(
     union = set().union(*wanted_by)
     state: dict[str, torch.Tensor] = {}
     for name, tensor in source.iter_tensors(lambda n: n in union, skeletons[0], dtype):
-        state[name] = tensor.to(device)
+        state[name] = aligned(tensor.to(device))
     parts = []
     for spec, model, wanted in zip(specs, skeletons, wanted_by):
         own = {n: state[n] for n in wanted if n in state}
