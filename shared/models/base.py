@@ -21,6 +21,7 @@ from torch import nn
 from ..cache import PartCache, layer_types
 from ..errors import ContextExhausted, InvalidStep, PositionError
 from .rows import RowsCache, rows_attention_for
+from .small_rows import pad_small_products
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -350,6 +351,8 @@ def build_parts(
         model.load_state_dict(own, strict=False, assign=True)
         if head_tied:
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        if device.type == "cpu" and dtype == torch.float32:
+            pad_small_products(model)  # 2- and 3-row products cost more than 4 under MKL
         for buf_name, buf in list(model.named_buffers()):
             if buf.device != device and buf.device.type != "meta":
                 module_name, _, attr = buf_name.rpartition(".")
