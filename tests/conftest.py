@@ -87,6 +87,33 @@ def save_tiny(kind: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
+def save_tiny_tokenizer(path: Path) -> Path:
+    """A character-level tokenizer (99 ids: 4 specials, then printable ASCII) saved beside a tiny
+    model, so the CLI (which needs a tokenizer) can drive it: ``splitlm generate --model DIR``."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in string.printable[:95]:
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    ).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_text_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny llama and gpt2 models with ``save_tiny_tokenizer``'s tokenizer: for CLI tests."""
+    root = tmp_path_factory.mktemp("tinytext")
+    return {k: save_tiny_tokenizer(save_tiny(k, root / k)) for k in ("llama", "gpt2")}
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
