@@ -274,7 +274,7 @@ class ChatEngine:
             result = generate(
                 self.pipeline, self.model.tokenizer, list(plan.ids), gen, self.model.eos_ids,
                 on_token=on_token, should_stop=should_stop, start_position=plan.start,
-                drafter=drafter, draft_max=settings.draft_max,
+                drafter=drafter, draft_max=settings.draft_max, history=plan.full[: plan.start],
             )
         except BaseException:
             self._broken = True  # the caches no longer match anything we know: rebuild next time

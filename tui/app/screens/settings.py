@@ -201,7 +201,7 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
     def on_draft_checked(self, msg: DraftChecked) -> None:
         self.checking = False
         if msg.error:
-            self.show_error(f"draft {msg.settings.draft}: {msg.error}")
+            self.show_error(msg.error)
             return
         self.dismiss(msg.settings)
 
