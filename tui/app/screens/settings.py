@@ -42,6 +42,9 @@ DRAFT_KINDS = (
 )
 """The draft select's options: (label, ``--draft`` kind)."""
 
+DRAFT_TARGET_LABELS = {"off": "draft path", "ngram": "ngram length", "model": "draft path", "student": "draft path"}
+"""The label of the draft's path box, per kind (prompt lookup takes a length, not a path)."""
+
 DRAFT_TARGET_HINTS = {
     "off": "",
     "ngram": f"tokens to match, 1-8 (default {NGRAM_DEFAULT})",
@@ -131,7 +134,7 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
                     yield Label("draft")
                     yield Select(((label, k) for label, k in DRAFT_KINDS), value=kind, allow_blank=False,
                                  compact=True, id="set-draft-kind")
-                    yield Label("draft path")
+                    yield Label(DRAFT_TARGET_LABELS[kind], id="set-draft-target-label")
                     yield Input(target, placeholder=DRAFT_TARGET_HINTS[kind], id="set-draft-target",
                                 disabled=kind == "off")
                     yield Label("draft max")
@@ -164,6 +167,7 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
         target = self.query_one("#set-draft-target", Input)
         kind = str(event.value)
         target.placeholder = DRAFT_TARGET_HINTS.get(kind, "")
+        self.query_one("#set-draft-target-label", Label).update(DRAFT_TARGET_LABELS.get(kind, "draft path"))
         target.disabled = kind == "off"
         if kind in ("model", "student"):
             target.focus()

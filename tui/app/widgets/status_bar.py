@@ -71,6 +71,9 @@ class StatusBar(Widget):
         if self.plan_text:
             out.append(" · " + self.plan_text)
         if self.draft:
-            out.append(" · " + self.draft, style=self.get_component_rich_style("status--draft"))
+            out.append(" · ")
+            out.append(self.draft, style=self.get_component_rich_style("status--draft"))
         out.append(" · " + self.address, style=dim)
+        if self.content_size.width:  # cut with an ellipsis: a long address would wrap out of sight
+            out.truncate(self.content_size.width, overflow="ellipsis")
         return out
