@@ -150,3 +150,20 @@ async def test_compare_runs_both_sides_with_the_draft(chat_daemon, make_config) 
         rows = {row[0]: row for row in screen.query_one(CompareTable).rows}
         assert rows["tokens/trip (ngram)"][1:3] == (f"{split.tokens_per_step:.2f}",) * 2
         assert rows["draft accepted"][2] == f"{100 * split.accepted / split.drafted:.0f}%"
+
+
+async def test_a_start_up_draft_that_cannot_load_is_told_and_the_reply_still_comes(chat_daemon, tmp_path, make_config) -> None:  # type: ignore[no-untyped-def]
+    """``--draft model:PATH`` is only parsed at start; the first reply builds it. Refused, the
+    reply goes on without it, the user is told, and the setting falls back to what was used."""
+    missing = f"model:{tmp_path / 'gone'}"
+    app = SplitlmApp(make_config(chat_daemon.address, settings=ChatSettings(max_new_tokens=6, draft=missing)))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_loaded(pilot, app)
+        assert "draft model" in status_text(app)
+        await send(pilot, app, "why is the sky blue")
+        await wait_reply(pilot, app, 2)
+        out = app.last_reply
+        assert out is not None and out.refused_draft == missing and "gone" in out.draft_error
+        assert out.draft == "off" and out.result.drafted == 0 and len(out.result.token_ids) == 6
+        assert app.settings.draft == "off" and "draft" not in status_text(app)
+        assert any(n.title == "Draft refused" and "gone" in n.message for n in app._notifications)
