@@ -29,9 +29,9 @@ def status_text(app: SplitlmApp) -> str:
     return str(app.screen.query_one(StatusBar).render())
 
 
-async def choose_draft(pilot, app: SplitlmApp, kind: str, path: str = "") -> None:  # type: ignore[no-untyped-def]
+async def choose_draft(pilot, app: SplitlmApp, kind: str, path: str = "") -> str:  # type: ignore[no-untyped-def]
     """Open the settings, pick ``kind`` in the draft select with the keyboard, type ``path``,
-    and press ctrl+s (as a person would)."""
+    and press ctrl+s (as a person would). Returns what the path box held after the pick."""
     await pilot.press("ctrl+s")
     await wait_until(pilot, lambda: app.screen.id == "settings", what="the settings")
     select = app.screen.query_one("#set-draft-kind", Select)
@@ -42,12 +42,15 @@ async def choose_draft(pilot, app: SplitlmApp, kind: str, path: str = "") -> Non
     steps = kinds.index(kind) - kinds.index(str(select.value))
     await pilot.press(*(["down"] * steps if steps > 0 else ["up"] * -steps), "enter")
     await wait_until(pilot, lambda: select.value == kind, what=f"the draft select to show {kind}")
+    target = app.screen.query_one("#set-draft-target", Input)
+    await pilot.pause()
+    after_pick = target.value
     if path:
-        target = app.screen.query_one("#set-draft-target", Input)
         target.focus()
         target.value = ""
         await pilot.press(*path)
     await pilot.press("ctrl+s")
+    return after_pick
 
 
 async def test_ngram_chosen_in_settings_shows_tokens_per_round_trip(chat_daemon, chat_model, make_config) -> None:  # type: ignore[no-untyped-def]
@@ -112,7 +115,7 @@ async def test_bad_draft_path_is_refused_in_place_and_the_old_draft_stays(chat_d
         assert app.engine.draft_in_use == "ngram:2"
         drafter = app.engine.drafter
         missing = tmp_path / "no-such-draft"
-        await choose_draft(pilot, app, "model", str(missing))
+        assert await choose_draft(pilot, app, "model", str(missing)) == ""  # ngram's "2" is no path
         screen = app.screen
         error = screen.query_one("#settings-error", Label)
         await wait_until(pilot, lambda: "no-such-draft" in str(error.render()) and not screen.checking,

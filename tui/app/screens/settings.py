@@ -115,6 +115,8 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
         self.plan = plan
         self.address = address
         self.engine = engine
+        self._draft_kind = "off"
+        """The draft select's kind as last seen."""
 
     def compose(self) -> ComposeResult:
         s = self.settings.to_dict()
@@ -131,6 +133,7 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
                     yield Label("system prompt")
                     yield Input(s["system_prompt"], placeholder="none", id="set-system_prompt")
                     kind, target = draft_fields(self.settings.draft)
+                    self._draft_kind = kind
                     yield Label("draft")
                     yield Select(((label, k) for label, k in DRAFT_KINDS), value=kind, allow_blank=False,
                                  compact=True, id="set-draft-kind")
@@ -166,6 +169,9 @@ class SettingsScreen(ModalScreen[ChatSettings | None]):
     def _draft_kind_changed(self, event: Select.Changed) -> None:
         target = self.query_one("#set-draft-target", Input)
         kind = str(event.value)
+        if (kind == "ngram") != (self._draft_kind == "ngram"):
+            target.value = ""  # a length is no path, and a path no length
+        self._draft_kind = kind
         target.placeholder = DRAFT_TARGET_HINTS.get(kind, "")
         self.query_one("#set-draft-target-label", Label).update(DRAFT_TARGET_LABELS.get(kind, "draft path"))
         target.disabled = kind == "off"
