@@ -170,3 +170,25 @@ async def test_a_start_up_draft_that_cannot_load_is_told_and_the_reply_still_com
         assert out.draft == "off" and out.result.drafted == 0 and len(out.result.token_ids) == 6
         assert app.settings.draft == "off" and "draft" not in status_text(app)
         assert any(n.title == "Draft refused" and "gone" in n.message for n in app._notifications)
+
+
+async def test_a_model_draft_chosen_in_settings_is_built_there_and_used(chat_daemon, chat_model, make_config) -> None:  # type: ignore[no-untyped-def]
+    """``model:PATH`` (the served model itself, the one small model at hand) is built by the
+    settings screen's worker before it closes, and the next reply drafts with it."""
+    app = SplitlmApp(make_config(chat_daemon.address, settings=ChatSettings(max_new_tokens=16)))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_loaded(pilot, app)
+        await choose_draft(pilot, app, "model", str(chat_model))
+        await wait_until(pilot, lambda: app.screen.id == "chat", timeout=60, what="the draft built, back to the chat")
+        assert app.settings.draft == f"model:{chat_model}" and "draft model" in status_text(app)
+        staged = app.engine._staged  # built by the settings screen, waiting for the next reply
+        assert staged is not None and staged[0] == app.settings.draft_spec() and staged[1] is not None
+        await send(pilot, app, PROMPT)
+        await wait_reply(pilot, app, 2)
+        out = app.last_reply
+        assert out.draft == f"model:{chat_model}" and not out.draft_error
+        assert app.engine.drafter is staged[1] and app.engine._staged is None
+        # the served model drafting for itself: what it drafts, it keeps
+        res = out.result
+        assert res.drafted > 0 and res.accepted == res.drafted and res.steps < len(res.token_ids)
+        assert "100% acc" in status_text(app)
