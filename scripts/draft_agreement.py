@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,9 @@ def main() -> int:
 
     settings = GenerationSettings(max_new_tokens=args.tokens)
 
-    def run(ids: list[int], draft: str | None) -> tuple[Any, list[Any]]:
-        """The reply and, per generated token, the logits row it was chosen from."""
+    def run(ids: list[int], draft: str | None) -> tuple[Any, list[Any], float]:
+        """The reply, per generated token the logits row it was chosen from, and the CPU seconds
+        per token (this process's: what a shared machine's other load inflates least)."""
         pipe = LocalPipeline(full)
         drafter = build_drafter(draft, model, torch.device("cpu")) if draft else None
         steps: list[Any] = []
@@ -77,19 +79,21 @@ def main() -> int:
             return out
 
         pipe.step = step  # type: ignore[method-assign]
+        cpu0 = time.process_time()
         res = generate(pipe, model.tokenizer, ids, settings, model.eos_ids, on_token=events.append, drafter=drafter,
                        draft_max=args.draft_max)
         rows, first = [], {}
         for ev in events:  # token j of a step is chosen from that step's row j
             first.setdefault(ev.steps, ev.index)
             rows.append(steps[ev.steps - 1][ev.index - first[ev.steps]])
-        return res, rows
+        cpu = (time.process_time() - cpu0) / max(1, len(res.token_ids))
+        return res, rows, cpu
 
     records = []
     for n, prompt in enumerate(PROMPTS[: args.prompts]):
         ids = prompt_ids(model.tokenizer, prompt, chat=True)
-        plain, plain_rows = run(ids, None)
-        drafted, drafted_rows = run(ids, args.draft)
+        plain, plain_rows, plain_cpu = run(ids, None)
+        drafted, drafted_rows, drafted_cpu = run(ids, args.draft)
         a, b = plain.token_ids, drafted.token_ids
         agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         rec: dict[str, Any] = {
@@ -103,6 +107,8 @@ def main() -> int:
             "accepted": drafted.accepted,
             "acceptance": drafted.acceptance,
             "tokens_per_step": round(drafted.tokens_per_step, 2),
+            "plain_cpu_ms_per_token": round(plain_cpu * 1e3, 2),
+            "drafted_cpu_ms_per_token": round(drafted_cpu * 1e3, 2),
         }
         # over the common prefix: how far verification rows are from one-position rows, and the
         # closest call plain decoding made (the smallest top-2 gap it passed through)
@@ -135,7 +141,7 @@ def main() -> int:
 def _print_row(rec: dict[str, Any], header: bool) -> None:
     if header:
         print(f"{'#':>2} {'kind':8} {'agree':>7} {'accept':>7} {'tok/step':>8} {'!bit':>4} {'max|dlog|':>9} "
-              f"{'min gap':>8}  first divergence (plain top-2 gap)")
+              f"{'min gap':>8} {'cpu x':>6}  first divergence (plain top-2 gap)")
     acc = "-" if rec["acceptance"] is None else f"{rec['acceptance']:.0%}"
     div = rec.get("divergence")
     where = "identical" if rec["identical"] else (
@@ -143,7 +149,8 @@ def _print_row(rec: dict[str, Any], header: bool) -> None:
         if div else "length differs")
     print(f"{rec['prompt']:>2} {rec['kind']:8} {rec['matching_prefix']:>3}/{rec['tokens']:<3} {acc:>7} "
           f"{rec['tokens_per_step']:>8.2f} {rec['rows_not_bit_identical']:>4} {rec['max_abs_logit_diff']:>9.2e} "
-          f"{rec['min_plain_top2_gap']:>8.4f}  {where}", flush=True)
+          f"{rec['min_plain_top2_gap']:>8.4f} {rec['drafted_cpu_ms_per_token'] / rec['plain_cpu_ms_per_token']:>6.2f}"
+          f"  {where}", flush=True)
 
 
 def _print_summary(records: list[dict[str, Any]]) -> None:
@@ -159,6 +166,11 @@ def _print_summary(records: list[dict[str, Any]]) -> None:
           f"{sum(r['rows_not_bit_identical'] for r in records)}/{agree}, largest logit difference "
           f"{max(r['max_abs_logit_diff'] for r in records):.2e}; smallest top-2 gap plain decoding passed "
           f"{min(r['min_plain_top2_gap'] for r in records):.4f}")
+    for kind in ("grounded", "open"):
+        rs = [r for r in records if r["kind"] == kind]
+        if rs:
+            ratio = sum(r["drafted_cpu_ms_per_token"] for r in rs) / sum(r["plain_cpu_ms_per_token"] for r in rs)
+            print(f"{kind}: CPU per token with the draft / without: {ratio:.2f} (no link delay)")
     if gaps:
         print(f"top-2 logit gap at the first divergences: median {statistics.median(gaps):.4f}, "
               f"max {max(gaps):.4f}")

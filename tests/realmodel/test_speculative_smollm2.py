@@ -67,8 +67,9 @@ def _both(sides: Sides, prompt: str, sampling: SamplingSettings) -> tuple[
     out = []
     for pipe in (LocalPipeline(sides.parts.full), prepare.split_pipeline(sides.parts, sides.client)):
         rec = Recording(pipe)  # type: ignore[arg-type]  # any pipeline records the same way
+        # one link weight for both (as ``compare`` does): the same lengths, so the same chunks
         res = generate(rec, sides.model.tokenizer, ids, settings, sides.model.eos_ids,
-                       drafter=NgramDrafter(), draft_max=8)
+                       drafter=NgramDrafter(), draft_max=8, draft_link=0.0)
         rec.close()
         out.append((res, rec))
     return out[0], out[1]
