@@ -2,10 +2,11 @@
 
 MKL (the BLAS of torch's CPU wheels) multiplies 2 or 3 rows by a weight it streams from memory
 far slower than 4: SmolLM2's whole model at one thread, context 200, CPU time per step of t
-positions was t=1 61 ms, t=2 109, t=3 127, t=4 90, t=5 102 (``scripts/verify_cost.py``). A
+positions was t=1 59.5 ms, t=2 103, t=3 127, t=4 89.5, t=5 100 (``scripts/verify_cost.py``;
+the profile puts it in the products, the LM head's most: 60 ms for 3 rows, 21 for 4). A
 speculative verification step of 2 or 3 positions (a draft of 1 or 2 tokens, the common case
 once acceptance drops) cost more than one of 4. Four rows, the last repeated, cost what 4 cost
-(t=2 89 ms, t=3 88 ms), and the extra rows are dropped.
+(t=2 93 ms, t=3 94 ms), and the extra rows are dropped.
 
 Exactness: a row of a 4-row product is not bit-identical to the same row in a 2-row product,
 but every part pads the same way, so the full model and the split (whose trunk runs this same
