@@ -1,0 +1,448 @@
+"""Students made by ``splitlm distill``: their on-disk format, and the ``student:PATH`` drafter.
+
+A student directory holds ``student.json`` (the manifest: what the student is, which model and
+plan it was made for, how it was trained) and its weights.
+
+- A *bridge* student is the client's own bottom (layers ``[0, a)``) and top (``[b, L)``, norm,
+  head) with the trunk ``[a, b)`` replaced by ``n`` new layers, initialised from trunk layers and
+  trained. Only those ``n`` layers are stored (``weights-NNNNNN.safetensors``, names
+  ``layers.J.<param>``); student layer ``J`` runs as the base model's layer ``a + J`` (its layer
+  index, attention type, rotary), so the drafter is a ``Part`` of the base model,
+  ``PartSpec.trunk(a, a + n)``, whose layer weights are replaced. It runs entirely on the client,
+  sharing the bottom's and top's weights with the split pipeline (with caches of its own).
+- A *standalone* student (fewer layers, the same tokenizer) is a normal model directory
+  (``config.json``, safetensors, tokenizer files) that ``--model`` and ``--draft model:`` accept;
+  its manifest only records where it came from.
+
+The manifest is the commit point of a write: weights go to a new file first, then the manifest
+naming it replaces the old one (``os.replace``), so a reader sees the old student or the new one,
+never a mix. A manifest whose weights file is missing, truncated or altered (its SHA-256) is
+refused, as is a student made for another model (config or weights digest) or another plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..errors import UsageError
+from .base import Draft
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..models import Part
+    from ..prepare import LoadedModel
+    from ..sampling import SamplingSettings
+    from .base import Drafter
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "student.json"
+FORMAT = "splitlm-student"
+VERSION = 1
+StudentKind = Literal["bridge", "standalone"]
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The model a student was distilled from: a student only drafts for that model.
+
+    Attributes:
+        model: the ``--model`` it was made with (for messages; the digests decide).
+        model_type: transformers' ``model_type``.
+        num_layers: its layer count L.
+        config_digest, weights_digest: ``ModelSource.config_digest()/weights_digest()``.
+    """
+
+    model: str
+    model_type: str
+    num_layers: int
+    config_digest: str
+    weights_digest: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``student.json``.
+
+    Attributes:
+        kind: ``bridge`` or ``standalone``.
+        base: the model it was made from.
+        plan: ``[a, b]``, the trunk range a bridge replaces (a standalone: None).
+        layers: n, the student's own layers.
+        init_from: the base layers each of them was initialised from.
+        weights: a bridge's weights file (in the directory); a standalone's: empty.
+        sha256: that file's SHA-256.
+        training: a short summary (steps, tokens seen, seconds, eval loss and acceptance...).
+    """
+
+    kind: StudentKind
+    base: BaseModel
+    plan: tuple[int, int] | None
+    layers: int
+    init_from: tuple[int, ...]
+    weights: str = ""
+    sha256: str = ""
+    training: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d = {"format": FORMAT, "version": VERSION, **d}
+        d["plan"] = list(self.plan) if self.plan else None
+        d["init_from"] = list(self.init_from)
+        d["training"] = dict(self.training)
+        return json.dumps(d, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> Manifest:
+        """Raises: UsageError: not a student manifest, or one this version cannot read."""
+        try:
+            d = json.loads(text)
+            if not isinstance(d, dict) or d.get("format") != FORMAT:
+                raise ValueError("not a splitlm student manifest")
+            if d.get("version") != VERSION:
+                raise ValueError(f"format version {d.get('version')!r}; this splitlm reads version {VERSION}")
+            kind = d["kind"]
+            if kind not in ("bridge", "standalone"):
+                raise ValueError(f"kind {kind!r} is neither bridge nor standalone")
+            base = BaseModel(**d["base"])
+            plan = d.get("plan")
+            return cls(
+                kind=kind,
+                base=base,
+                plan=(int(plan[0]), int(plan[1])) if plan else None,
+                layers=int(d["layers"]),
+                init_from=tuple(int(i) for i in d["init_from"]),
+                weights=str(d.get("weights", "")),
+                sha256=str(d.get("sha256", "")),
+                training=dict(d.get("training") or {}),
+            )
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise UsageError(f"{where} is not a usable student manifest ({e})") from None
+
+
+def base_of(model: LoadedModel) -> BaseModel:
+    """The identity a student made from ``model`` records."""
+    src = model.source
+    return BaseModel(
+        src.model_id, str(src.config.model_type), model.num_layers, src.config_digest(), src.weights_digest()
+    )
+
+
+def read_manifest(path: Path | str) -> Manifest:
+    """The manifest of the student directory ``path``.
+
+    Raises:
+        UsageError: no such directory, no manifest, or an unreadable one.
+    """
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise UsageError(f"student {d}: no such directory (make one with `splitlm distill --output {d}`)")
+    f = d / MANIFEST
+    if not f.is_file():
+        raise UsageError(f"student {d}: no {MANIFEST} manifest there; is it a `splitlm distill` output directory?")
+    return Manifest.from_json(f.read_text(encoding="utf-8", errors="replace"), f)
+
+
+def check_base(manifest: Manifest, model: LoadedModel, where: Path | str) -> None:
+    """Refuse a student made from another model, naming what differs.
+
+    Raises:
+        UsageError: another model type, layer count, config or weights.
+    """
+    mine, theirs = base_of(model), manifest.base
+    diffs = []
+    if mine.model_type != theirs.model_type or mine.num_layers != theirs.num_layers:
+        diffs.append(
+            f"model ({theirs.model_type}, {theirs.num_layers} layers for the student; "
+            f"{mine.model_type}, {mine.num_layers} layers here)"
+        )
+    if mine.config_digest != theirs.config_digest:
+        diffs.append(f"model config ({theirs.config_digest} for the student, {mine.config_digest} here)")
+    if mine.weights_digest != theirs.weights_digest:
+        diffs.append(f"weights ({theirs.weights_digest} for the student, {mine.weights_digest} here)")
+    if diffs:
+        raise UsageError(
+            f"student {where} was made for another model ({theirs.model}, not {mine.model}): "
+            f"{'; '.join(diffs)}; distill one from this model with `splitlm distill --model {mine.model}`"
+        )
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, synced, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_bridge(directory: Path, manifest: Manifest, layers: Sequence[Mapping[str, torch.Tensor]], step: int) -> Manifest:
+    """Write a bridge student: its layers' weights to a new file, then the manifest naming it.
+
+    Args:
+        layers: per student layer, its parameters by name within the layer (``self_attn.q_proj.weight``).
+        step: the training step, naming the weights file (the old file is removed once the new
+            manifest is in place).
+
+    Returns:
+        The manifest written (with the file's name and SHA-256).
+    """
+    from safetensors.torch import save
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"layers.{j}.{name}": t.detach().to("cpu").contiguous() for j, layer in enumerate(layers) for name, t in layer.items()}
+    data = save(tensors, metadata={"format": FORMAT, "step": str(step)})
+    name = f"weights-{step:06d}.safetensors"
+    atomic_write_bytes(directory / name, data)
+    out = Manifest(
+        manifest.kind, manifest.base, manifest.plan, manifest.layers, manifest.init_from, name,
+        hashlib.sha256(data).hexdigest(), manifest.training,
+    )
+    atomic_write_bytes(directory / MANIFEST, out.to_json().encode())
+    for old in directory.glob("weights-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return out
+
+
+def load_bridge_layers(directory: Path, manifest: Manifest) -> list[dict[str, torch.Tensor]]:
+    """A bridge student's layers' weights, checked against the manifest.
+
+    Raises:
+        UsageError: the file is missing, truncated or altered, or lacks a layer.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    f = directory / manifest.weights
+    if not manifest.weights or not f.is_file():
+        raise UsageError(f"student {directory}: its weights file {manifest.weights or '(none named)'} is missing")
+    data = f.read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest.sha256:
+        raise UsageError(
+            f"student {directory}: {manifest.weights} is corrupt or truncated ({len(data)} bytes; its "
+            "SHA-256 differs from the manifest's); distill it again or resume from its checkpoint"
+        )
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise UsageError(f"student {directory}: {manifest.weights} is not a readable safetensors file ({e})") from None
+    layers: list[dict[str, torch.Tensor]] = [{} for _ in range(manifest.layers)]
+    for key, t in tensors.items():
+        _, j, name = key.split(".", 2)
+        if not j.isdigit() or int(j) >= manifest.layers:
+            raise UsageError(f"student {directory}: unexpected tensor {key!r} for {manifest.layers} layers")
+        layers[int(j)][name] = t
+    if any(not layer for layer in layers):
+        raise UsageError(f"student {directory}: {manifest.weights} lacks some of its {manifest.layers} layers")
+    return layers
+
+
+def layer_module(part: Part, index: int) -> torch.nn.Module:
+    """Decoder layer ``index`` (the base model's numbering) of ``part``'s model."""
+    return part.model.get_submodule(part.family.layer_prefix + str(index))
+
+
+def bridge_part(model: LoadedModel, plan: tuple[int, int], n: int, dtype: torch.dtype, device: torch.device) -> Part:
+    """The student's layers as a part of the base model: ``PartSpec.trunk(a, a + n)``, holding the
+    base's layers ``[a, a + n)`` until their weights are replaced (caches, rotary, masks and
+    sliding windows are then the base model's own code)."""
+    from ..models import PartSpec, build_part
+
+    a, _ = plan
+    return build_part(model.source, model.family, PartSpec.trunk(a, a + n), dtype, device)
+
+
+def set_bridge_weights(part: Part, layers: Sequence[Mapping[str, torch.Tensor]], where: Path | str) -> None:
+    """Copy a student's layer weights into ``part`` (from ``bridge_part``).
+
+    Raises:
+        UsageError: a layer's tensors do not fit (names or shapes).
+    """
+    import torch
+
+    a = part.spec.start
+    for j, weights in enumerate(layers):
+        module = layer_module(part, a + j)
+        try:
+            with torch.no_grad():
+                module.load_state_dict({k: v.to(part.dtype) for k, v in weights.items()}, strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0]
+            raise UsageError(f"student {where}: layer {j} does not fit this model ({first})") from None
+
+
+def draft_cost(num_layers: int, own_layers: int, hidden: int, vocab: int, layer_params: int) -> float:
+    """One drafted token's compute relative to one decode step of the served model, estimated
+    from what each reads (a CPU decode step is bound by reading the weights): ``own_layers``
+    layers and the head, over ``num_layers`` layers and the head. Fixed, never measured."""
+    head = hidden * vocab
+    return (own_layers * layer_params + head) / (num_layers * layer_params + head)
+
+
+class BridgeDrafter:
+    """A bridge student run on the client: bottom, the student's layers, top, each with a cache of
+    its own (the bottom and top weights may be the split pipeline's own parts).
+
+    Called from the generation loop's thread only (see ``Drafter``).
+    """
+
+    def __init__(self, name: str, bottom: Part, mid: Part, top: Part) -> None:
+        self.name = name
+        self.bottom, self.mid, self.top = bottom, mid, top
+        n = mid.spec.end - mid.spec.start
+        layer = layer_module(mid, mid.spec.start)
+        layer_params = sum(p.numel() for p in layer.parameters())
+        cfg = bottom.config
+        self.cost = draft_cost(
+            bottom.num_layers, bottom.spec.end + n + (top.num_layers - top.spec.start),
+            int(cfg.hidden_size), int(cfg.vocab_size), layer_params,
+        )
+        self.max_positions = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 1 << 30)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.caches = (self.bottom.new_cache(), self.mid.new_cache(), self.top.new_cache())
+        self.ids: list[int] = []
+
+    def close(self) -> None:
+        self._reset()
+
+    def _step(self, ids: Sequence[int], position: int) -> torch.Tensor:
+        """Logits ``(V,)`` after feeding ``ids`` at ``position`` through all three caches."""
+        import torch
+
+        x = torch.tensor([list(ids)])
+        h = self.bottom.forward(x, position, self.caches[0])
+        h = self.mid.forward(h, position, self.caches[1])
+        logits = self.top.forward(h, position, self.caches[2])  # (1, 1, V)
+        return logits[0, -1]
+
+    def _rollback_floor(self) -> int:
+        return max(c.rollback_floor for c in self.caches)
+
+    def propose(self, context: Sequence[int], k: int, sampling: SamplingSettings, generator: torch.Generator) -> Draft:
+        """Up to ``k`` tokens after ``context``: the caches roll back to the longest prefix they
+        share with ``context`` (re-prefilled from 0 below a sliding window's floor), the rest of
+        it is fed, then one token at a time is chosen greedily or sampled with the reply's
+        settings (``probs`` then holds each token's distribution)."""
+        import torch
+
+        t0 = time.perf_counter()
+        context = list(context)
+        k = min(k, self.max_positions - len(context))
+        if k <= 0 or not context:
+            return Draft([], None, time.perf_counter() - t0)
+        n = 0
+        limit = min(len(self.ids), len(context) - 1)  # at least one token is fed, for its logits
+        while n < limit and self.ids[n] == context[n]:
+            n += 1
+        if 0 < n < self._rollback_floor():
+            n = 0
+        logits = self._step(context[n:], n)
+        self.ids = context
+        tokens: list[int] = []
+        dists: list[torch.Tensor] = []
+        for i in range(k):
+            if sampling.greedy:
+                token = int(torch.argmax(logits))
+            else:
+                probs = distribution(logits, sampling)
+                token = int(torch.multinomial(probs, 1, generator=generator))
+                dists.append(probs)
+            tokens.append(token)
+            if i + 1 < k:
+                logits = self._step([token], len(self.ids))
+                self.ids.append(token)
+        return Draft(tokens, torch.stack(dists) if dists else None, time.perf_counter() - t0)
+
+
+def distribution(logits: torch.Tensor, sampling: SamplingSettings) -> torch.Tensor:
+    """The distribution ``shared.sampling.Sampler`` draws from for ``logits`` ``(V,)``: temperature,
+    top-k, top-p; float32 on the CPU (the reply's generator lives there)."""
+    import torch
+
+    s = sampling
+    x = logits.to(device="cpu", dtype=torch.float32) / s.temperature
+    if s.top_k and s.top_k < x.numel():
+        kth = torch.topk(x, s.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= s.top_p
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        x = torch.full_like(x, float("-inf")).scatter(0, order, sorted_x)
+    return torch.softmax(x, dim=-1)
+
+
+def load_student_drafter(
+    path: str | Path,
+    model: LoadedModel,
+    device: torch.device,
+    bottom: Part | None = None,
+    top: Part | None = None,
+) -> Drafter:
+    """The drafter of the student directory ``path`` for the served ``model``.
+
+    Args:
+        bottom, top: the client's parts (the split pipeline's); the drafter shares their weights,
+            and they fix the plan the student must have been made for. Without them (``--full``)
+            the drafter builds its own from the student's plan.
+
+    Raises:
+        UsageError: no manifest, a student made for another model or another plan, a missing,
+            truncated or altered weights file.
+    """
+    d = Path(path).expanduser()
+    manifest = read_manifest(d)
+    check_base(manifest, model, d)
+    if manifest.kind == "standalone":
+        from .model import load_model_drafter
+
+        return load_model_drafter(str(d), model, device)
+    assert manifest.plan is not None  # from_json: a bridge has one (checked below anyway)
+    plan = manifest.plan
+    if bottom is not None and top is not None:
+        here = (bottom.spec.end, top.spec.start)
+        if here != plan:
+            raise UsageError(
+                f"student {d} was made for the plan {plan[0]}:{plan[1]} (trunk layers), but the daemon "
+                f"here serves {here[0]}:{here[1]}; distill one for this plan (`splitlm distill --split "
+                f"{here[0]}:{here[1]}`) or run the daemon with --split {plan[0]}:{plan[1]}"
+            )
+    layers = load_bridge_layers(d, manifest)
+    import torch
+
+    if bottom is None or top is None:
+        from ..models import PartSpec, build_parts
+
+        bottom, top = build_parts(
+            model.source, model.family,
+            [PartSpec.bottom(plan[0]), PartSpec.top(plan[1], model.num_layers)], torch.float32, device,
+        )
+    mid = bridge_part(model, plan, manifest.layers, bottom.dtype, device)
+    set_bridge_weights(mid, layers, d)
+    log.info("student %s: bridge of %d layers for plan %d:%d", d, manifest.layers, *plan)
+    return BridgeDrafter(f"student:{path}", bottom, mid, top)
