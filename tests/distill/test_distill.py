@@ -13,32 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from splitlm.tui import cli
 from tests.conftest import run_cli
 
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. A split model runs its bottom and top here and "
-    "its trunk on a server; drafts save round trips. "
-) * 6
-QUICK = ("--split", "1:5", "--layers", "2", "--seq-len", "16", "--batch-size", "2", "--threads", "1")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("data") / "train.txt"
-    p.write_text(TEXT)
-    return p
-
-
-@pytest.fixture(scope="module")
-def bridge(tiny_text_models: dict[str, Path], text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bridge student of the tiny Llama for the plan 1:5, six steps."""
-    out = tmp_path_factory.mktemp("students") / "bridge"
-    r = run_cli("distill", "--model", str(tiny_text_models["llama"]), "--data", str(text_file), "--output", str(out),
-                *QUICK, "--steps", "6", "--eval-every", "3", "--checkpoint-every", "2", "--json")
-    assert r.returncode == 0, r.stderr
-    summary = json.loads(r.stdout)
-    assert summary["steps"] == 6 and summary["kind"] == "bridge" and summary["finished"]
-    return out
+from .conftest import QUICK
 
 
 def test_bridge_student_directory(bridge: Path) -> None:
@@ -124,29 +102,41 @@ def test_standalone_student_is_a_model_directory(tiny_text_models: dict[str, Pat
     ],
 )
 def test_bad_data_is_refused_and_nothing_is_written(
-    tiny_text_models: dict[str, Path], tmp_path: Path, name: str, content: bytes, message: str
+    tiny_text_models: dict[str, Path], tmp_path: Path, name: str, content: bytes, message: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     data = tmp_path / name
     data.write_bytes(content)
     out = tmp_path / "out"
-    r = run_cli("distill", "--model", str(tiny_text_models["llama"]), "--data", str(data), "--output", str(out),
-                *QUICK, "--steps", "2")
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and "Traceback" not in r.stderr
+    code = cli.main(["distill", "--model", str(tiny_text_models["llama"]), "--data", str(data), "--output", str(out),
+                     *QUICK, "--steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and err.startswith("splitlm: error: --data")
     assert not out.exists()
 
 
-def test_corrupt_checkpoint_is_refused(bridge: Path, tiny_text_models: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_checkpoint_is_refused(
+    bridge: Path, tiny_text_models: dict[str, Path], tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     import shutil
 
     out = tmp_path / "copy"
     shutil.copytree(bridge, out)
     ckpt = out / "checkpoint.pt"
-    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # truncated
+    blob = ckpt.read_bytes()
+    ckpt.write_bytes(blob[: len(blob) // 2] if damage == "truncated" else b"not a checkpoint" * 100)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    r = run_cli("distill", "--model", str(tiny_text_models["llama"]), "--output", str(out), "--resume", "--steps", "9")
-    assert r.returncode == 2 and "corrupt or truncated" in r.stderr and "Traceback" not in r.stderr
+    code = cli.main(["distill", "--model", str(tiny_text_models["llama"]), "--output", str(out), "--resume", "--steps", "9"])
+    err = capsys.readouterr().err
+    assert code == 2 and "corrupt or truncated" in err, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    # and --resume where there is no run
-    r = run_cli("distill", "--model", str(tiny_text_models["llama"]), "--output", str(tmp_path / "none"), "--resume")
-    assert r.returncode == 2 and "no checkpoint.pt" in r.stderr
+
+
+def test_resume_needs_a_run_and_output_is_required(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["distill", "--output", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no checkpoint.pt" in capsys.readouterr().err
+    assert cli.main(["distill"]) == 2
+    assert "needs --output" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

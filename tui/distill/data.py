@@ -167,7 +167,7 @@ def blocks_of(sequences: Sequence[Sequence[int]], seq_len: int, separator: int |
     return [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
 
 
-def split_blocks(blocks: list[list[int]], seed: int) -> tuple[list[list[int]], list[list[int]]]:
+def split_blocks(blocks: list[list[int]], seed: int, source: str) -> tuple[list[list[int]], list[list[int]]]:
     """(train, eval): a seeded shuffle, then ``EVAL_SHARE`` (at least one block) held out.
 
     Raises:
@@ -177,7 +177,7 @@ def split_blocks(blocks: list[list[int]], seed: int) -> tuple[list[list[int]], l
 
     if len(blocks) < 2:
         raise UsageError(
-            f"the data makes {len(blocks)} block(s) of --seq-len tokens; at least 2 are needed (one "
+            f"--data {source} makes {len(blocks)} block(s) of --seq-len tokens; at least 2 are needed (one "
             "to train on, one to evaluate): give more text or a smaller --seq-len"
         )
     order = list(range(len(blocks)))

@@ -211,7 +211,7 @@ def run(args: argparse.Namespace, client: Callable[[], Any]) -> int:
             gen_s = time.perf_counter() - t0
         sep = model.eos_ids[0] if model.eos_ids else None
         blocks = data_mod.blocks_of(sequences, rc.seq_len, sep)
-        train_blocks, eval_blocks = data_mod.split_blocks(blocks, seed)
+        train_blocks, eval_blocks = data_mod.split_blocks(blocks, seed, corpus.source)
         out.mkdir(parents=True, exist_ok=True)
         fmt.atomic_write_bytes(out / DATA, json.dumps({
             "source": corpus.source, "seq_len": rc.seq_len, "generate_s": gen_s,
