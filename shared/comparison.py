@@ -9,7 +9,7 @@ ones per run, the CLI one of each); nothing here loads a model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Literal
@@ -19,6 +19,7 @@ from .stats import ReplyStats
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from .draft.base import Drafter
     from .generation import GenerationResult, GenerationSettings, Pipeline, TokenEvent
 
 Mode = Literal["full", "split"]
@@ -140,6 +141,8 @@ def compare(
     on_run: Callable[[Mode], None] | None = None,
     on_token: Callable[[Mode, TokenEvent], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    drafters: Mapping[Mode, Drafter | None] | None = None,
+    draft_max: int = 8,
 ) -> Comparison:
     """Generate ``ids``'s reply through ``full`` and through ``split``, each from position 0.
 
@@ -151,6 +154,10 @@ def compare(
         on_run: told which mode starts, before each measured run.
         on_token: every measured token, with its mode, on the calling thread.
         should_stop: polled between tokens; ends a run early (``finish_reason="cancelled"``).
+        drafters: each mode's own drafter (the same kind on both sides: their drafts, lengths and
+            verification chunks are then the same, so greedy tokens compare bit for bit); absent
+            or None decodes one token per step.
+        draft_max: the longest draft.
 
     Returns:
         Both results.
@@ -158,16 +165,18 @@ def compare(
     from .generation import generate
 
     pipes = {"full": full, "split": split}
+    draft = dict(drafters or {})
     order: tuple[Mode, ...] = MODES[::-1] if split_first else MODES
     if warmup:
         warm = replace(settings, max_new_tokens=WARMUP_TOKENS, stop=())
         for mode in order:
-            generate(pipes[mode], tokenizer, list(ids), warm, eos_ids)
+            generate(pipes[mode], tokenizer, list(ids), warm, eos_ids, drafter=draft.get(mode),
+                     draft_max=draft_max)
     out: dict[str, GenerationResult] = {}
     for mode in order:
         if on_run is not None:
             on_run(mode)
         tell = None if on_token is None else partial(on_token, mode)
         out[mode] = generate(pipes[mode], tokenizer, list(ids), settings, eos_ids, on_token=tell,
-                             should_stop=should_stop)
+                             should_stop=should_stop, drafter=draft.get(mode), draft_max=draft_max)
     return Comparison(tuple(ids), out["full"], out["split"])

@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 
+from .draft.base import Draft
+from .draft.control import DraftControl
+from .draft.verify import verify
 from .errors import StepRefused
 from .sampling import Sampler, SamplingSettings
 
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from .client import RemoteSession
+    from .draft.base import Drafter
     from .models import Part
 
 log = logging.getLogger(__name__)
@@ -350,6 +354,9 @@ def generate(
     on_token: Callable[[TokenEvent], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     start_position: int = 0,
+    drafter: Drafter | None = None,
+    draft_max: int = 8,
+    history: Sequence[int] = (),
 ) -> GenerationResult:
     """Generate a reply to ``ids``.
 
@@ -361,11 +368,15 @@ def generate(
         settings: length, stop strings, sampling.
         eos_ids: tokens that end the reply (kept in ``token_ids``, not in the text).
         on_token: called for every generated token, in order, on the calling thread.
-        should_stop: polled between tokens; True ends the reply with ``finish_reason="cancelled"``.
+        should_stop: polled between steps; True ends the reply with ``finish_reason="cancelled"``.
         start_position: where ``ids`` go; below the pipeline's cached length rolls it back.
+        drafter: proposes tokens that one step verifies several at a time (speculative
+            decoding, ``shared.draft``); None decodes one token per step.
+        draft_max: the longest draft (``--draft-max``).
+        history: the conversation's tokens before ``ids`` (what a drafter may look up).
 
     Returns:
-        The result, with per-token timings and wire bytes.
+        The result, with per-token timings, wire bytes, steps and draft counts.
     """
     result = GenerationResult(prompt_ids=list(ids))
     sampler = Sampler(settings.sampling)
@@ -373,38 +384,60 @@ def generate(
     eos = set(eos_ids)
     bytes0 = (pipeline.bytes_sent, pipeline.bytes_received)
     clock = _TokenClock()
-    step_ids: Sequence[int] = ids
+    control = DraftControl(draft_max, drafter.cost) if drafter is not None else None
+    context = [*history, *ids]
+    step_ids: list[int] = list(ids)
     position = start_position
+    draft = Draft([])
     stopped = False
-    while len(result.token_ids) < settings.max_new_tokens:
+    while True:
         if should_stop is not None and should_stop():
             result.finish_reason = "cancelled"
             break
-        out = pipeline.step(step_ids, position)
-        token, client_s = _sample(sampler, out)
-        latency = clock.tick()
-        result.add_token(token, latency, client_s, out.trunk_s)
-        position += len(step_ids)
-        step_ids = [token]
-        delta, stopped = ("", False) if token in eos else detok.push(result.token_ids)
-        if on_token is not None:
-            on_token(TokenEvent(len(result.token_ids) - 1, token, delta, latency, client_s, out.trunk_s))
-        if token in eos or stopped:
-            result.finish_reason = "eos" if token in eos else "stop"
+        out = pipeline.step(step_ids, position, logits_for=len(draft.tokens) + 1)
+        t0 = time.perf_counter()
+        if draft.tokens:
+            tokens, accepted = verify(out.logits, draft, sampler)
+            assert control is not None  # a draft exists only with a drafter
+            control.verified(len(draft.tokens), accepted)
+            result.drafted += len(draft.tokens)
+            result.accepted += accepted
+        else:
+            tokens, accepted = [sampler(out.logits[-1])], 0
+        client_s, trunk_s = out.client_s + draft.seconds + (time.perf_counter() - t0), out.trunk_s
+        result.steps += 1
+        result.draft_s += draft.seconds
+        position += len(step_ids) - len(draft.tokens) + accepted  # the positions kept
+        for token in tokens:
+            latency = clock.tick()
+            result.add_token(token, latency, client_s, trunk_s)
+            context.append(token)
+            delta, stopped = ("", False) if token in eos else detok.push(result.token_ids)
+            if on_token is not None:
+                on_token(TokenEvent(len(result.token_ids) - 1, token, delta, latency, client_s,
+                                    trunk_s, result.steps, result.drafted, result.accepted))
+            client_s = trunk_s = 0.0  # a step's compute is counted once, on its first token
+            if token in eos or stopped:
+                result.finish_reason = "eos" if token in eos else "stop"
+                break
+            if len(result.token_ids) >= settings.max_new_tokens:
+                break
+        if result.finish_reason != "length" or len(result.token_ids) >= settings.max_new_tokens:
             break
+        step_ids = [tokens[-1]]
+        draft = Draft([])
+        if drafter is not None and control is not None:
+            k = control.next_length(settings.max_new_tokens - len(result.token_ids) - 1)
+            if k > 0:
+                draft = drafter.propose(context, k, settings.sampling, sampler.generator)
+                draft = Draft(draft.tokens[:k], None if draft.probs is None else draft.probs[:k], draft.seconds)
+                step_ids.extend(draft.tokens)
     # text still held back (a partial stop string or character at the very end) is in
     # ``result.text``; a streaming front end prints ``result.text[len(streamed):]`` last
     result.text = detok.finish(result.token_ids, stopped)
     result.bytes_sent = pipeline.bytes_sent - bytes0[0]
     result.bytes_received = pipeline.bytes_received - bytes0[1]
     return result
-
-
-def _sample(sampler: Sampler, out: StepOutput) -> tuple[int, float]:
-    """The next token from a step's logits, and the step's client compute with the sampling."""
-    t0 = time.perf_counter()
-    token = sampler(out.logits[-1])
-    return token, out.client_s + (time.perf_counter() - t0)
 
 
 class _TokenClock:

@@ -52,11 +52,15 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """The next token id from the last position's logits ``(V,)``."""
+        if self.settings.greedy:
+            return int(torch.argmax(logits.to(torch.float32)))
+        return self.draw(self.distribution(logits))
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """The probabilities ``(V,)`` float32 a sampled token is drawn from: the logits after
+        temperature, top-k and top-p (not meaningful for greedy settings)."""
         s = self.settings
-        logits = logits.to(torch.float32)
-        if s.greedy:
-            return int(torch.argmax(logits))
-        logits = logits / s.temperature
+        logits = logits.to(torch.float32) / s.temperature
         if s.top_k and s.top_k < logits.numel():
             kth = torch.topk(logits, s.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -67,5 +71,12 @@ class Sampler:
             drop = (torch.cumsum(probs, dim=-1) - probs) >= s.top_p
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
-        probs = torch.softmax(logits, dim=-1)
+        return torch.softmax(logits, dim=-1)
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """A token drawn from ``probs`` ``(V,)`` with this sampler's generator."""
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def uniform(self) -> float:
+        """A number in [0, 1) from this sampler's generator (speculative sampling's coin)."""
+        return float(torch.rand((), generator=self.generator))

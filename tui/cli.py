@@ -224,10 +224,34 @@ def _result_json(res: GenerationResult, plan: dict[str, Any]) -> dict[str, Any]:
         },
         "bytes_sent": res.bytes_sent,
         "bytes_received": res.bytes_received,
+        "draft": _draft_json(res),
     }
 
 
-def _run(pipeline: Any, model: Any, ids: list[int], settings: GenerationSettings, stream: bool) -> GenerationResult:
+def _draft_json(res: GenerationResult) -> dict[str, Any]:
+    """Round trips and draft figures of one reply (``drafted`` is 0 without a draft)."""
+    return {
+        "steps": res.steps,
+        "tokens_per_step": res.tokens_per_step,
+        "drafted": res.drafted,
+        "accepted": res.accepted,
+        "acceptance": res.acceptance,
+        "draft_s": res.draft_s,
+    }
+
+
+def _drafter(args: argparse.Namespace, model: Any, device: Any, parts: Any = None) -> Any:
+    """The ``--draft`` drafter for one session (None for off); a new one per session."""
+    from ..shared.draft.build import build_drafter
+
+    return build_drafter(args.draft, model, device, bottom=getattr(parts, "bottom", None),
+                         top=getattr(parts, "top", None))
+
+
+def _run(
+    pipeline: Any, model: Any, ids: list[int], settings: GenerationSettings, stream: bool,
+    drafter: Any = None, draft_max: int = 8,
+) -> GenerationResult:
     from ..shared.generation import generate
 
     streamed: list[str] = []
@@ -238,7 +262,8 @@ def _run(pipeline: Any, model: Any, ids: list[int], settings: GenerationSettings
             sys.stdout.write(ev.delta)
             sys.stdout.flush()
 
-    res = generate(pipeline, model.tokenizer, ids, settings, model.eos_ids, on_token=on_token if stream else None)
+    res = generate(pipeline, model.tokenizer, ids, settings, model.eos_ids, on_token=on_token if stream else None,
+                   drafter=drafter, draft_max=draft_max)
     if stream:
         sys.stdout.write(res.text[len("".join(streamed)) :] + "\n")
         sys.stdout.flush()
@@ -261,6 +286,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model = prepare.load_model(args.model)
         pipeline = prepare.full_pipeline(model, dtype, device, weights=_weights(args))
         plan = prepare.plan_dict(model, None, None)
+        drafter = _drafter(args, model, device)
     else:
         client = _client(args)
         info = client.info()
@@ -272,13 +298,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
             parts, client, wire_dtype=_wire_dtype(args), retry=retry, on_reconnect=_reconnect_notice
         )
         plan = prepare.plan_dict(model, parts.plan.split, parts.fingerprint.digest)
+        drafter = _drafter(args, model, device, parts)
     ids = prompt_ids(model.tokenizer, prompt, chat=not args.no_chat)
     try:
-        res = _run(pipeline, model, ids, settings, stream=not args.json)
+        res = _run(pipeline, model, ids, settings, stream=not args.json, drafter=drafter,
+                   draft_max=args.draft_max)
     finally:
         pipeline.close()
+        if drafter is not None:
+            drafter.close()
     if args.json:
         print(json.dumps(_result_json(res, plan)))
+    elif drafter is not None:
+        rate = f"{res.acceptance:.0%}" if res.acceptance is not None else "none drafted"
+        print(f"splitlm: draft {drafter.name}: {len(res.token_ids)} tokens in {res.steps} steps "
+              f"({res.tokens_per_step:.2f} per round trip), {res.accepted}/{res.drafted} drafted "
+              f"tokens accepted ({rate})", file=sys.stderr)
     return ExitCode.OK
 
 
@@ -322,6 +357,7 @@ def _comparison_json(c: Comparison, plan: dict[str, Any]) -> dict[str, Any]:
         "full": sf,
         "split": ss_,
         "ratios_split_over_full": {k: ratio(ss_[k], sf[k]) for k in RATIO_KEYS},
+        "draft": {"full": _draft_json(c.full), "split": _draft_json(c.split)},
         "full_text": c.full.text,
         "split_text": c.split.text,
     }
@@ -344,6 +380,10 @@ def _print_comparison(out: dict[str, Any], title: str) -> None:
         print(f"{label:22}{sf[key] * scale:10.2f}{ss_[key] * scale:10.2f}{ratios[key]:12.3f}")
     print(f"{'wire bytes/token':22}{'':>10}{ss_['bytes_per_token']:10.0f}")
     print(f"{'split overhead p50 (ms)':22}{'':>10}{ss_['overhead_p50_s'] * 1e3:10.3f}")
+    df, ds = out["draft"]["full"], out["draft"]["split"]
+    print(f"{'tokens per step':22}{df['tokens_per_step']:10.2f}{ds['tokens_per_step']:10.2f}")
+    if ds["drafted"]:
+        print(f"{'draft acceptance':22}{df['acceptance']:10.2f}{ds['acceptance']:10.2f}")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -367,10 +407,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     full = LocalPipeline(parts.full)
     split = prepare.split_pipeline(parts, client, wire_dtype=_wire_dtype(args), retry=retry, on_reconnect=_reconnect_notice)
     ids = prompt_ids(model.tokenizer, prompt, chat=not args.no_chat)
+    # one drafter per side: the same drafts, lengths and chunks, so greedy tokens compare exactly
+    drafters = {"full": _drafter(args, model, device, parts), "split": _drafter(args, model, device, parts)}
     try:
-        result = compare(full, split, model.tokenizer, ids, settings, model.eos_ids, warmup=True)
+        result = compare(full, split, model.tokenizer, ids, settings, model.eos_ids, warmup=True,
+                         drafters=drafters, draft_max=args.draft_max)
     finally:
         split.close()
+        for d in drafters.values():
+            if d is not None:
+                d.close()
     out = _comparison_json(result, prepare.plan_dict(model, parts.plan.split, parts.fingerprint.digest))
     if args.json:
         print(json.dumps(out))

@@ -1,0 +1,119 @@
+"""How many tokens to draft next: an adaptive length and a pause when drafting does not pay.
+
+The length grows by 2 after a draft was accepted whole and shrinks by 1 after a rejection
+(transformers' assisted generation does the same), within ``[1, draft_max]``. Whether to draft
+at all comes from a cost model, not from the clock: with a per-token acceptance ``a`` a draft of
+k tokens gives ``(1 - a**(k + 1)) / (1 - a)`` tokens for one step that costs
+``1 + k * (VERIFY_COST + drafter.cost)`` steps of compute. When no k pays by ``MARGIN``, drafting
+pauses for a while (doubling up to ``MAX_PAUSE`` steps) and then probes again with one token.
+
+Deciding from acceptance alone (never from timings) keeps the schedule a function of the tokens:
+the full model and the split, given the same logits, draft and verify the same chunks, so their
+greedy tokens can be compared bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VERIFY_COST = 0.04
+"""Compute of one more verified position relative to a one-position decode step. A decode step on
+a CPU reads every weight once whatever the positions, so extra positions cost little: SmolLM2 at
+2 threads, 1 position 62 ms, 5 positions 71 ms (BENCHMARKS.md, "speculative decoding")."""
+
+MARGIN = 0.05
+"""A draft must promise 5 % more tokens per unit of compute than plain decoding: the rest of
+the 5 % budget the issue gives a draft at zero link delay covers the estimate's error."""
+
+PRIOR_ACCEPTANCE = 0.5
+"""The acceptance assumed before any draft was verified (weight of ``PRIOR_WEIGHT`` tokens)."""
+
+PRIOR_WEIGHT = 2.0
+DECAY = 0.9
+"""Per verified draft, older evidence is weighted down by this much (about the last 10 drafts)."""
+
+START_LENGTH = 4
+MAX_PAUSE = 64
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens one verification of a k-token draft yields when each draft token is accepted with
+    probability ``acceptance`` independently until the first rejection (the bonus token counts)."""
+    a = min(max(acceptance, 0.0), 0.999999)
+    return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def step_cost(k: int, draft_cost: float) -> float:
+    """Compute of a step verifying k drafted tokens, drafting included, in one-position steps."""
+    return 1.0 + k * (VERIFY_COST + draft_cost)
+
+
+@dataclass
+class DraftControl:
+    """The draft length for one reply (fresh per reply: acceptance differs per prompt).
+
+    Attributes:
+        draft_max: the longest draft (``--draft-max``).
+        draft_cost: the drafter's ``cost``.
+    """
+
+    draft_max: int
+    draft_cost: float = 0.0
+    length: int = 0
+    accepted_w: float = PRIOR_ACCEPTANCE * PRIOR_WEIGHT
+    tried_w: float = PRIOR_WEIGHT
+    pause_left: int = 0
+    pause_next: int = 1
+    probing: bool = False
+
+    def __post_init__(self) -> None:
+        self.length = min(START_LENGTH, self.draft_max)
+
+    @property
+    def acceptance(self) -> float:
+        """The running estimate of the per-token acceptance."""
+        return self.accepted_w / self.tried_w
+
+    def best_length(self) -> int:
+        """The k in ``[1, length]`` with the most tokens per unit of compute; 0 when none pays."""
+        best_k, best_gain = 0, 1.0 + MARGIN
+        for k in range(1, self.length + 1):
+            gain = expected_tokens(self.acceptance, k) / step_cost(k, self.draft_cost)
+            if gain > best_gain:
+                best_k, best_gain = k, gain
+        return best_k
+
+    def next_length(self, room: int) -> int:
+        """How many tokens to draft for the next step; ``room`` is how many tokens the reply may
+        still take after the step's own (never draft past ``max_new_tokens``)."""
+        if room < 1:
+            return 0
+        if self.pause_left > 0:
+            self.pause_left -= 1
+            if self.pause_left == 0:
+                self.probing = True
+            return 0
+        if self.probing:
+            return 1
+        k = self.best_length()
+        if k == 0:
+            self.pause_left = self.pause_next
+            self.pause_next = min(MAX_PAUSE, self.pause_next * 2)
+            return 0
+        return min(k, room)
+
+    def verified(self, proposed: int, accepted: int) -> None:
+        """Record a verified draft: ``accepted`` of ``proposed`` tokens kept."""
+        if proposed == 0:
+            return
+        tried = accepted + (0 if accepted == proposed else 1)
+        self.accepted_w = DECAY * self.accepted_w + accepted
+        self.tried_w = DECAY * self.tried_w + tried
+        if accepted == proposed:
+            self.length = min(self.draft_max, self.length + 2)
+        else:
+            self.length = max(1, self.length - 1)
+        if self.probing:
+            self.probing = False
+            if self.best_length() > 0:
+                self.pause_next = 1
