@@ -22,25 +22,25 @@ refused, as is a student made for another model (config or weights digest) or an
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import UsageError
-from .base import Draft
+from .model import PartDrafter
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PretrainedConfig
 
     from ..models import Part
     from ..prepare import LoadedModel
-    from ..sampling import SamplingSettings
     from .base import Drafter
 
 log = logging.getLogger(__name__)
@@ -293,108 +293,44 @@ def set_bridge_weights(part: Part, layers: Sequence[Mapping[str, torch.Tensor]],
             raise UsageError(f"student {where}: layer {j} does not fit this model ({first})") from None
 
 
-def draft_cost(num_layers: int, own_layers: int, hidden: int, vocab: int, layer_params: int) -> float:
-    """One drafted token's compute relative to one decode step of the served model, estimated
-    from what each reads (a CPU decode step is bound by reading the weights): ``own_layers``
-    layers and the head, over ``num_layers`` layers and the head. Fixed, never measured."""
-    head = hidden * vocab
-    return (own_layers * layer_params + head) / (num_layers * layer_params + head)
+def bridge_cost(config: PretrainedConfig, own_layers: int) -> float:
+    """One drafted token's compute relative to one decode step of the served model: the weights a
+    step reads (``model.parameter_count``) with ``own_layers`` layers instead of all. Fixed when
+    the drafter is built, never measured."""
+    from .model import parameter_count
+
+    mine = copy.deepcopy(config)
+    mine.num_hidden_layers = own_layers
+    return parameter_count(mine) / parameter_count(config)
 
 
-class BridgeDrafter:
+class BridgeDrafter(PartDrafter):
     """A bridge student run on the client: bottom, the student's layers, top, each with a cache of
     its own (the bottom and top weights may be the split pipeline's own parts).
 
-    Called from the generation loop's thread only (see ``Drafter``).
+    Called from the generation loop's thread only (see ``Drafter``); ``PartDrafter.propose``
+    rolls the caches back to the prefix they share with the context and drafts token by token.
     """
 
     def __init__(self, name: str, bottom: Part, mid: Part, top: Part) -> None:
-        self.name = name
-        self.bottom, self.mid, self.top = bottom, mid, top
         n = mid.spec.end - mid.spec.start
-        layer = layer_module(mid, mid.spec.start)
-        layer_params = sum(p.numel() for p in layer.parameters())
-        cfg = bottom.config
-        self.cost = draft_cost(
-            bottom.num_layers, bottom.spec.end + n + (top.num_layers - top.spec.start),
-            int(cfg.hidden_size), int(cfg.vocab_size), layer_params,
-        )
-        self.max_positions = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 1 << 30)
+        super().__init__(name, bridge_cost(bottom.config, bottom.spec.end + n + bottom.num_layers - top.spec.start))
+        self.bottom, self.mid, self.top = bottom, mid, top
         self._reset()
 
     def _reset(self) -> None:
         self.caches = (self.bottom.new_cache(), self.mid.new_cache(), self.top.new_cache())
-        self.ids: list[int] = []
 
-    def close(self) -> None:
-        self._reset()
+    def _floor(self) -> int:
+        return max(c.rollback_floor for c in self.caches)
 
-    def _step(self, ids: Sequence[int], position: int) -> torch.Tensor:
+    def _logits(self, ids: Sequence[int], position: int) -> torch.Tensor:
         """Logits ``(V,)`` after feeding ``ids`` at ``position`` through all three caches."""
         import torch
 
-        x = torch.tensor([list(ids)])
-        h = self.bottom.forward(x, position, self.caches[0])
+        h = self.bottom.forward(torch.tensor([list(ids)]), position, self.caches[0])
         h = self.mid.forward(h, position, self.caches[1])
-        logits = self.top.forward(h, position, self.caches[2])  # (1, 1, V)
-        return logits[0, -1]
-
-    def _rollback_floor(self) -> int:
-        return max(c.rollback_floor for c in self.caches)
-
-    def propose(self, context: Sequence[int], k: int, sampling: SamplingSettings, generator: torch.Generator) -> Draft:
-        """Up to ``k`` tokens after ``context``: the caches roll back to the longest prefix they
-        share with ``context`` (re-prefilled from 0 below a sliding window's floor), the rest of
-        it is fed, then one token at a time is chosen greedily or sampled with the reply's
-        settings (``probs`` then holds each token's distribution)."""
-        import torch
-
-        t0 = time.perf_counter()
-        context = list(context)
-        k = min(k, self.max_positions - len(context))
-        if k <= 0 or not context:
-            return Draft([], None, time.perf_counter() - t0)
-        n = 0
-        limit = min(len(self.ids), len(context) - 1)  # at least one token is fed, for its logits
-        while n < limit and self.ids[n] == context[n]:
-            n += 1
-        if 0 < n < self._rollback_floor():
-            n = 0
-        logits = self._step(context[n:], n)
-        self.ids = context
-        tokens: list[int] = []
-        dists: list[torch.Tensor] = []
-        for i in range(k):
-            if sampling.greedy:
-                token = int(torch.argmax(logits))
-            else:
-                probs = distribution(logits, sampling)
-                token = int(torch.multinomial(probs, 1, generator=generator))
-                dists.append(probs)
-            tokens.append(token)
-            if i + 1 < k:
-                logits = self._step([token], len(self.ids))
-                self.ids.append(token)
-        return Draft(tokens, torch.stack(dists) if dists else None, time.perf_counter() - t0)
-
-
-def distribution(logits: torch.Tensor, sampling: SamplingSettings) -> torch.Tensor:
-    """The distribution ``shared.sampling.Sampler`` draws from for ``logits`` ``(V,)``: temperature,
-    top-k, top-p; float32 on the CPU (the reply's generator lives there)."""
-    import torch
-
-    s = sampling
-    x = logits.to(device="cpu", dtype=torch.float32) / s.temperature
-    if s.top_k and s.top_k < x.numel():
-        kth = torch.topk(x, s.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if s.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= s.top_p
-        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(0, order, sorted_x)
-    return torch.softmax(x, dim=-1)
+        return self.top.forward(h, position, self.caches[2])[0, -1]  # (1, 1, V) -> (V,)
 
 
 def load_student_drafter(
@@ -421,7 +357,13 @@ def load_student_drafter(
     if manifest.kind == "standalone":
         from .model import load_model_drafter
 
-        return load_model_drafter(str(d), model, device)
+        weights = d / (manifest.weights or "model.safetensors")
+        if not weights.is_file() or (manifest.sha256 and file_sha256(weights) != manifest.sha256):
+            raise UsageError(f"student {d}: {weights.name} is missing, corrupt or truncated (its SHA-256 "
+                             "differs from the manifest's)")
+        drafter = load_model_drafter(str(d), model, device)
+        drafter.name = f"student:{path}"
+        return drafter
     assert manifest.plan is not None  # from_json: a bridge has one (checked below anyway)
     plan = manifest.plan
     if bottom is not None and top is not None:

@@ -21,6 +21,7 @@ from splitlm.shared.draft.student import BridgeDrafter, load_student_drafter
 from splitlm.shared.errors import UsageError
 from splitlm.shared.models import PartSpec, build_parts
 from splitlm.shared.sampling import SamplingSettings
+from tests.conftest import run_cli
 
 CPU = torch.device("cpu")
 GREEDY = SamplingSettings()
@@ -141,24 +142,25 @@ def test_a_damaged_student_is_refused(bridge: Path, model: prepare.LoadedModel, 
         build_drafter(f"student:{d}", model, CPU)
 
 
-def test_against_a_daemon_the_plan_decides(bridge: Path, model: prepare.LoadedModel, tiny_text_models: dict[str, Path],
-                                           daemon_factory) -> None:  # type: ignore[no-untyped-def]
-    """The client's parts for a real daemon's plan: the student made for it drafts with them (as
-    the full-model drafter does); one made for another plan is refused, naming both plans."""
-    from splitlm.shared.client import TrunkClient
+def test_generate_with_a_student_split_equals_full(bridge: Path, tiny_text_models: dict[str, Path],
+                                                   daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """``generate --draft student:DIR`` through a real daemon gives the full model's greedy tokens
+    with the same draft, round trips and acceptance; a daemon serving another plan is refused,
+    naming both plans."""
+    model = str(tiny_text_models["llama"])
+    common = ("--model", model, "--no-chat", "--max-new-tokens", "16", "--draft", f"student:{bridge}",
+              "--threads", "1", "--json", "The quick brown")
+    d = daemon_factory(tiny_text_models["llama"], "--split", "1:5")
+    split = run_cli("generate", "--trunk", d.address, *common)
+    full = run_cli("generate", "--full", *common)
+    assert split.returncode == 0 and full.returncode == 0, split.stderr + full.stderr
+    s, f = json.loads(split.stdout), json.loads(full.stdout)
+    assert s["token_ids"] == f["token_ids"] and len(s["token_ids"]) > 0
+    assert s["draft"]["drafted"] > 0
+    for key in ("steps", "drafted", "accepted"):
+        assert s["draft"][key] == f["draft"][key], key
 
-    for split, fits in (("1:5", True), ("2:4", False)):
-        d = daemon_factory(tiny_text_models["llama"], "--split", split)
-        client = TrunkClient(d.address)
-        try:
-            parts = prepare.split_parts(model, client.info(), CPU)
-            if fits:
-                drafter = build_drafter(f"student:{bridge}", model, CPU, parts.bottom, parts.top)
-                assert drafter is not None
-                tokens = drafter.propose(CONTEXT, 4, GREEDY, torch.Generator()).tokens
-                assert tokens == _drafter(bridge, model).propose(CONTEXT, 4, GREEDY, torch.Generator()).tokens
-            else:
-                with pytest.raises(UsageError, match=r"plan 1:5 .*serves 2:4"):
-                    build_drafter(f"student:{bridge}", model, CPU, parts.bottom, parts.top)
-        finally:
-            client.close()
+    other = daemon_factory(tiny_text_models["llama"], "--split", "2:4")
+    r = run_cli("generate", "--trunk", other.address, *common)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "made for the plan 1:5" in r.stderr and "serves 2:4" in r.stderr
