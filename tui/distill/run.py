@@ -62,6 +62,8 @@ class State:
     step: int = 0
     tokens: int = 0
     train_s: float = 0.0
+    cpu_s: float = 0.0
+    """CPU time of the training steps (all threads): on a shared machine, what the run really got."""
     epoch: int = 0
     index: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -237,8 +239,8 @@ def run(args: argparse.Namespace, client: Callable[[], Any]) -> int:
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         s = ckpt["state"]
-        state = State(int(s["step"]), int(s["tokens"]), float(s["train_s"]), int(s["epoch"]), int(s["index"]),
-                      list(s["history"]), [tuple(x) for x in s["losses"]])
+        state = State(int(s["step"]), int(s["tokens"]), float(s["train_s"]), float(s.get("cpu_s", 0.0)),
+                      int(s["epoch"]), int(s["index"]), list(s["history"]), [tuple(x) for x in s["losses"]])
         _note(f"distill: resuming {out} at step {state.step} ({state.tokens} tokens seen)", None)
 
     cut = rc.plan[0] if rc.plan else 1
@@ -263,6 +265,7 @@ def run(args: argparse.Namespace, client: Callable[[], Any]) -> int:
         return {
             "steps": state.step, "tokens_seen": state.tokens, "train_s": round(state.train_s, 1),
             "tokens_per_s": round(state.tokens / state.train_s, 1) if state.train_s else 0.0,
+            "train_cpu_s": round(state.cpu_s, 1),
             "data": data_source, "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks),
             "seq_len": rc.seq_len, "batch_size": rc.batch_size, "lr": rc.lr, "temperature": rc.temperature,
             "hard_weight": rc.hard_weight, "generate_s": round(gen_s, 1),
@@ -281,7 +284,8 @@ def run(args: argparse.Namespace, client: Callable[[], Any]) -> int:
             "format": CKPT_FORMAT, "version": 1, "run": asdict(rc), "base": asdict(base),
             "params": {k: v.detach().cpu() for k, v in params.items()}, "optimizer": opt.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "state": {"step": state.step, "tokens": state.tokens, "train_s": state.train_s, "epoch": state.epoch,
+            "state": {"step": state.step, "tokens": state.tokens, "train_s": state.train_s, "cpu_s": state.cpu_s,
+                      "epoch": state.epoch,
                       "index": state.index, "history": state.history, "losses": [list(x) for x in state.losses]},
         }, blob)
         fmt.atomic_write_bytes(out / CHECKPOINT, blob.getvalue())
@@ -300,7 +304,7 @@ def run(args: argparse.Namespace, client: Callable[[], Any]) -> int:
             if args.time_limit and time.perf_counter() - t_run >= args.time_limit:
                 _note(f"distill: --time-limit reached after {state.step} steps", bar)
                 break
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             order = _order(len(train_blocks), rc.seed, state.epoch)
             picked: list[list[int]] = []
             while len(picked) < rc.batch_size:
@@ -323,6 +327,7 @@ def run(args: argparse.Namespace, client: Callable[[], Any]) -> int:
             state.tokens += batch.ids.numel()
             dt = time.perf_counter() - t0
             state.train_s += dt
+            state.cpu_s += time.process_time() - c0
             state.losses.append((state.step, float(loss.detach())))
             if bar is not None:
                 bar.update(1)
@@ -399,7 +404,8 @@ def _print_summary(r: dict[str, Any]) -> None:
     plan = f", plan {r['plan'][0]}:{r['plan'][1]}" if r["plan"] else ""
     print(f"student   {r['output']} ({r['kind']}, {r['layers']} layers from {r['init_from']}{plan})")
     print(f"data      {r['data']}: {r['train_blocks']} train / {r['eval_blocks']} eval blocks of {r['seq_len']} tokens")
-    print(f"trained   {r['steps']} steps, {r['tokens_seen']} tokens in {r['train_s']} s ({r['tokens_per_s']} tokens/s)")
+    print(f"trained   {r['steps']} steps, {r['tokens_seen']} tokens in {r['train_s']} s ({r['tokens_per_s']} tokens/s, "
+          f"{r['train_cpu_s']} s of CPU)")
     if r["step0_acceptance"] is not None:
         print(f"step 0    eval loss {r['step0_eval_loss']:.4f}, acceptance {r['step0_acceptance']:.3f}")
     print(f"final     eval loss {r['eval_loss']:.4f}, acceptance {r['acceptance']:.3f}, "
