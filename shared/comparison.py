@@ -171,12 +171,15 @@ def compare(
         warm = replace(settings, max_new_tokens=WARMUP_TOKENS, stop=())
         for mode in order:
             generate(pipes[mode], tokenizer, list(ids), warm, eos_ids, drafter=draft.get(mode),
-                     draft_max=draft_max)
+                     draft_max=draft_max, draft_link=0.0)
+    # both sides weigh a round trip as the split's link does, so drafts verify the same chunks
+    link = split.link_ratio
     out: dict[str, GenerationResult] = {}
     for mode in order:
         if on_run is not None:
             on_run(mode)
         tell = None if on_token is None else partial(on_token, mode)
         out[mode] = generate(pipes[mode], tokenizer, list(ids), settings, eos_ids, on_token=tell,
-                             should_stop=should_stop, drafter=draft.get(mode), draft_max=draft_max)
+                             should_stop=should_stop, drafter=draft.get(mode), draft_max=draft_max,
+                             draft_link=link)
     return Comparison(tuple(ids), out["full"], out["split"])

@@ -116,6 +116,40 @@ class Choice(Reader):
         return value
 
 
+class Refused(ValueError):
+    """A reader's refusal whose message says more than its ``allowed`` (which value, why):
+    argparse shows the message itself."""
+
+
+class IntList(Reader):
+    """Comma-separated integers in ``[minimum, maximum]`` (``1,2,8``), read as a sorted tuple
+    without repeats."""
+
+    def __init__(self, minimum: int, maximum: int) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+        self.allowed = f"comma-separated integers from {minimum} to {maximum} such as {minimum},{maximum}"
+
+    def __call__(self, raw: object) -> tuple[int, ...]:
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ValueError
+        values = []
+        for item in items:
+            if isinstance(item, str) and re.fullmatch(r"\s*\+?\d+\s*", item):
+                item = int(item)
+            if not isinstance(item, int) or isinstance(item, bool):
+                raise ValueError
+            values.append(item)
+        bad = [v for v in sorted(set(values)) if not self.minimum <= v <= self.maximum]
+        if bad:
+            raise Refused(f"{bad[0]} is out of range: each value must be {self.minimum}-{self.maximum}")
+        return tuple(sorted(set(values)))
+
+    def show(self, value: Any) -> str:
+        return ",".join(str(v) for v in value)
+
+
 class Integer(Reader):
     def __init__(self, minimum: int = 1) -> None:
         self.minimum = minimum
@@ -707,6 +741,21 @@ CLIENT_FLAGS: tuple[Option, ...] = (
            "start the daemon with --batch (cross-session batching of decode steps)",
            default=False, commands=("bench",)),
     *DISTILL_FLAGS,
+    Option("concurrency", IntList(1, 256),
+           "concurrent sessions to measure (default 1,2,4,8,16,32; --quick 1,8)",
+           commands=("bench",), metavar="N,N,..."),
+    Option("batch_file", PathValue(),
+           "run every prompt of a JSONL file (one {\"prompt\": ...} object a line; - reads "
+           "standard input) and print one JSON result a line, in input order",
+           commands=("generate",), metavar="FILE", flag="--batch"),
+    Option("concurrency", Integer(1),
+           "with --batch: prompts in flight at once, each in its own trunk session (a daemon "
+           "started with --batch batches their steps); --full runs one at a time",
+           default=4, commands=("generate",), metavar="N"),
+    Option("output", PathValue(),
+           "with --batch: write the results to this file (whole, or not at all) instead of "
+           "standard output",
+           commands=("generate",), metavar="PATH"),
 )
 """The client's options that are flags alone (no environment variable, no TOML key) but that
 several commands take, or whose flag another program spells too."""
@@ -767,6 +816,8 @@ class _ArgType:
     def __call__(self, raw: str) -> Any:
         try:
             return self.read(raw)
+        except Refused as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
         except (ValueError, TypeError):
             raise argparse.ArgumentTypeError(f"expected {self.read.allowed}, got {raw!r}") from None
 

@@ -59,6 +59,12 @@ class Pipeline(Protocol):
     @property
     def bytes_received(self) -> int: ...
 
+    @property
+    def link_ratio(self) -> float:
+        """The round trip beside a one-position step's compute, as a multiple of it (0 here and
+        now for a local pipeline); what a draft's length control weighs a round trip at."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -101,6 +107,8 @@ class TokenLog:
 class LocalPipeline:
     """The whole model in this process (``--full``)."""
 
+    link_ratio = 0.0
+
     def __init__(self, full: Part) -> None:
         self.part = full
         self.cache = full.new_cache()
@@ -132,6 +140,7 @@ class SplitPipeline:
         self.bottom_cache = bottom.new_cache()
         self.top_cache = top.new_cache()
         self.tokens = TokenLog()
+        self._link = _LinkEstimate()
 
     @property
     def bytes_sent(self) -> int:
@@ -140,6 +149,10 @@ class SplitPipeline:
     @property
     def bytes_received(self) -> int:
         return self.session.bytes_received
+
+    @property
+    def link_ratio(self) -> float:
+        return self._link.ratio
 
     @property
     def rollback_floor(self) -> int:
@@ -159,11 +172,44 @@ class SplitPipeline:
         t2 = time.perf_counter()
         logits = self.top.forward(h2, position, self.top_cache, logits_for=logits_for)
         t3 = time.perf_counter()
+        self._link.add(len(ids), (t1 - t0) + (t3 - t2) + trunk_s, (t2 - t1) - trunk_s)
         self.tokens.ran(ids, position)
         return StepOutput(logits[0], (t1 - t0) + (t3 - t2), trunk_s)
 
     def close(self) -> None:
         self.session.close()
+
+
+class _LinkEstimate:
+    """A split session's round trip beside its compute, from its steps' timings.
+
+    Both are running means over recent steps of few positions (decode and verification steps; a
+    prefill's compute says little about a decode step's): ``link`` is a step's wall time less
+    all compute (wire, serialisation, scheduling), ``compute`` the bottom, trunk and top.
+    """
+
+    WEIGHT = 0.2
+    MAX_POSITIONS = 16
+
+    def __init__(self) -> None:
+        self.link_s: float | None = None
+        self.compute_s: float | None = None
+
+    def add(self, positions: int, compute_s: float, link_s: float) -> None:
+        if self.link_s is None or self.compute_s is None:
+            self.link_s, self.compute_s = max(link_s, 0.0), compute_s
+            return
+        if positions > self.MAX_POSITIONS:
+            return
+        w = self.WEIGHT
+        self.link_s += w * (max(link_s, 0.0) - self.link_s)
+        self.compute_s += w * (compute_s - self.compute_s)
+
+    @property
+    def ratio(self) -> float:
+        if not self.link_s or not self.compute_s:
+            return 0.0
+        return self.link_s / self.compute_s
 
 
 @dataclass(frozen=True)
@@ -357,6 +403,7 @@ def generate(
     drafter: Drafter | None = None,
     draft_max: int = 8,
     history: Sequence[int] = (),
+    draft_link: float | None = None,
 ) -> GenerationResult:
     """Generate a reply to ``ids``.
 
@@ -374,6 +421,9 @@ def generate(
             decoding, ``shared.draft``); None decodes one token per step.
         draft_max: the longest draft (``--draft-max``).
         history: the conversation's tokens before ``ids`` (what a drafter may look up).
+        draft_link: the round trip as a multiple of a step's compute, for the draft's length
+            control; None takes the pipeline's estimate after the prefill. Two runs given the
+            same value verify the same chunks (``compare`` gives both the split's).
 
     Returns:
         The result, with per-token timings, wire bytes, steps and draft counts.
@@ -384,7 +434,7 @@ def generate(
     eos = set(eos_ids)
     bytes0 = (pipeline.bytes_sent, pipeline.bytes_received)
     clock = _TokenClock()
-    control = DraftControl(draft_max, drafter.cost) if drafter is not None else None
+    control: DraftControl | None = None
     context = [*history, *ids]
     step_ids: list[int] = list(ids)
     position = start_position
@@ -426,6 +476,9 @@ def generate(
             break
         step_ids = [tokens[-1]]
         draft = Draft([])
+        if drafter is not None and control is None:  # after the prefill: its round trip counts
+            link = pipeline.link_ratio if draft_link is None else draft_link
+            control = DraftControl(draft_max, drafter.cost, link)
         if drafter is not None and control is not None:
             k = control.next_length(settings.max_new_tokens - len(result.token_ids) - 1)
             if k > 0:

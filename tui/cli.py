@@ -40,10 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="store_true", help="print the version and exit")
     add_flags(p, SPLITLM)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    g = sub.add_parser("generate", help="generate a reply (split through the daemon, or --full locally)")
+    g = sub.add_parser(
+        "generate", help="generate a reply (split through the daemon, or --full locally)",
+        epilog="With --batch FILE: one JSON object a line in (prompt or messages, and optionally id, "
+        "max_new_tokens, temperature, top_p, top_k, seed, stop, no_chat; the flags are the defaults), "
+        "one JSON result a line out, in input order; a bad line gets "
+        '{"line": N, "id": ..., "error": ...} and the others still run. Exit status: 0 when every '
+        "line ran, 1 when some failed, 2 for a usage "
+        "error (no such file, an empty file, a bad flag).",
+    )
     g.add_argument("--full", action="store_true", help="run the whole model here; no daemon needed")
     add_flags(g, "generate")
-    g.add_argument("prompt", help="the prompt; - reads standard input")
+    g.add_argument("prompt", nargs="?", help="the prompt; - reads standard input (none with --batch)")
     c = sub.add_parser("compare", help="the same prompt full and split in one run: agreement and ratios")
     add_flags(c, "compare")
     c.add_argument("prompt", help="the prompt; - reads standard input")
@@ -273,6 +281,12 @@ def _run(
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..shared.failover import RetryPolicy
 
+    if args.batch_file is not None:
+        return _generate_batch(args)
+    if args.output is not None:
+        raise UsageError("--output goes with --batch FILE (one reply goes to standard output)")
+    if args.prompt is None:
+        raise UsageError("give a prompt (- reads standard input), or --batch FILE")
     settings = _settings(args)
     retry = RetryPolicy.from_settings(args.client_config.settings)
     prompt = _prompt(args)
@@ -315,6 +329,82 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"({res.tokens_per_step:.2f} per round trip), {res.accepted}/{res.drafted} drafted "
               f"tokens accepted ({rate})", file=sys.stderr)
     return ExitCode.OK
+
+
+def _generate_batch(args: argparse.Namespace) -> int:
+    """``generate --batch FILE`` (``tui.batch``): the file and ``--output`` are checked before
+    the model loads; the results file is written whole or not at all.
+
+    Returns:
+        0 when every line ran, 1 when some failed (each has its ``error``).
+    """
+    from . import batch
+
+    if args.prompt is not None:
+        raise UsageError(f"give a prompt or --batch {args.batch_file}, not both")
+    settings = _settings(args)
+    lines = batch.read_source(args.batch_file)
+    output = batch.Output(args.output)
+    lanes: list[batch.Lane] = []
+    try:
+        model, lanes, plan = _batch_lanes(args, len(lines))
+        items = batch.prepare_items(lines, settings, not args.no_chat, model.tokenizer)
+        summary = batch.run_batch(
+            items, lanes, model.tokenizer, model.eos_ids, lambda res: _result_json(res, plan), output,
+            batch.Progress(len(items)), draft_max=args.draft_max,
+        )
+        output.commit()
+    finally:
+        output.discard()
+        for lane in lanes:
+            if lane.drafter is not None:
+                lane.drafter.close()
+    print(f"splitlm: batch: {summary.lines} line{'s' if summary.lines != 1 else ''}, {summary.failed} failed, {summary.tokens} tokens in "
+          f"{summary.seconds:.1f} s ({len(lanes)} at a time)", file=sys.stderr)
+    return ExitCode.FAILURE if summary.failed else ExitCode.OK
+
+
+def _batch_lanes(args: argparse.Namespace, lines: int) -> tuple[Any, list[Any], dict[str, Any]]:
+    """The model, the batch's lanes (``--concurrency`` of them for the split, at most one per
+    line; one for ``--full``) and the plan for the results.
+
+    Split lanes share the client's parts under one lock (``shared.serialised``) and open a trunk
+    session per prompt; each lane has its own drafter, run under the same lock.
+    """
+    from ..shared import prepare
+    from ..shared.failover import RetryPolicy
+    from ..shared.generation import LocalPipeline
+    from ..shared.serialised import Lock, SerialisedDrafter, serialised_parts
+    from .batch import Lane
+
+    if args.full:
+        _quiet_libraries()
+        device, dtype = _device_dtype(args)
+        model = prepare.load_model(args.model)
+        full = prepare.full_pipeline(model, dtype, device, weights=_weights(args)).part
+        return model, [Lane(lambda: LocalPipeline(full), _drafter(args, model, device))], prepare.plan_dict(
+            model, None, None
+        )
+    retry = RetryPolicy.from_settings(args.client_config.settings)
+    client = _client(args)
+    info = client.info()
+    _quiet_libraries()
+    device = _device_dtype(args)[0]
+    model = prepare.load_model(prepare.client_model_spec(args.model, info))
+    lock = Lock()
+    own = prepare.split_parts(model, info, device, weights=_weights(args))
+    parts = serialised_parts(own, lock)
+    wire = _wire_dtype(args)
+
+    def open_session() -> Any:
+        return prepare.split_pipeline(parts, client, wire_dtype=wire, retry=retry, on_reconnect=_reconnect_notice)
+
+    lanes = []
+    # more sessions than the daemon holds would only fail lines with RESOURCE_EXHAUSTED
+    for _ in range(max(1, min(args.concurrency, lines, info.limits.max_sessions))):
+        drafter = _drafter(args, model, device, parts)
+        lanes.append(Lane(open_session, None if drafter is None else SerialisedDrafter(drafter, lock)))
+    return model, lanes, prepare.plan_dict(model, own.plan.split, own.fingerprint.digest)
 
 
 def _summary(res: GenerationResult) -> dict[str, float]:
@@ -394,7 +484,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     retry = RetryPolicy.from_settings(args.client_config.settings)
     prompt = _prompt(args)
     from ..shared import prepare
-    from ..shared.comparison import compare
+    from ..shared.comparison import MODES, Mode, compare
     from ..shared.generation import LocalPipeline, prompt_ids
 
     client = _client(args)
@@ -408,7 +498,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     split = prepare.split_pipeline(parts, client, wire_dtype=_wire_dtype(args), retry=retry, on_reconnect=_reconnect_notice)
     ids = prompt_ids(model.tokenizer, prompt, chat=not args.no_chat)
     # one drafter per side: the same drafts, lengths and chunks, so greedy tokens compare exactly
-    drafters = {"full": _drafter(args, model, device, parts), "split": _drafter(args, model, device, parts)}
+    drafters: dict[Mode, Any] = {m: _drafter(args, model, device, parts) for m in MODES}
     try:
         result = compare(full, split, model.tokenizer, ids, settings, model.eos_ids, warmup=True,
                          drafters=drafters, draft_max=args.draft_max)

@@ -2,14 +2,17 @@
 
 The length grows by 2 after a draft was accepted whole and shrinks by 1 after a rejection
 (transformers' assisted generation does the same), within ``[1, draft_max]``. Whether to draft
-at all comes from a cost model, not from the clock: with a per-token acceptance ``a`` a draft of
-k tokens gives ``(1 - a**(k + 1)) / (1 - a)`` tokens for one step that costs
-``1 + k * (VERIFY_COST + drafter.cost)`` steps of compute. When no k pays by ``MARGIN``, drafting
-pauses for a while (doubling up to ``MAX_PAUSE`` steps) and then probes again with one token.
+at all comes from a cost model: with a per-token acceptance ``a`` a draft of k tokens gives
+``(1 - a**(k + 1)) / (1 - a)`` tokens for one step that costs ``1 + link + k * (VERIFY_COST +
+drafter.cost)`` where a plain step costs ``1 + link`` (in units of one decode step's compute;
+``link`` is the round trip's share: 0 for the full model, ~0.7 for SmolLM2 across a 50 ms link).
+When no k pays by ``MARGIN``, drafting pauses for a while (doubling up to ``MAX_PAUSE`` steps)
+and then probes again with one token.
 
-Deciding from acceptance alone (never from timings) keeps the schedule a function of the tokens:
-the full model and the split, given the same logits, draft and verify the same chunks, so their
-greedy tokens can be compared bit for bit.
+Within a reply the decisions follow the accepted tokens alone (``link`` is fixed when the reply
+starts, never re-read from the clock), so the full model and the split, given the same logits
+and the same ``link``, draft and verify the same chunks and their greedy tokens compare bit for
+bit (``compare`` gives both sides the split's ``link``).
 """
 
 from __future__ import annotations
@@ -43,9 +46,10 @@ def expected_tokens(acceptance: float, k: int) -> float:
     return (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
-def step_cost(k: int, draft_cost: float) -> float:
-    """Compute of a step verifying k drafted tokens, drafting included, in one-position steps."""
-    return 1.0 + k * (VERIFY_COST + draft_cost)
+def step_cost(k: int, draft_cost: float, link: float = 0.0) -> float:
+    """Time of a step verifying k drafted tokens, drafting and the round trip included, in
+    one-position steps of compute."""
+    return 1.0 + link + k * (VERIFY_COST + draft_cost)
 
 
 @dataclass
@@ -55,10 +59,12 @@ class DraftControl:
     Attributes:
         draft_max: the longest draft (``--draft-max``).
         draft_cost: the drafter's ``cost``.
+        link: the round trip beside a step's compute, as a multiple of it (fixed per reply).
     """
 
     draft_max: int
     draft_cost: float = 0.0
+    link: float = 0.0
     length: int = 0
     accepted_w: float = PRIOR_ACCEPTANCE * PRIOR_WEIGHT
     tried_w: float = PRIOR_WEIGHT
@@ -78,7 +84,7 @@ class DraftControl:
         """The k in ``[1, length]`` with the most tokens per unit of compute; 0 when none pays."""
         best_k, best_gain = 0, 1.0 + MARGIN
         for k in range(1, self.length + 1):
-            gain = expected_tokens(self.acceptance, k) / step_cost(k, self.draft_cost)
+            gain = expected_tokens(self.acceptance, k) * (1.0 + self.link) / step_cost(k, self.draft_cost, self.link)
             if gain > best_gain:
                 best_k, best_gain = k, gain
         return best_k

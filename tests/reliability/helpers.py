@@ -98,6 +98,10 @@ class Recording:
     inner: SplitPipeline
     logits: list[torch.Tensor] = field(default_factory=list)
 
+    @property
+    def link_ratio(self) -> float:
+        return self.inner.link_ratio
+
     def step(self, ids: Sequence[int], position: int, logits_for: int = 1) -> StepOutput:
         out = self.inner.step(ids, position, logits_for)
         self.logits.append(out.logits.clone())

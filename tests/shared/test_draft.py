@@ -80,6 +80,14 @@ def test_control_pauses_when_drafts_do_not_pay_then_probes() -> None:
     assert expected_tokens(0.0, 4) == pytest.approx(1.0) and expected_tokens(0.5, 1) == pytest.approx(1.5)
 
 
+def test_a_slow_link_makes_costly_drafts_pay() -> None:
+    """At 0.45 acceptance a draft costing 0.37 of a step does not pay next to the model, but
+    does when a round trip takes 0.7 of a step's compute (SmolLM2 across a 50 ms link)."""
+    here = DraftControl(draft_max=8, draft_cost=0.37, accepted_w=0.9, tried_w=2.0)
+    remote = DraftControl(draft_max=8, draft_cost=0.37, link=0.7, accepted_w=0.9, tried_w=2.0)
+    assert here.best_length() == 0 and remote.best_length() >= 1
+
+
 def test_cheap_drafts_keep_going_at_moderate_acceptance() -> None:
     c = DraftControl(draft_max=8, draft_cost=0.0)
     for _ in range(10):

@@ -20,6 +20,7 @@ class _InProcessSplit:
         self.parts = parts
         self.caches = [p.new_cache() for p in parts]
         self.bytes_sent = self.bytes_received = 0
+        self.link_ratio = 0.0
 
     def step(self, ids, position, logits_for=1):  # type: ignore[no-untyped-def]
         from splitlm.shared.generation import StepOutput

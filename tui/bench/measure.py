@@ -13,7 +13,6 @@ comparison: the full model gets the same lock, the same threads and the same cor
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -106,6 +105,10 @@ class Metered:
     def bytes_received(self) -> int:
         return self.inner.bytes_received
 
+    @property
+    def link_ratio(self) -> float:
+        return self.inner.link_ratio
+
     def step(self, ids: Sequence[int], position: int, logits_for: int = 1) -> StepOutput:
         before = self.inner.bytes_sent + self.inner.bytes_received
         out = self.inner.step(ids, position, logits_for)
@@ -116,37 +119,17 @@ class Metered:
         self.inner.close()
 
 
-class Serialised:
-    """A part whose steps run under a lock shared by every session of a concurrency run."""
-
-    def __init__(self, part: Part, lock: threading.Lock) -> None:
-        self.part = part
-        self.lock = lock
-
-    def new_cache(self) -> Any:
-        return self.part.new_cache()
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with self.lock:
-            return self.part.forward(*args, **kwargs)
-
-
 def make_pipeline(setup: Setup, mode: str, lock: threading.Lock | None = None) -> Pipeline:
     """A fresh pipeline (new caches; a new trunk session for the split) without failover."""
     from ...shared import prepare
     from ...shared.failover import NO_FAILOVER
     from ...shared.generation import LocalPipeline
+    from ...shared.serialised import Serialised, serialised_parts
 
     if mode == "full":
         return LocalPipeline(setup.full if lock is None else Serialised(setup.full, lock))  # type: ignore[arg-type]
-    parts = setup.parts
-    if lock is not None:
-        # Serialised stands in for a Part (the same calls, under the lock), as for the full model
-        parts = dataclasses.replace(
-            parts,
-            bottom=Serialised(parts.bottom, lock),  # type: ignore[arg-type]
-            top=Serialised(parts.top, lock),  # type: ignore[arg-type]
-        )
+    # Serialised stands in for a Part (the same calls, under the lock), as for the full model
+    parts = setup.parts if lock is None else serialised_parts(setup.parts, lock)
     return prepare.split_pipeline(parts, setup.client, wire_dtype=setup.wire_dtype, retry=NO_FAILOVER)
 
 

@@ -62,7 +62,8 @@ def bounded_int(minimum: int, maximum: int) -> Callable[[str], int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The bench's flags: the registry's (``shared.config``: the target, ``--model``, the
-    precision, ``--threads``, ``--split``, ``--batch``, ``--seed``, ``--json``) and its own."""
+    precision, ``--threads``, ``--split``, ``--batch``, ``--concurrency``, ``--seed``,
+    ``--json``) and its own."""
     from ...shared.config import add_flags
 
     p.add_argument("--prompt-lengths", type=int_list(1, 1 << 20, allow_max=True), default=None,
@@ -75,8 +76,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="unrecorded rounds first (default 1)")
     p.add_argument("--repeats", type=bounded_int(1, 1000), default=None, metavar="N",
                    help="recorded rounds; full and split alternate within each (default 3; --quick 1)")
-    p.add_argument("--concurrency", type=int_list(1, 256), default=None, metavar="N,N,...",
-                   help="concurrent sessions to measure (default 1,2,4,8,16,32; --quick 1,8)")
     p.add_argument("--daemon-threads", type=bounded_int(1, 1024), default=None, metavar="N",
                    help="--threads of the daemon the bench starts (default: --threads when given, "
                    "else the daemon's default)")
