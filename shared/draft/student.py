@@ -115,6 +115,8 @@ class Manifest:
                 raise ValueError(f"kind {kind!r} is neither bridge nor standalone")
             base = BaseModel(**d["base"])
             plan = d.get("plan")
+            if kind == "bridge" and not (isinstance(plan, list) and len(plan) == 2):
+                raise ValueError("a bridge needs its plan [a, b]")
             return cls(
                 kind=kind,
                 base=base,
@@ -364,7 +366,7 @@ def load_student_drafter(
         drafter = load_model_drafter(str(d), model, device)
         drafter.name = f"student:{path}"
         return drafter
-    assert manifest.plan is not None  # from_json: a bridge has one (checked below anyway)
+    assert manifest.plan is not None  # from_json refuses a bridge without one
     plan = manifest.plan
     if bottom is not None and top is not None:
         here = (bottom.spec.end, top.spec.start)

@@ -89,6 +89,16 @@ def test_standalone_student_is_a_model_directory(tiny_text_models: dict[str, Pat
                 "--json", "abc")
     assert g.returncode == 0, g.stderr
     assert len(json.loads(g.stdout)["token_ids"]) <= 3
+    # and --draft student: takes it (as a model draft, checked against the model it came from)
+    import torch
+
+    from splitlm.shared import prepare
+    from splitlm.shared.draft.build import build_drafter
+    from splitlm.shared.sampling import SamplingSettings
+
+    drafter = build_drafter(f"student:{out}", prepare.load_model(str(tiny_text_models["llama"])), torch.device("cpu"))
+    assert drafter is not None and drafter.name == f"student:{out}" and 0 < drafter.cost < 1
+    assert len(drafter.propose([40, 41, 42], 3, SamplingSettings(), torch.Generator()).tokens) == 3
 
 
 @pytest.mark.parametrize(
