@@ -404,8 +404,8 @@ def _print_summary(r: dict[str, Any]) -> None:
     plan = f", plan {r['plan'][0]}:{r['plan'][1]}" if r["plan"] else ""
     print(f"student   {r['output']} ({r['kind']}, {r['layers']} layers from {r['init_from']}{plan})")
     print(f"data      {r['data']}: {r['train_blocks']} train / {r['eval_blocks']} eval blocks of {r['seq_len']} tokens")
-    print(f"trained   {r['steps']} steps, {r['tokens_seen']} tokens in {r['train_s']} s ({r['tokens_per_s']} tokens/s, "
-          f"{r['train_cpu_s']} s of CPU)")
+    cpu = f", {r['train_cpu_s']} s of CPU" if r["train_cpu_s"] else ""  # (not kept by older checkpoints)
+    print(f"trained   {r['steps']} steps, {r['tokens_seen']} tokens in {r['train_s']} s ({r['tokens_per_s']} tokens/s{cpu})")
     if r["step0_acceptance"] is not None:
         print(f"step 0    eval loss {r['step0_eval_loss']:.4f}, acceptance {r['step0_acceptance']:.3f}")
     print(f"final     eval loss {r['eval_loss']:.4f}, acceptance {r['acceptance']:.3f}, "
