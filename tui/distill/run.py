@@ -373,8 +373,13 @@ def _save_standalone(out: Path, student: Any, model: LoadedModel, manifest: Any)
 
 
 def _plot(path: Path, state: State) -> None:
-    """Training loss per step and held-out loss and acceptance per evaluation, against tokens seen."""
-    import matplotlib
+    """Training loss per step and held-out loss and acceptance per evaluation, by step (skipped,
+    with a note, without matplotlib: the ``bench`` extra; the figures are in the summary anyway)."""
+    try:
+        import matplotlib
+    except ImportError:
+        _note(f"distill: no {PLOT}: matplotlib is not installed (pip install 'splitlm[bench]')", None)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
