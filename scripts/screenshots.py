@@ -35,7 +35,7 @@ async def shoot(address: str, out: Path, size: tuple[int, int], data_dir: Path) 
     from splitlm.tui.app.config import AppConfig, ChatSettings
 
     config = AppConfig(trunk=address, data_dir=data_dir, log_file=data_dir / "chat.log", animations=False,
-                       settings=ChatSettings(max_new_tokens=96))
+                       settings=ChatSettings(max_new_tokens=96, draft="ngram"))
     app = SplitlmApp(config)
 
     async def until(pred, what: str, timeout: float = 300) -> None:  # type: ignore[no-untyped-def]

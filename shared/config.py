@@ -507,11 +507,13 @@ def _default_trunk() -> str:
 
 TRUNKD = "trunkd"
 SPLITLM = "splitlm"
-CLIENT_COMMANDS = ("generate", "compare", "chat", "bench", "info", "monitor")
+CLIENT_COMMANDS = ("generate", "compare", "chat", "bench", "info", "monitor", "distill")
 LOCAL_PARTS = ("generate", "compare", "chat", "bench")
 """The commands that run parts of the model here."""
 SESSIONS = ("generate", "compare", "chat")
 """The commands that hold split sessions: failover and sampling apply."""
+DISTILL = "distill"
+"""``splitlm distill``: trains a draft here from the model's own weights (``tui/distill``)."""
 RELAY = "relay"
 """``splitlm relay``: the bench's slow link, standalone (no session, no model)."""
 COMMANDS = (TRUNKD, SPLITLM, *CLIENT_COMMANDS, RELAY)
@@ -626,7 +628,7 @@ class ClientSettings:
         None, Text(),
         "the local model: smollm2, a .gguf file, a directory or a hub id (unset: the daemon's "
         "when it resolves here, else smollm2)",
-        commands=LOCAL_PARTS,
+        commands=(*LOCAL_PARTS, DISTILL),
     )
     token_file: Path | None = setting(
         None, PathValue(), "file holding the daemon's bearer token", commands=CLIENT_COMMANDS,
@@ -652,10 +654,10 @@ class ClientSettings:
         "of float32)",
         commands=LOCAL_PARTS,
     )
-    device: str = setting("auto", Text(), "auto, cpu, cuda or cuda:N")
+    device: str = setting("auto", Text(), "auto, cpu, cuda or cuda:N", commands=(*SESSIONS, DISTILL))
     threads: int | None = setting(
         None, Integer(1), "torch intra-op threads of the local parts (unset: torch's choice)",
-        commands=LOCAL_PARTS, metavar="N",
+        commands=(*LOCAL_PARTS, DISTILL), metavar="N",
     )
     log_level: str = setting(
         "WARNING", _LOG_LEVELS, _LOG_HELP, commands=(SPLITLM,), metavar="LEVEL"
@@ -750,6 +752,44 @@ class Option:
         return [self.option_string, self.read.show(value)]
 
 
+DISTILL_FLAGS: tuple[Option, ...] = (
+    Option("output", PathValue(), "the student's directory (checkpoints, student.json, weights, "
+           "loss.png); it must not hold a run unless --resume", commands=(DISTILL,), metavar="DIR"),
+    Option("data", PathValue(), "training text: a text file, or JSONL with a text or prompt field per "
+           "line (prompts get the teacher's continuations); unset: the shipped prompt set, "
+           "continued by the teacher", commands=(DISTILL,), metavar="FILE"),
+    Option("layers", Integer(1), "the bridge's own layers, initialised from evenly spaced trunk "
+           "layers (--standalone: the whole student's layers)", default=2, commands=(DISTILL,),
+           metavar="N"),
+    Option("standalone", Boolean(), "make a standalone student (a normal model directory with "
+           "fewer layers) instead of a bridge", default=False, commands=(DISTILL,)),
+    Option("distill_temperature", Number(0.05, 100), "softens teacher and student distributions "
+           "for the KL loss (scaled by T^2)", default=1.0, commands=(DISTILL,), metavar="T",
+           flag="--temperature"),
+    Option("hard_weight", Number(0), "weight of the hard-label cross-entropy added to the KL loss",
+           default=0.0, commands=(DISTILL,), metavar="W"),
+    Option("steps", Integer(1), "training steps in all (a resumed run counts on)", default=500,
+           commands=(DISTILL,), metavar="N"),
+    Option("time_limit", Duration(0, "no limit"), "stop training after this long (then evaluate "
+           "and save)", default=0.0, commands=(DISTILL,), metavar="DURATION"),
+    Option("batch_size", Integer(1), "sequences per step", default=4, commands=(DISTILL,), metavar="N"),
+    Option("seq_len", Integer(8), "tokens per training sequence", default=128, commands=(DISTILL,),
+           metavar="N"),
+    Option("lr", Number(1e-7, 1.0), "AdamW learning rate", default=3e-4, commands=(DISTILL,),
+           metavar="LR"),
+    Option("checkpoint_every", Integer(1), "write a checkpoint (and the student) every N steps",
+           default=25, commands=(DISTILL,), metavar="N"),
+    Option("eval_every", Integer(1), "evaluate on the held-out split every N steps", default=25,
+           commands=(DISTILL,), metavar="N"),
+    Option("resume", Boolean(), "continue the run in --output from its last checkpoint",
+           default=False, commands=(DISTILL,)),
+    Option("gen_tokens", Integer(1), "tokens the teacher generates per prompt (prompt data)",
+           default=96, commands=(DISTILL,), metavar="N"),
+    Option("gen_temperature", Number(0), "temperature of the teacher's continuations (0: greedy)",
+           default=0.0, commands=(DISTILL,), metavar="T"),
+)
+"""``splitlm distill``'s own options (``tui/distill``)."""
+
 CLIENT_FLAGS: tuple[Option, ...] = (
     Option("config", PathValue(),
            "client TOML config file (unset: client.toml in the user config dir, e.g. "
@@ -762,9 +802,9 @@ CLIENT_FLAGS: tuple[Option, ...] = (
     Option("top_p", Number(), "nucleus sampling mass, in (0, 1] (1: all)", default=1.0,
            commands=SESSIONS, metavar="P"),
     Option("seed", Integer(0),
-           "random seed: the sampler's (unset: a fresh one per reply); the bench's torch seed "
-           "(unset: 0)",
-           commands=(*SESSIONS, "bench"), metavar="N"),
+           "random seed: the sampler's (unset: a fresh one per reply); the bench's and distill's "
+           "torch seed (unset: 0)",
+           commands=(*SESSIONS, "bench", DISTILL), metavar="N"),
     Option("max_new_tokens", Integer(1), "generate at most this many tokens per reply",
            default=256, commands=SESSIONS, metavar="N"),
     Option("stop", Text(verbatim=True), "stop string; repeatable", commands=("generate", "compare"),
@@ -772,13 +812,13 @@ CLIENT_FLAGS: tuple[Option, ...] = (
     Option("no_chat", Boolean(), "tokenize the raw prompt, no chat template", default=False,
            commands=("generate", "compare")),
     Option("json", Boolean(), "print JSON instead of text (monitor: one object per sample)",
-           default=False, commands=("generate", "compare", "info", "monitor")),
+           default=False, commands=("generate", "compare", "info", "monitor", DISTILL)),
     Option("json_path", PathValue(), "write every raw sample and the summary as JSON",
            commands=("bench",), metavar="PATH", flag="--json"),
     Option("split", SplitRange(),
-           "trunk layers of the daemon the bench starts (unset: the family's); with --trunk "
-           "it must match the daemon's",
-           commands=("bench",), metavar="A:B"),
+           "trunk layers of the daemon the bench starts, or the plan a distilled bridge replaces "
+           "(unset: the family's, the daemon's default); with --trunk it must match the daemon's",
+           commands=("bench", DISTILL), metavar="A:B"),
     Option("batch", Boolean(),
            "start the daemon with --batch (cross-session batching of decode steps)",
            default=False, commands=("bench",)),
@@ -800,6 +840,7 @@ CLIENT_FLAGS: tuple[Option, ...] = (
     Option("drafts", DraftValues(),
            "the drafts the link rows compare, e.g. off,ngram,student:PATH (unset: off and --draft)",
            commands=("bench",), metavar="DRAFT,..."),
+    *DISTILL_FLAGS,
     Option("concurrency", IntList(1, 256),
            "concurrent sessions to measure (default 1,2,4,8,16,32; --quick 1,8)",
            commands=("bench",), metavar="N,N,..."),

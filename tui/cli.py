@@ -1,5 +1,6 @@
 """``splitlm``: the client. ``generate``, ``compare``, ``info`` and ``monitor`` run headless on
-the shared engine; ``chat`` opens the Textual app (issue: the chat client).
+the shared engine; ``chat`` opens the Textual app (issue: the chat client); ``bench`` and
+``distill`` are their own subpackages.
 
 Cheap flags are answered before torch or transformers are imported.
 """
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("relay", help="forward connections to the daemon with a set delay (a slow link to try "
                        "a remote daemon's speed on a local one)")
     add_flags(r, "relay")
+    d = sub.add_parser("distill", help="train a draft (a student) from the model's own weights, here; "
+                       "use it with --draft student:DIR")
+    add_flags(d, "distill")
     ch = sub.add_parser("chat", help="the terminal chat app (what bare `splitlm` opens)")
     from .app.launch import add_chat_arguments  # no Textual import: the flags only
 
@@ -96,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
         handler = {"generate": cmd_generate, "compare": cmd_compare, "info": cmd_info, "monitor": cmd_monitor,
-                   "chat": cmd_chat, "bench": cmd_bench, "relay": cmd_relay}[args.command]
+                   "chat": cmd_chat, "bench": cmd_bench, "relay": cmd_relay,
+                   "distill": cmd_distill}[args.command]
         return handler(args)
     except SplitlmError as e:
         print(f"splitlm: error: {e}", file=sys.stderr)
@@ -550,6 +555,14 @@ def cmd_relay(args: argparse.Namespace) -> int:
     print(f"splitlm relay: {st.connections} connection(s), {st.bytes_up} bytes up, {st.bytes_down} bytes down",
           file=sys.stderr)
     return ExitCode.OK
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """``splitlm distill`` (``splitlm.tui.distill``): the summary on stdout, progress on stderr."""
+    from .distill.run import run
+
+    _quiet_libraries()
+    return run(args, lambda: _client(args))
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

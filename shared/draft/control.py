@@ -3,8 +3,9 @@
 The length grows by 2 after a draft was accepted whole and shrinks by 1 after a rejection
 (transformers' assisted generation does the same), within ``[1, draft_max]``. Whether to draft
 at all comes from a cost model: with a per-token acceptance ``a`` a draft of k tokens gives
-``(1 - a**(k + 1)) / (1 - a)`` tokens for one step that costs ``1 + link + k * (VERIFY_COST +
-drafter.cost)`` where a plain step costs ``1 + link`` (in units of one decode step's compute;
+``(1 - a**(k + 1)) / (1 - a)`` tokens for one step that costs ``1 + link + VERIFY_STEP +
+k * (VERIFY_COST + drafter.cost)`` where a plain step costs ``1 + link`` (in units of one decode
+step's compute;
 ``link`` is the round trip's share: 0 for the full model, ~0.7 for SmolLM2 across a 50 ms link).
 When no k pays by ``MARGIN``, drafting pauses for a while (doubling up to ``MAX_PAUSE`` steps)
 and then probes again with one token.
@@ -19,16 +20,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-VERIFY_COST = 0.04
-"""Compute of one more verified position relative to a one-position decode step. A decode step on
-a CPU reads every weight once whatever the positions, so extra positions cost little: SmolLM2 at
-2 threads, 1 position 62 ms, 5 positions 71 ms (BENCHMARKS.md, "speculative decoding")."""
+VERIFY_STEP = 0.5
+"""Compute of leaving one-position steps, relative to one: MKL's one-row product streams a
+weight once, a product of 2+ rows (packing the weight first) costs ~1.5x whatever the rows.
+SmolLM2's full model, CPU ms per step of t positions (``scripts/verify_cost.py``, 1 thread):
+t=1 59, t=2 93, t=4 89, t=5 101, t=9 115; at 2 threads 63, 105, 103, 137, 156."""
+
+VERIFY_COST = 0.1
+"""Compute of each verified position beyond that, relative to a one-position step (the same
+curve: 0.06 at one thread, 0.12 at two)."""
 
 MARGIN = 0.05
 """A draft must promise 5 % more tokens per unit of compute than plain decoding: the rest of
 the 5 % budget the issue gives a draft at zero link delay covers the estimate's error."""
 
-PRIOR_ACCEPTANCE = 0.5
+PRIOR_ACCEPTANCE = 0.6
 """The acceptance assumed before any draft was verified (weight of ``PRIOR_WEIGHT`` tokens)."""
 
 PRIOR_WEIGHT = 2.0
@@ -49,7 +55,9 @@ def expected_tokens(acceptance: float, k: int) -> float:
 def step_cost(k: int, draft_cost: float, link: float = 0.0) -> float:
     """Time of a step verifying k drafted tokens, drafting and the round trip included, in
     one-position steps of compute."""
-    return 1.0 + link + k * (VERIFY_COST + draft_cost)
+    if k == 0:
+        return 1.0 + link
+    return 1.0 + link + VERIFY_STEP + k * (VERIFY_COST + draft_cost)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from torch import nn
 from ..cache import PartCache, layer_types
 from ..errors import ContextExhausted, InvalidStep, PositionError
 from .rows import RowsCache, rows_attention_for
+from .small_rows import pad_small_products
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -289,6 +290,25 @@ def build_part(
     return build_parts(source, family, [spec], dtype, device)[0]
 
 
+WEIGHT_ALIGNMENT = 64
+"""Bytes every weight's data starts on (what torch's CPU allocator gives a new tensor)."""
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when its data does not start on ``WEIGHT_ALIGNMENT`` bytes.
+
+    MKL's one-row product (every decode step's linear layers on a CPU) rounds differently when the
+    weight starts off a 16-byte boundary, and a memory-mapped safetensors tensor (the GGUF cache)
+    starts wherever the file put it (8 bytes past one for SmolLM2). A process that loaded a layer
+    from the map and one that got it from a fresh allocation then computed different last bits
+    for the same step: the full model here and the daemon's trunk were not bit-identical on
+    decode steps. Aligned copies give every process the same kernel path.
+    """
+    if t.device.type == "cpu" and t.numel() and t.data_ptr() % WEIGHT_ALIGNMENT:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
 def build_parts(
     source: ModelSource, family: Family, specs: list[PartSpec], dtype: torch.dtype, device: torch.device
 ) -> list[Part]:
@@ -320,7 +340,7 @@ def build_parts(
     union = set().union(*wanted_by)
     state: dict[str, torch.Tensor] = {}
     for name, tensor in source.iter_tensors(lambda n: n in union, skeletons[0], dtype):
-        state[name] = tensor.to(device)
+        state[name] = aligned(tensor.to(device))
     parts = []
     for spec, model, wanted in zip(specs, skeletons, wanted_by):
         own = {n: state[n] for n in wanted if n in state}
@@ -331,6 +351,8 @@ def build_parts(
         model.load_state_dict(own, strict=False, assign=True)
         if head_tied:
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        if device.type == "cpu" and dtype == torch.float32:
+            pad_small_products(model)  # 2- and 3-row products cost more than 4 under MKL
         for buf_name, buf in list(model.named_buffers()):
             if buf.device != device and buf.device.type != "meta":
                 module_name, _, attr = buf_name.rpartition(".")

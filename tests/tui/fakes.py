@@ -34,8 +34,14 @@ def _wave(i: int, base: float, amp: float) -> float:
     return base + amp * ((i * 7) % 11) / 10
 
 
+DRAFT = "ngram"
+"""The draft of the fixed reply (and of the snapshots' settings)."""
+
+
 def result(tokens: int = 48) -> GenerationResult:
-    """A reply of ``tokens`` tokens with a fixed, varied latency profile."""
+    """A reply of ``tokens`` tokens with a fixed, varied latency profile, drafted by prompt lookup
+    (70% of 5 drafted tokens kept per round trip)."""
+    steps = (tokens + 1) // 2
     own = [_wave(i, 0.011, 0.004) for i in range(tokens)]
     trunk = [_wave(i + 3, 0.024, 0.008) for i in range(tokens)]
     wire = [_wave(i + 5, 0.003, 0.004) for i in range(tokens)]
@@ -45,12 +51,13 @@ def result(tokens: int = 48) -> GenerationResult:
         prompt_ids=list(range(20)), token_ids=list(range(100, 100 + tokens)), text=REPLY, finish_reason="eos",
         ttft_s=lat[0], per_token_s=lat[1:], client_compute_s=own, trunk_compute_s=trunk,
         bytes_sent=1185 * tokens, bytes_received=1185 * tokens,
+        steps=steps, drafted=round((tokens - steps) / 0.7), accepted=tokens - steps,
     )
 
 
 def outcome(tokens: int = 48) -> ReplyOutcome:
     r = result(tokens)
-    return ReplyOutcome(r, TurnPlan(0, tuple(r.prompt_ids), tuple(r.prompt_ids)), ReplyStats.of(r), 2.0)
+    return ReplyOutcome(r, TurnPlan(0, tuple(r.prompt_ids), tuple(r.prompt_ids)), ReplyStats.of(r), 2.0, DRAFT)
 
 
 def sample(i: int, gpus: bool = False) -> MonitorSample:
@@ -72,4 +79,4 @@ def report() -> CompareReport:
     full, split = result(40), result(40)
     full = GenerationResult(**{**full.__dict__, "ttft_s": 0.08, "per_token_s": [x * 0.6 for x in full.per_token_s],
                                "bytes_sent": 0, "bytes_received": 0})
-    return CompareReport.of("Why is the sky blue?", Comparison(tuple(full.prompt_ids), full, split))
+    return CompareReport.of("Why is the sky blue?", Comparison(tuple(full.prompt_ids), full, split), DRAFT)

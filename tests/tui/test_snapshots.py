@@ -21,7 +21,7 @@ SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40"
 def fixed_app(tmp_path) -> SplitlmApp:  # type: ignore[no-untyped-def]
     config = AppConfig(
         trunk=fakes.PLAN.address, model="smollm2", data_dir=tmp_path, log_file=tmp_path / "chat.log",
-        animations=False, settings=ChatSettings(max_new_tokens=256),
+        animations=False, settings=ChatSettings(max_new_tokens=256, draft=fakes.DRAFT),
     )
     return SplitlmApp(config, start_monitor=False, autoload=False)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from .screens.conversations import ConversationsScreen
 from .screens.latency import LatencyScreen
 from .screens.server import ServerScreen
 from .screens.settings import SettingsScreen
+from .stats import DraftFigures, draft_status
 from .store import ConversationStore
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,8 @@ class SplitlmApp(App[None]):
     monitor_note: reactive[str] = reactive("")
     replies: reactive[int] = reactive(0)
     """Count of finished replies (the latency screen watches it)."""
+    draft_text: reactive[str] = reactive("")
+    """The status bar's draft field: the chosen draft and the latest reply's figures with it."""
 
     def __init__(
         self, config: AppConfig, start_monitor: bool = True, autoload: bool = True, engine: ChatEngine | None = None
@@ -100,6 +104,8 @@ class SplitlmApp(App[None]):
         self.monitor = MonitorHistory(minutes=5, interval_s=config.monitor_interval_s)
         self.last_reply: ReplyOutcome | None = None
         self.plan: PlanInfo | None = None
+        self.draft_figures: DraftFigures | None = None
+        """The streaming or last reply's draft figures."""
         self._start_monitor = start_monitor
         self.autoload = autoload
         self._feed: MonitorFeed | None = None
@@ -107,6 +113,7 @@ class SplitlmApp(App[None]):
         if not config.animations:
             self.animation_level = "none"
         self.set_reactive(SplitlmApp.address, config.trunk)
+        self.set_reactive(SplitlmApp.draft_text, draft_status(self.settings.draft, None))
 
     async def on_mount(self) -> None:
         # Mounted (and its prompt focused) before the queued input is handled: keys typed while
@@ -165,7 +172,21 @@ class SplitlmApp(App[None]):
 
     def reply_finished(self, outcome: ReplyOutcome) -> None:
         self.last_reply = outcome
+        if outcome.draft_error and self.settings.draft == outcome.refused_draft:
+            self.settings = replace(self.settings, draft=outcome.draft)
+            self.notify(
+                f"{outcome.draft_error.splitlines()[0]}\nThe reply used {outcome.draft}; ctrl+s chooses another.",
+                title="Draft refused", severity="error", timeout=10,
+            )
+        self.show_draft(DraftFigures.of_result(outcome.draft, outcome.result))
         self.replies += 1
+
+    def show_draft(self, figures: DraftFigures | None) -> None:
+        """The status bar's draft field follows the streaming reply (``figures``) or, with
+        None, the draft setting (the last figures stay while the draft does)."""
+        if figures is not None:
+            self.draft_figures = figures
+        self.draft_text = draft_status(self.settings.draft, self.draft_figures)
 
     def reply_failed(self, error: str, unreachable: bool) -> None:
         if unreachable:
@@ -266,9 +287,10 @@ class SplitlmApp(App[None]):
         def done(settings: ChatSettings | None) -> None:
             if settings is not None:
                 self.settings = settings
+                self.show_draft(None)
                 self.notify("settings saved", timeout=2)
 
-        self.push_screen(SettingsScreen(self.settings, self.plan, self.config.trunk), done)
+        self.push_screen(SettingsScreen(self.settings, self.plan, self.config.trunk, self.engine), done)
 
     def action_open_conversation(self) -> None:
         chat = self.chat_screen()

@@ -3,7 +3,9 @@ runs (the same as ``splitlm compare`` and ``splitlm bench``). No UI here; the co
 worker calls it.
 
 The full model is built once, together with its own bottom and top (the three share tensors, as
-``splitlm compare`` builds them); each run opens a fresh trunk session and closes it after.
+``splitlm compare`` builds them); each run opens a fresh trunk session and closes it after. With a
+draft set, each side gets its own drafter of that draft (the same drafts, lengths and verification
+chunks on both sides, so greedy tokens still compare exactly), kept until the draft changes.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ...shared.comparison import Comparison
+from ...shared.comparison import MODES, Comparison
 from ...shared.errors import SplitlmError
 from ...shared.stats import ReplyStats
 
 if TYPE_CHECKING:
+    from ...shared.comparison import Mode
+    from ...shared.draft.base import Drafter
+    from ...shared.draft.spec import DraftSpec
     from ...shared.generation import LocalPipeline, TokenEvent
     from ...shared.prepare import SplitParts
     from .config import ChatSettings
@@ -28,17 +33,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CompareReport:
-    """Both runs of one prompt: the shared ``Comparison``, the prompt's text and each run's
-    figures (computed once, for the table)."""
+    """Both runs of one prompt: the shared ``Comparison``, the prompt's text, each run's
+    figures (computed once, for the table) and the draft both ran with (``off``: none)."""
 
     prompt: str
     comparison: Comparison
     full: ReplyStats
     split: ReplyStats
+    draft: str = "off"
 
     @classmethod
-    def of(cls, prompt: str, comparison: Comparison) -> CompareReport:
-        return cls(prompt, comparison, comparison.full_stats, comparison.split_stats)
+    def of(cls, prompt: str, comparison: Comparison, draft: str = "off") -> CompareReport:
+        return cls(prompt, comparison, comparison.full_stats, comparison.split_stats, draft)
 
 
 class Comparer:
@@ -52,6 +58,8 @@ class Comparer:
         self.parts: SplitParts | None = None
         self.full: LocalPipeline | None = None
         self._warm = False
+        self._drafters: tuple[DraftSpec, dict[Mode, Drafter | None]] | None = None
+        """The draft of the last run and each side's drafter of it."""
 
     @property
     def loaded(self) -> bool:
@@ -95,6 +103,7 @@ class Comparer:
         eng = self.engine
         assert eng.model is not None and eng.client is not None and self.parts is not None
         assert self.full is not None
+        drafters = self._drafters_for(settings.draft_spec(), progress)
         ids = prompt_ids(eng.model.tokenizer, prompt, chat=True)
         gen = settings.generation()
         n = gen.max_new_tokens
@@ -115,10 +124,46 @@ class Comparer:
         try:
             result = compare(
                 self.full, split, eng.model.tokenizer, ids, gen, eng.model.eos_ids, warmup=not self._warm,
-                on_run=on_run, on_token=on_token, should_stop=should_stop,
+                on_run=on_run, on_token=on_token, should_stop=should_stop, drafters=drafters,
+                draft_max=settings.draft_max,
             )
             self._warm = True
         finally:
             split.close()
         progress("done", 2 * n, 2 * n)
-        return CompareReport.of(prompt, result)
+        return CompareReport.of(prompt, result, settings.draft)
+
+    def _drafters_for(self, spec: DraftSpec, progress: Progress) -> dict[Mode, Drafter | None]:
+        """One drafter of ``spec`` per side, built when the draft changed (the old ones closed).
+
+        Raises:
+            UsageError: the draft does not fit the model (``build_drafter``).
+        """
+        from ...shared.draft.build import build_drafter
+        from ...shared.models import resolve_device
+
+        if self._drafters is not None and self._drafters[0] == spec:
+            return self._drafters[1]
+        self.close_drafters()
+        eng = self.engine
+        assert eng.model is not None and self.parts is not None
+        device = resolve_device(eng.config.device)
+        if spec.enabled:
+            progress(f"building the draft {spec}, one per side", 0, 1)
+        built: dict[Mode, Drafter | None] = {}
+        try:
+            for mode in MODES:
+                built[mode] = build_drafter(spec, eng.model, device, bottom=self.parts.bottom, top=self.parts.top)
+        except BaseException:
+            for d in built.values():
+                if d is not None:
+                    d.close()
+            raise
+        self._drafters = (spec, built)
+        return built
+
+    def close_drafters(self) -> None:
+        drafters, self._drafters = self._drafters, None
+        for d in (drafters[1].values() if drafters else ()):
+            if d is not None:
+                d.close()

@@ -16,6 +16,7 @@ from ...shared.errors import UsageError
 
 if TYPE_CHECKING:
     from ...shared.client import TrunkClient
+    from ...shared.draft.spec import DraftSpec
     from ...shared.failover import RetryPolicy
     from ...shared.generation import GenerationSettings
 
@@ -35,6 +36,10 @@ class ChatSettings:
         top_p: in (0, 1]; 1 keeps all.
         seed: the sampler's seed; None draws a fresh one per reply.
         system_prompt: sent as a ``system`` message first when not empty.
+        draft: what drafts tokens for several-per-round-trip steps (``--draft``: off, ngram,
+            ngram:N, model:PATH, student:PATH), in its normal spelling; a change applies from the
+            next reply.
+        draft_max: the most tokens one draft proposes (``--draft-max``, >= 1).
     """
 
     # the first values are the chat flags' defaults, declared once in the settings registry
@@ -44,9 +49,31 @@ class ChatSettings:
     top_p: float = default_of("top_p")
     seed: int | None = default_of("seed")
     system_prompt: str = ""
+    draft: str = default_of("draft")
+    draft_max: int = default_of("draft_max")
+
+    SESSION_KEYS = ("draft", "draft_max")
+    """How replies are computed, not what they are (a draft keeps greedy replies exact and
+    sampled ones distributed alike): a reopened conversation keeps the current ones."""
 
     def __post_init__(self) -> None:
         self.generation()  # validates; the errors name the valid ranges
+        object.__setattr__(self, "draft", str(self.draft_spec()))  # the normal spelling
+        if self.draft_max < 1:
+            raise UsageError(f"draft max: must be at least 1, got {self.draft_max}")
+
+    def draft_spec(self) -> DraftSpec:
+        """``draft`` parsed (raises ``UsageError`` for a value that names no draft)."""
+        from ...shared.draft.spec import DraftSpec
+
+        try:
+            return DraftSpec.parse(self.draft)
+        except UsageError as e:
+            raise UsageError(f"draft: {e}") from None
+
+    def keeping_session_of(self, current: ChatSettings) -> ChatSettings:
+        """These settings with ``current``'s draft (``SESSION_KEYS``): a reopened conversation."""
+        return replace(self, **{k: getattr(current, k) for k in self.SESSION_KEYS})
 
     def generation(self) -> GenerationSettings:
         """The shared loop's settings (raises ``UsageError`` for values out of range)."""
@@ -64,6 +91,8 @@ class ChatSettings:
             "top_p": self.top_p,
             "seed": self.seed,
             "system_prompt": self.system_prompt,
+            "draft": self.draft,
+            "draft_max": self.draft_max,
         }
 
     @classmethod
@@ -95,6 +124,8 @@ class ChatSettings:
             top_p=num("top_p", float),
             seed=num("seed", int) if seed_text else None,
             system_prompt=fields.get("system_prompt", ""),
+            draft=fields.get("draft", "off"),
+            draft_max=num("draft_max", int) if "draft_max" in fields else default_of("draft_max"),
         )
 
 

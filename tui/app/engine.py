@@ -15,12 +15,16 @@ from dataclasses import dataclass, replace
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
-from ...shared.errors import SplitlmError
+from ...shared.errors import SplitlmError, UsageError
 from .stats import ReplyStats
 from .turns import Message, TurnPlan, cached_after, conversation_ids, plan_turn
 
 if TYPE_CHECKING:
+    import torch
+
     from ...shared.client import TrunkClient
+    from ...shared.draft.base import Drafter
+    from ...shared.draft.spec import DraftSpec
     from ...shared.failover import FailoverEvent
     from ...shared.generation import GenerationResult, SplitPipeline, TokenEvent
     from ...shared.prepare import LoadedModel, SplitParts
@@ -65,6 +69,12 @@ class ReplyOutcome:
     plan: TurnPlan
     stats: ReplyStats
     wall_s: float
+    draft: str = "off"
+    """The draft the reply used (``--draft`` spelling)."""
+    refused_draft: str = ""
+    """A draft chosen for this reply that could not be built (the reply used ``draft``)."""
+    draft_error: str = ""
+    """Why ``refused_draft`` was refused."""
 
 
 def quiet_libraries() -> None:
@@ -97,6 +107,15 @@ class ChatEngine:
         """Told of reconnect attempts and resumes (on the stepping thread)."""
         self._reconnecting = threading.Event()
         self._broken = False
+        self.device: torch.device | None = None
+        self.drafter: Drafter | None = None
+        """The replies' drafter, reused from reply to reply until the draft setting changes."""
+        self.draft: DraftSpec | None = None
+        """What ``drafter`` was built from (None: nothing built yet)."""
+        self._staged: tuple[DraftSpec, Drafter | None] | None = None
+        """A drafter built by ``check_draft`` that takes over at the next reply asking for it."""
+        self._draft_lock = threading.Lock()
+        """``check_draft`` (the settings screen's worker) may run while a reply does."""
 
     @property
     def loaded(self) -> bool:
@@ -140,7 +159,9 @@ class ChatEngine:
         step(f"loading the bottom [0, {a}) and top [{b}, {info.plan.num_layers}) weights", 3)
         parts = prepare.split_parts(model, info, device, weights=self.config.local_weights())
         step(f"connecting to the trunk at {client.address}", 4)
-        self.model, self.parts, self.info_reply = model, parts, info
+        with self._draft_lock:
+            self.close_drafts()  # built for the model and parts being replaced
+        self.model, self.parts, self.info_reply, self.device = model, parts, info, device
         self._open_pipeline()
         step("ready", total)
         p = info.plan
@@ -240,12 +261,20 @@ class ChatEngine:
                 )
             gen = replace(gen, max_new_tokens=min(gen.max_new_tokens, room))
         log.info("reply: %d prompt ids, stepping %d at position %d", len(full), len(plan.ids), plan.start)
+        refused, draft_error = "", ""
+        try:
+            drafter = self._drafter_for(settings.draft_spec())
+        except UsageError as e:  # the reply goes on with the draft it had (check_draft refuses it earlier)
+            log.warning("draft %s refused: %s", settings.draft, e)
+            refused, draft_error, drafter = settings.draft, str(e), self.drafter
+        used = self.draft_in_use
         t0 = time.perf_counter()
         assert self.pipeline is not None
         try:
             result = generate(
                 self.pipeline, self.model.tokenizer, list(plan.ids), gen, self.model.eos_ids,
                 on_token=on_token, should_stop=should_stop, start_position=plan.start,
+                drafter=drafter, draft_max=settings.draft_max, history=plan.full[: plan.start],
             )
         except BaseException:
             self._broken = True  # the caches no longer match anything we know: rebuild next time
@@ -254,14 +283,86 @@ class ChatEngine:
             raise
         self.cached = cached_after(plan, result.token_ids)
         self.last_plan = plan
-        outcome = ReplyOutcome(result, plan, ReplyStats.of(result), time.perf_counter() - t0)
+        outcome = ReplyOutcome(
+            result, plan, ReplyStats.of(result), time.perf_counter() - t0, used, refused, draft_error
+        )
         s = outcome.stats
         # scripts/bench_chat.py reads this line (INFO) to compare the app with `splitlm generate`
         log.info(
             "reply done: %d tokens (%s), %.3f tok/s, TTFT %.1f ms, p50 %.2f ms, %.2f s",
             s.tokens, result.finish_reason, s.tokens_per_s, s.ttft_s * 1e3, s.p50_s * 1e3, outcome.wall_s,
         )
+        if drafter is not None:
+            log.info(
+                "reply draft %s: %d steps, %.2f tokens/step, %d drafted, %d accepted",
+                used, result.steps, result.tokens_per_step, result.drafted, result.accepted,
+            )
         return outcome
+
+    # --- drafts ---
+
+    @property
+    def draft_in_use(self) -> str:
+        """The draft of the reply running or last run (``off``: none); the UI thread reads it
+        during a reply, when only the reply's thread could change it, and does not."""
+        return str(self.draft) if self.drafter is not None and self.draft is not None else "off"
+
+    def _build_drafter(self, spec: DraftSpec) -> Drafter | None:
+        """Raises ``UsageError``: the draft does not fit the model (``build_drafter``)."""
+        from ...shared.draft.build import build_drafter
+
+        assert self.model is not None and self.parts is not None and self.device is not None
+        t0 = time.perf_counter()
+        drafter = build_drafter(spec, self.model, self.device, bottom=self.parts.bottom, top=self.parts.top)
+        log.info("draft %s built in %.2f s", spec, time.perf_counter() - t0)
+        return drafter
+
+    def check_draft(self, spec: DraftSpec) -> None:
+        """Build the drafter ``spec`` names now, so that one that cannot work is refused where it
+        was chosen (the settings screen); it takes over at the next reply that asks for it, and
+        the reply running meanwhile keeps its own. Any worker thread; a no-op before the model
+        loads (the first reply builds it then).
+
+        Raises:
+            UsageError: the draft does not fit the model (another tokenizer, a student made for
+                another model or plan, a missing or corrupt checkpoint); nothing changes.
+        """
+        with self._draft_lock:
+            if self.model is None or spec == self.draft or (self._staged and self._staged[0] == spec):
+                return
+            drafter = self._build_drafter(spec)
+            self._unstage()
+            self._staged = (spec, drafter)
+
+    def _drafter_for(self, spec: DraftSpec) -> Drafter | None:
+        """The drafter for a reply asking for ``spec``: the one in use when it is the same, the
+        staged one, or a new one; a drafter replaced is closed. The reply's thread.
+
+        Raises:
+            UsageError: a new drafter could not be built; the one in use stays.
+        """
+        with self._draft_lock:
+            if spec != self.draft:
+                if self._staged is not None and self._staged[0] == spec:
+                    new, self._staged = self._staged[1], None
+                else:
+                    new = self._build_drafter(spec)
+                self.close_drafts()
+                self.drafter, self.draft = new, spec
+            self._unstage()
+            return self.drafter
+
+    def _unstage(self) -> None:
+        staged, self._staged = self._staged, None
+        if staged is not None and staged[1] is not None:
+            staged[1].close()
+
+    def close_drafts(self) -> None:
+        """Close the drafter in use and a staged one; the next reply builds what it asks for."""
+        self._unstage()
+        old, self.drafter, self.draft = self.drafter, None, None
+        if old is not None:
+            old.close()
 
     def stop_reconnect(self) -> None:
         """Esc while the session is reconnecting: give up now (any thread)."""
@@ -281,6 +382,8 @@ class ChatEngine:
 
     def close(self) -> None:
         self.close_session()
+        with self._draft_lock:
+            self.close_drafts()
         if self.client is not None:
             self.client.close()
             self.client = None

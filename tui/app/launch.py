@@ -203,7 +203,8 @@ def _run_chat(args: argparse.Namespace, connect: Callable[[], Any] | None, trunk
         return ExitCode.OK
     settings = ChatSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, system_prompt=args.system,
+        top_p=args.top_p, seed=args.seed, system_prompt=args.system, draft=args.draft,
+        draft_max=args.draft_max,
     )
     from ...shared.failover import RetryPolicy
 

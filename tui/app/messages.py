@@ -14,6 +14,7 @@ from textual.message import Message
 if TYPE_CHECKING:
     from ...shared.generation import TokenEvent
     from .comparison import CompareReport
+    from .config import ChatSettings
     from .engine import PlanInfo, ReplyOutcome
 
 
@@ -117,3 +118,11 @@ class CompareFailed(Message, bubble=False):
     def __init__(self, error: str) -> None:
         super().__init__()
         self.error = error
+
+
+class DraftChecked(Message, bubble=False):
+    """The settings screen's new draft was built (``error`` empty) or refused (why)."""
+
+    def __init__(self, settings: ChatSettings, error: str) -> None:
+        super().__init__()
+        self.settings, self.error = settings, error

@@ -56,3 +56,31 @@ def test_formatting() -> None:
     assert fmt_ms(0.0123) == "12.3 ms" and fmt_ms(math.nan) == "—"
     assert fmt_bytes(512) == "512 B" and fmt_bytes(2048) == "2.0 KiB"
     assert math.isnan(ratio(1.0, 0.0)) and ratio(1.0, 2.0) == 0.5
+
+
+def test_draft_figures_live_and_final_are_the_same_numbers() -> None:
+    from splitlm.shared.generation import TokenEvent
+    from splitlm.tui.app.stats import DraftFigures
+
+    r = GenerationResult(prompt_ids=[1], token_ids=[5, 6, 7, 8, 9], steps=2, drafted=5, accepted=3)
+    last = TokenEvent(4, 9, "", 0.0, 0.0, 0.0, steps=2, drafted=5, accepted=3)
+    f = DraftFigures.of_result("ngram", r)
+    assert DraftFigures.of_event("ngram", last) == f
+    assert f.tokens_per_step == 2.5 and f.acceptance == 0.6
+    assert f.status() == "draft ngram 2.50 tok/trip 60% acc"
+    assert f.rows() == [("round trips", "2 (2.50 tok/trip)"), ("draft", "ngram: 60%, 3 of 5 kept")]
+
+
+def test_draft_status_names_the_draft_and_its_figures_only_when_there_is_one() -> None:
+    from splitlm.tui.app.stats import DraftFigures, draft_status
+
+    plain = DraftFigures("off", 4, 4, 0, 0)
+    assert draft_status("off", plain) == "" and draft_status("off", None) == ""
+    assert plain.rows() == [("round trips", "4 (1.00 tok/trip)"), ("draft", "off")]
+    model = DraftFigures("model:/some/long/path/to/a/draft", 9, 3, 8, 6)
+    assert draft_status("model:/some/long/path/to/a/draft", model) == "draft model 3.00 tok/trip 75% acc"
+    # a draft chosen but not used yet: named, no figures (the last ones were another draft's)
+    assert draft_status("ngram", model) == "draft ngram"
+    paused = DraftFigures("ngram", 3, 3, 0, 0)  # drafting paused itself: nothing drafted yet
+    assert paused.status() == "draft ngram 1.00 tok/trip" and "nothing drafted" in paused.rows()[1][1]
+    assert math.isnan(DraftFigures("ngram", 0, 0, 0, 0).tokens_per_step)

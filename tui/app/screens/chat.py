@@ -28,7 +28,7 @@ from ..messages import (
     ReplyFailed,
     ReplyToken,
 )
-from ..stats import fmt_ms, fmt_rate
+from ..stats import DraftFigures, fmt_ms, fmt_rate
 from ..turns import Message, title_for
 from ..widgets.chat_message import ChatMessage
 from ..widgets.key_footer import KeyFooter
@@ -118,6 +118,8 @@ class ChatScreen(Screen[None]):
         self._stop = threading.Event()
         self._streaming: ChatMessage | None = None
         self._strip_timer: Timer | None = None
+        self._draft_figures: DraftFigures | None = None
+        """The streaming reply's latest draft figures, drawn on the flush timer."""
         self._pending_reconnect = False
         """The last load failed because no daemon answered: load again once it is back."""
         self._pending_widget: ChatMessage | None = None
@@ -327,7 +329,8 @@ class ChatScreen(Screen[None]):
         self.query_one(LatencyStrip).reset()
         self._stop.clear()
         self.generating = True
-        self._strip_timer = self.set_interval(0.25, self.query_one(LatencyStrip).refresh_figures)
+        self._draft_figures = None
+        self._strip_timer = self.set_interval(0.25, self._flush_figures)
         self.run_reply(list(self.messages), floor)
 
     def _post(self, message: TextualMessage) -> None:
@@ -360,6 +363,15 @@ class ChatScreen(Screen[None]):
         if self._streaming is not None:
             self._streaming.append(ev.delta)
         self.query_one(LatencyStrip).record(ev.index, ev.latency_s)
+        self._draft_figures = DraftFigures.of_event(self.splitlm.engine.draft_in_use, ev)
+
+    def _flush_figures(self) -> None:
+        """The flush timer: the latency line and the status bar's draft figures, a few times a
+        second rather than per token (the reply's thread keeps its pace)."""
+        self.query_one(LatencyStrip).refresh_figures()
+        if self._draft_figures is not None:
+            self.splitlm.show_draft(self._draft_figures)
+            self._draft_figures = None
 
     async def on_reply_done(self, msg: ReplyDone) -> None:
         outcome = msg.outcome
@@ -376,7 +388,7 @@ class ChatScreen(Screen[None]):
         if self._strip_timer is not None:
             self._strip_timer.stop()
             self._strip_timer = None
-        self.query_one(LatencyStrip).refresh_figures()
+        self._flush_figures()
         if self._streaming is not None:
             await self._streaming.finish(text, note)
             self._streaming = None
@@ -457,7 +469,7 @@ class ChatScreen(Screen[None]):
         if self.generating or self.pending:
             return
         stored = self.splitlm.store.load(conversation_id)
-        self.splitlm.settings = stored.settings
+        self.splitlm.settings = stored.settings.keeping_session_of(self.splitlm.settings)
         await self.show_conversation(stored.id, stored.messages)
         self.notify(f"opened “{stored.title}”", timeout=2)
 

@@ -10,7 +10,7 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import Label
 
-from ..stats import ReplyStats, fmt_bytes, fmt_ms, fmt_rate, fmt_share
+from ..stats import DraftFigures, ReplyStats, fmt_bytes, fmt_ms, fmt_rate, fmt_share
 from ..widgets.figures import Figures
 from ..widgets.key_footer import KeyFooter
 from ..widgets.latency_histogram import LatencyHistogram
@@ -22,11 +22,14 @@ if TYPE_CHECKING:
     from ..engine import ReplyOutcome
 
 
-def latency_rows(stats: ReplyStats, finish_reason: str = "") -> list[tuple[str, str]]:
-    """The stats view's figures: TTFT, percentiles, speed, bytes, and the per-token split."""
+def latency_rows(
+    stats: ReplyStats, finish_reason: str = "", draft: DraftFigures | None = None
+) -> list[tuple[str, str]]:
+    """The stats view's figures: TTFT, percentiles, speed, bytes, the per-token split, and the
+    round trips and what the draft saved of them."""
     own, trunk, wire = stats.mean_split_s()
     per = own + trunk + wire
-    return [
+    rows = [
         ("tokens", f"{stats.tokens}" + (f" ({finish_reason})" if finish_reason else "")),
         ("TTFT", fmt_ms(stats.ttft_s)),
         ("p50 / token", fmt_ms(stats.p50_s)),
@@ -38,6 +41,7 @@ def latency_rows(stats: ReplyStats, finish_reason: str = "") -> list[tuple[str, 
         ("wire", f"{fmt_ms(wire, 2)} ({fmt_share(wire, per)})"),
         ("total", fmt_ms(stats.total_s, 0)),
     ]
+    return rows + (draft.rows() if draft is not None else [])
 
 
 class LatencyScreen(Screen[None]):
@@ -75,6 +79,7 @@ class LatencyScreen(Screen[None]):
         if outcome is None:
             return
         stats = outcome.stats
-        self.query_one(Figures).show(latency_rows(stats, outcome.result.finish_reason))
+        draft = DraftFigures.of_result(outcome.draft, outcome.result)
+        self.query_one(Figures).show(latency_rows(stats, outcome.result.finish_reason, draft))
         self.query_one(LatencyHistogram).show(stats.per_token_s)
         self.query_one(LatencyTimeline).show(stats.timings)
