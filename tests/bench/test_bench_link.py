@@ -112,3 +112,10 @@ def test_link_rtt_values_read_with_the_last_unit() -> None:
     assert Durations(0, 10)("0.1s,20ms") == (0.02, 0.1)
     assert Durations(0, 10).show((0.0, 0.05)) == "0ms,50ms"
     assert ByteRate(1)("1MB/s") == 10**6 and ByteRate(1)("2048") == 2048
+
+
+def test_the_table_names_a_draft_by_its_last_path_part() -> None:
+    from splitlm.tui.bench.link import short_draft
+
+    assert short_draft("student:/work/x/smollm2-bridge/") == "student:smollm2-bridge"
+    assert short_draft("model:smollm2") == "model:smollm2" and short_draft("ngram:2") == "ngram:2"

@@ -350,9 +350,18 @@ HEADER = ("RTT ms", "draft", "kind", "tokens/s", "× no draft", "× direct", "ac
           "client ms/tok", "trunk ms/tok", "same tokens")
 
 
+def short_draft(draft: str) -> str:
+    """A draft as the table shows it: a path cut to its last part (``student:.../bridge`` is
+    ``student:bridge``; the JSON keeps the whole path)."""
+    kind, sep, target = draft.partition(":")
+    if kind in ("model", "student") and sep and "/" in target.rstrip("/"):
+        return f"{kind}:{target.rstrip('/').rsplit('/', 1)[-1]}"
+    return draft
+
+
 def table_rows(summary: LinkSummary) -> list[tuple[str, ...]]:
     return [
-        (f"{r['rtt_ms']:g}", r["draft"], r["kind"], _f(r["tokens_per_s"]), _f(r["vs_no_draft"]),
+        (f"{r['rtt_ms']:g}", short_draft(r["draft"]), r["kind"], _f(r["tokens_per_s"]), _f(r["vs_no_draft"]),
          _f(r["vs_direct"]), _f(r["acceptance"]), _f(r["tokens_per_step"]), _f(r["client_ms_per_token"]),
          _f(r["trunk_ms_per_token"]), _same(r))
         for r in summary["rows"]
