@@ -74,6 +74,7 @@ def test_a_step_through_the_relay_pays_the_rtt_and_keeps_the_tokens(  # type: ig
     # every step (the prefill's and each decode step's) crossed the link there and back
     assert slow.ttft_s >= rtt
     assert len(slow.per_token_s) == 7 and min(slow.per_token_s) >= rtt, slow.per_token_s
+    assert slow.steps == direct.steps == 8  # one round trip per token: no draft
 
 
 def test_a_bandwidth_cap_slows_a_big_prefill(tiny_models, daemon_factory) -> None:  # type: ignore[no-untyped-def]
