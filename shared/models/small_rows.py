@@ -40,7 +40,7 @@ PAD_ROWS = {2: 4, 3: 4}
 _PLAIN = (torch.Tensor, nn.Parameter)
 """Weight types handled: not int8 tensor subclasses (torchao), whose kernels are not MKL's."""
 
-ONEDNN = torch.backends.mkldnn.is_available()
+ONEDNN: bool = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]  # torch leaves it untyped
 """Whether 2..MAX_ROWS-row products use oneDNN (off: the MKL padding; ``scripts/verify_cost.py`` A/Bs it)."""
 
 
@@ -56,8 +56,8 @@ class SmallRowsLinear(nn.Linear):
             return super().forward(x)
         flat = x.reshape(rows, width)  # (rows, in)
         if ONEDNN:
-            out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), w, self.bias, "none", [], "")  # (rows, out)
-            return out.reshape(*x.shape[:-1], out.shape[-1])  # (..., out)
+            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), w, self.bias, "none", [], "")
+            return out.reshape(*x.shape[:-1], out.shape[-1])  # (rows, out) -> (..., out)
         pad = PAD_ROWS.get(rows)
         if pad is None:
             return super().forward(x)

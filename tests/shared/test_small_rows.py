@@ -11,10 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from splitlm.shared.models import PartSpec, family_for, resolve
+from splitlm.shared.models import PartSpec, family_for, resolve, small_rows
 from splitlm.shared.models.base import build_parts
-from splitlm.shared.models import small_rows
-from splitlm.shared.models.small_rows import MAX_ROWS, PAD_ROWS, SmallRowsLinear, pad_small_products, unpad
+from splitlm.shared.models.small_rows import (
+    MAX_ROWS,
+    PAD_ROWS,
+    SmallRowsLinear,
+    pad_small_products,
+    unpad,
+)
 
 
 def _linear(rows_in: int, rows_out: int, seed: int) -> nn.Linear:
