@@ -55,7 +55,7 @@ def _drafted(pipe: Recording, on_token: Any = None) -> GenerationResult:
     """Greedy ``TOKENS`` tokens of ``GROUNDED`` with an ``ngram`` draft (end tokens do not stop it)."""
     return generate(pipe, _NoText(), list(GROUNDED), GenerationSettings(max_new_tokens=TOKENS), [],  # type: ignore[arg-type]
                     on_token=on_token, drafter=NgramDrafter(), draft_max=8,
-                    draft_link=0.0)  # not the timed estimate: both runs draft the same lengths
+                    draft_link=1.0)  # fixed, not the timed estimate: both runs draft the same lengths
 
 
 def _history(steps: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
