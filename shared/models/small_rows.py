@@ -12,8 +12,11 @@ thread, ms for rows 1 (MKL) / 2 / 3 / 5 / 9 (MKL -> oneDNN):
     1536->576    0.27 / 0.40->0.29 / 0.47->0.32 / 0.49->0.35 / 0.46->0.41
     576->49152  10.9  / 23.6->10.1 / 35.8->10.9 / 19.0->12.2 / 22.1->14.2   (the LM head)
 
-A weight reordered for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``) is ~30 % faster
-still, but it is a second copy of every weight (SmolLM2: +540 MB on 540 MB): not kept.
+A weight reordered for oneDNN (``torch.ops.mkldnn._reorder_linear_weight``) is faster still
+(SmolLM2, 1 thread: t=2 1.19x, t=3..5 0.95-0.99x, t=9 1.13x of t=1, against 1.30 / 1.34-1.51 /
+1.72 here), but it is a second copy of every weight, since one-row products must stay MKL's
+on the plain one (SmolLM2: +538 MB on 538 MB; the attention's alone, +106 MB, gains ~5 %): not
+kept. MKL's own packed product (``torch.ops.mkl._mkl_linear``) is no faster than oneDNN's here.
 
 Exactness: a oneDNN row differs from MKL's in the last bits, but it does not depend on how many
 rows share the product (row i of a t-row product is row i of any longer one) nor on the
