@@ -1,6 +1,7 @@
 """What a verification step costs: one step of t = 1..9 positions (logits for all t, as a draft's
-verification asks) at a fixed context, on the full model in this process, with the 2- and 3-row
-products padded to 4 (``shared.models.small_rows``, as parts are built) and plain. A measurement
+verification asks) at a fixed context, on the full model in this process, with the products of 2+
+rows through oneDNN (``shared.models.small_rows``, as parts are built), padded to 4 rows under MKL
+(the previous way) and plain MKL. A measurement
 tool, not a test; its ratios back ``shared.draft.control.VERIFY_COST``.
 
 Each round runs every t once, in turn, both ways, so drift of a shared machine hits all alike;
@@ -35,6 +36,7 @@ def main() -> int:
     _, full = load_full(args.model, args.threads)
     import torch
 
+    from splitlm.shared.models import small_rows
     from splitlm.shared.models.small_rows import pad_small_products, unpad
 
     ctx = prompt_ids(args.context)
@@ -50,7 +52,15 @@ def main() -> int:
         full.forward(steps[t], args.context, cache, logits_for=t)  # rolls back to the context first
         return time.perf_counter() - t0, time.process_time() - c0
 
-    modes = {"padded": lambda: pad_small_products(full.model), "plain": lambda: unpad(full.model)}
+    def use(onednn: bool, small: bool) -> None:
+        small_rows.ONEDNN = onednn
+        (pad_small_products if small else unpad)(full.model)
+
+    modes = {
+        "onednn": lambda: use(True, True),
+        "padded": lambda: use(False, True),
+        "plain": lambda: use(False, False),
+    }
     for set_mode in modes.values():  # warm-up: every shape once, both ways
         set_mode()
         for t in ts:
@@ -80,11 +90,9 @@ def main() -> int:
             "iqr_cpu_ms": {t: round(_iqr(cpu[m, t]) * 1e3, 2) for t in ts},
             "extra_per_position": {t: round((med[m, t] / med[m, 1] - 1) / (t - 1), 3) for t in ts if t > 1},
         }
-    pad_small_products(full.model)
-    if args.profile:  # unpadded: where the time of a 2- or 3-position step goes
-        unpad(full.model)
+    modes["onednn"]()
+    if args.profile:  # as parts are built: where the time of a step goes
         res["profile"] = {t: _profile(step, t) for t in (1, 2, 3, 4)}
-        pad_small_products(full.model)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     return 0

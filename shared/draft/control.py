@@ -20,15 +20,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-VERIFY_STEP = 0.5
-"""Compute of leaving one-position steps, relative to one: MKL's one-row product streams a
-weight once, a product of 2+ rows (packing the weight first) costs ~1.5x whatever the rows.
-SmolLM2's full model, CPU ms per step of t positions (``scripts/verify_cost.py``, 1 thread):
-t=1 59, t=2 93, t=4 89, t=5 101, t=9 115; at 2 threads 63, 105, 103, 137, 156."""
+VERIFY_STEP = 0.3
+"""Compute of leaving one-position steps, relative to one: a one-row product (MKL's gemv) streams
+each weight once; a product of 2+ rows (oneDNN's, ``shared.models.small_rows``) costs more, most
+of it whatever the rows. SmolLM2's full model, CPU ms per step of t positions
+(``scripts/verify_cost.py``): 1 thread t=1 60, t=2 78, t=3 82, t=5 90, t=9 105; 2 threads 63, 87,
+89, 97, 111 (MKL's own multi-row products, before: 1.5-1.7x at t=2, 1.9-2.4x at t=9)."""
 
-VERIFY_COST = 0.1
+VERIFY_COST = 0.06
 """Compute of each verified position beyond that, relative to a one-position step (the same
-curve: 0.06 at one thread, 0.12 at two)."""
+curve: 0.066 at one thread, 0.056 at two)."""
 
 MARGIN = 0.05
 """A draft must promise 5 % more tokens per unit of compute than plain decoding: the rest of
