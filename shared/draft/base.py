@@ -57,3 +57,13 @@ class Drafter(Protocol):
     def close(self) -> None:
         """Free caches; the drafter may be used again afterwards (a new reply)."""
         ...
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share (how far a cache of ``a`` serves ``b``)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

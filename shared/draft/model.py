@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import ModelNotFound, SplitlmError, UsageError
-from .base import Draft
+from .base import Draft, common_prefix
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -72,7 +72,7 @@ class PartDrafter:
         from ..sampling import Sampler
 
         t0 = time.perf_counter()
-        keep = _common_prefix(self.cached, context)
+        keep = common_prefix(self.cached, context)
         if keep == len(context):  # nothing new: step the last token again for its logits
             keep -= 1
         if 0 < keep < self._floor():  # a sliding window lost what a rollback that deep needs
@@ -118,15 +118,6 @@ class ModelDrafter(PartDrafter):
 
     def _floor(self) -> int:
         return self.cache.rollback_floor
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def check_tokenizer(draft: ModelSource, draft_tok: PreTrainedTokenizerBase | None, model: LoadedModel, what: str) -> None:

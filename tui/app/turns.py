@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from ...shared.draft.base import common_prefix
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -74,16 +76,6 @@ def conversation_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mess
     parts = [system_prompt] if system_prompt.strip() else []
     parts.extend(m.content for m in messages)
     return [int(i) for i in tokenizer("\n\n".join(parts))["input_ids"]]
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading ids ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def plan_turn(cached: Sequence[int], full: Sequence[int], floor: int | None = None) -> TurnPlan:

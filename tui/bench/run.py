@@ -299,9 +299,7 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
                              "daemon's certificate would not name it; measure a plain loopback or "
                              "unix-socket daemon")
         return _run_link(args, opts, client_factory)
-    started = dt.datetime.now(dt.timezone.utc)
-    load_start = _loadavg()
-    t_start = time.perf_counter()
+    started, load_start, t_start = _begin(opts)
 
     import torch
 
@@ -309,14 +307,6 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
     from ...shared.models import resolve_device
     from ...shared.models.precision import client_weights
     from . import measure, report
-
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    torch.manual_seed(opts.seed)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
     with ExitStack() as stack:
         daemon, client, info, model, tokenizer, model_spec = _connect(opts, stack, client_factory)
@@ -381,11 +371,27 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
     return ExitCode.OK
 
 
-def _run_link(args: argparse.Namespace, opts: BenchOptions, client_factory: Callable[[], TrunkClient]) -> int:
-    """The link rows (``link``): drafts across link RTTs on three kinds of prompt."""
+def _begin(opts: BenchOptions) -> tuple[dt.datetime, float | None, float]:
+    """Start a bench run: its wall-clock start, load average and timer; torch's threads and seed
+    and transformers' quiet logging, as every mode wants them."""
     started = dt.datetime.now(dt.timezone.utc)
     load_start = _loadavg()
     t_start = time.perf_counter()
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    return started, load_start, t_start
+
+
+def _run_link(args: argparse.Namespace, opts: BenchOptions, client_factory: Callable[[], TrunkClient]) -> int:
+    """The link rows (``link``): drafts across link RTTs on three kinds of prompt."""
+    started, load_start, t_start = _begin(opts)
 
     import torch
 
@@ -395,14 +401,6 @@ def _run_link(args: argparse.Namespace, opts: BenchOptions, client_factory: Call
     from ...shared.models.precision import client_weights
     from . import link
     from .prompts import kind_prompt_ids, kind_prompts
-
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    torch.manual_seed(opts.seed)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     loaded = args.client_config
     rtts = opts.link_rtts or (0.0,)
 
