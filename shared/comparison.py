@@ -143,6 +143,7 @@ def compare(
     should_stop: Callable[[], bool] | None = None,
     drafters: Mapping[Mode, Drafter | None] | None = None,
     draft_max: int = 8,
+    draft_link: float | None = None,
 ) -> Comparison:
     """Generate ``ids``'s reply through ``full`` and through ``split``, each from position 0.
 
@@ -158,6 +159,7 @@ def compare(
             verification chunks are then the same, so greedy tokens compare bit for bit); absent
             or None decodes one token per step.
         draft_max: the longest draft.
+        draft_link: the link weight both sides draft with (None: the split's own estimate).
 
     Returns:
         Both results.
@@ -173,7 +175,7 @@ def compare(
             generate(pipes[mode], tokenizer, list(ids), warm, eos_ids, drafter=draft.get(mode),
                      draft_max=draft_max, draft_link=0.0)
     # both sides weigh a round trip as the split's link does, so drafts verify the same chunks
-    link = split.link_ratio
+    link = split.link_ratio if draft_link is None else draft_link
     out: dict[str, GenerationResult] = {}
     for mode in order:
         if on_run is not None:

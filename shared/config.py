@@ -673,6 +673,12 @@ class ClientSettings:
         8, Integer(1), "the most tokens one draft proposes (the length adapts below it)",
         commands=LOCAL_PARTS, metavar="K",
     )
+    draft_link: float | None = setting(
+        None, Number(0.0),
+        "weigh a round trip as this many decode steps of compute when deciding how long to draft "
+        "(unset: what the session measures; a fixed value makes --full and the split draft alike)",
+        commands=("generate", "compare"), metavar="X",
+    )
     retry_deadline: float = setting(
         180.0, Duration(0, "turns failover off"),
         "when the daemon goes away mid-session, keep reconnecting this long, then rebuild its "

@@ -329,6 +329,7 @@ def run_batch(
     output: Output,
     progress: Progress,
     draft_max: int = 8,
+    draft_link: float | None = None,
 ) -> BatchSummary:
     """Run every job on ``lanes`` (one thread each) and write each line's result in input order.
 
@@ -357,7 +358,8 @@ def run_batch(
         pipe = lane.open()
         try:
             res = generate(pipe, tokenizer, ids, job.settings, eos_ids, on_token=on_token,
-                           should_stop=stop.is_set, drafter=lane.drafter, draft_max=draft_max)
+                           should_stop=stop.is_set, drafter=lane.drafter, draft_max=draft_max,
+                           draft_link=draft_link)
         finally:
             pipe.close()
         return {"line": job.line, "id": job.id, **to_json(res)}

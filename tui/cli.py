@@ -262,7 +262,7 @@ def _drafter(args: argparse.Namespace, model: Any, device: Any, parts: Any = Non
 
 def _run(
     pipeline: Any, model: Any, ids: list[int], settings: GenerationSettings, stream: bool,
-    drafter: Any = None, draft_max: int = 8,
+    drafter: Any = None, draft_max: int = 8, draft_link: float | None = None,
 ) -> GenerationResult:
     from ..shared.generation import generate
 
@@ -275,7 +275,7 @@ def _run(
             sys.stdout.flush()
 
     res = generate(pipeline, model.tokenizer, ids, settings, model.eos_ids, on_token=on_token if stream else None,
-                   drafter=drafter, draft_max=draft_max)
+                   drafter=drafter, draft_max=draft_max, draft_link=draft_link)
     if stream:
         sys.stdout.write(res.text[len("".join(streamed)) :] + "\n")
         sys.stdout.flush()
@@ -320,7 +320,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = prompt_ids(model.tokenizer, prompt, chat=not args.no_chat)
     try:
         res = _run(pipeline, model, ids, settings, stream=not args.json, drafter=drafter,
-                   draft_max=args.draft_max)
+                   draft_max=args.draft_max, draft_link=args.draft_link)
     finally:
         pipeline.close()
         if drafter is not None:
@@ -355,7 +355,7 @@ def _generate_batch(args: argparse.Namespace) -> int:
         items = batch.prepare_items(lines, settings, not args.no_chat, model.tokenizer)
         summary = batch.run_batch(
             items, lanes, model.tokenizer, model.eos_ids, lambda res: _result_json(res, plan), output,
-            batch.Progress(len(items)), draft_max=args.draft_max,
+            batch.Progress(len(items)), draft_max=args.draft_max, draft_link=args.draft_link,
         )
         output.commit()
     finally:
@@ -505,7 +505,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     drafters: dict[Mode, Any] = {m: _drafter(args, model, device, parts) for m in MODES}
     try:
         result = compare(full, split, model.tokenizer, ids, settings, model.eos_ids, warmup=True,
-                         drafters=drafters, draft_max=args.draft_max)
+                         drafters=drafters, draft_max=args.draft_max, draft_link=args.draft_link)
     finally:
         split.close()
         for d in drafters.values():

@@ -149,6 +149,7 @@ def test_generate_with_a_student_split_equals_full(bridge: Path, tiny_text_model
     naming both plans."""
     model = str(tiny_text_models["llama"])
     common = ("--model", model, "--no-chat", "--max-new-tokens", "16", "--draft", f"student:{bridge}",
+              "--draft-link", "3",  # one link weight for both: the same drafts, not each one's own
               "--threads", "1", "--json", "The quick brown")
     d = daemon_factory(tiny_text_models["llama"], "--split", "1:5")
     split = run_cli("generate", "--trunk", d.address, *common)

@@ -51,9 +51,10 @@ def test_split_with_drafts_equals_full_with_drafts(tiny_models, daemon_factory, 
                 drafter = build_drafter(spec, model, CPU, parts.bottom, parts.top)
                 assert drafter is not None
                 try:
-                    # one link weight for both (as compare does): the same chunks on both sides
+                    # one link weight for both (as compare does): the same chunks on both sides; a
+                    # slow one, so that a draft model as large as the model still drafts
                     runs.append(generate(pipe, _NoText(), list(prompt), settings, [], drafter=drafter,
-                                         draft_max=6, draft_link=0.5))
+                                         draft_max=6, draft_link=3.0))
                 finally:
                     pipe.close()
             full, split = runs
