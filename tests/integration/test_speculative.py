@@ -99,7 +99,9 @@ def test_cli_generate_and_compare_with_a_draft(tiny_text_models, daemon_factory)
 ])
 def test_cli_refuses_a_draft_that_names_nothing(tiny_text_models, daemon_factory, value, message) -> None:  # type: ignore[no-untyped-def]
     path = tiny_text_models["llama"]
-    d = daemon_factory(path, "--split", "2:4")
-    r = run_cli("generate", "--trunk", d.address, "--model", str(path), "--no-chat", "--draft", value, "hi")
+    # a value that does not parse is refused before any connection; a draft that does not load,
+    # once the daemon's plan is known
+    trunk = daemon_factory(path, "--split", "2:4").address if value.startswith("model:") else "unix:/nonexistent.sock"
+    r = run_cli("generate", "--trunk", trunk, "--model", str(path), "--no-chat", "--draft", value, "hi")
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr

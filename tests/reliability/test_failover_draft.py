@@ -78,7 +78,7 @@ def _kill_point(steps: Sequence[tuple[int, int]]) -> int:
     raise AssertionError(f"no step fits: {steps}")
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+@pytest.mark.parametrize("kind", ["gemma2"])  # sliding windows and full attention both
 def test_kill9_between_verification_steps_resumes_bit_identical(
     tiny_models: Models, daemon_factory: Factory, tmp_path: Path, kind: str
 ) -> None:
