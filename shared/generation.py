@@ -476,10 +476,10 @@ def generate(
             break
         step_ids = [tokens[-1]]
         draft = Draft([])
-        if drafter is not None and control is None:  # after the prefill: its round trip counts
-            link = pipeline.link_ratio if draft_link is None else draft_link
-            control = DraftControl(draft_max, drafter.cost, link)
-        if drafter is not None and control is not None:
+        if drafter is not None:
+            if control is None:  # after the prefill: its round trip counts
+                link = pipeline.link_ratio if draft_link is None else draft_link
+                control = DraftControl(draft_max, drafter.cost, link)
             k = control.next_length(settings.max_new_tokens - len(result.token_ids) - 1)
             if k > 0:
                 draft = drafter.propose(context, k, settings.sampling, sampler.generator)
