@@ -157,12 +157,14 @@ def load_trunk(args: DaemonSettings, notifier: Notifier) -> LoadedTrunk:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    from ..shared.models.precision import apply_precision, resolve_precision
+    from ..shared.models.precision import check_source, resolve_precision
 
-    precision = resolve_precision(args.weights, resolve_dtype(args.dtype, device), args.dtype != "auto", device)
+    precision = resolve_precision(
+        args.weights, resolve_dtype(args.dtype, device), args.dtype != "auto", device, args.group_size
+    )
+    check_source(precision, source)
     with notifier.extending(f"loading {source.spec} trunk layers {plan} on {device}"):
-        part = build_part(source, family, PartSpec.trunk(plan.start, plan.end), precision.dtype, device)
-        apply_precision([part], precision)
+        part = build_part(source, family, PartSpec.trunk(plan.start, plan.end), precision.dtype, device, precision)
         fingerprint = Fingerprint(
             source.config_digest(), source.weights_digest(), plan.start, plan.end, precision.tag
         )

@@ -174,7 +174,7 @@ class TrunkService(pb_grpc.TrunkServicer):
                 )
             wire = self._check_open(first.open)
             in_stream = first.open.refusals_in_stream
-            async with self.steps.open(wire, first.open.client) as s:
+            async with self.steps.open(wire, _client_label(first.open)) as s:
                 yield pb.SessionReply(opened=pb.SessionOpened(session_id=s.session_id, plan=self.plan))
                 while (req := await self._next_request(requests)) is not None:
                     try:
@@ -254,3 +254,11 @@ class TrunkService(pb_grpc.TrunkServicer):
         reply.result.cached_length = done.cached_length
         reply.result.rollback_floor = done.rollback_floor
         return reply
+
+
+def _client_label(req: pb.OpenSession) -> str:
+    """Who opened a session, for the log: the client's name, and its own parts' precision when it
+    differs from the trunk's (``OpenSession.client_weights``)."""
+    if req.client_weights:
+        return f"{req.client} (bottom and top at {req.client_weights})"
+    return req.client

@@ -247,8 +247,10 @@ class TrunkClient:
         wire_dtype: torch.dtype,
         retry: RetryPolicy | None = None,
         on_reconnect: OnReconnect | None = None,
+        client_weights: str = "",
     ) -> RemoteSession:
-        """Open a session for the plan ``fingerprint``.
+        """Open a session for the plan ``fingerprint``; ``client_weights`` names the precision of
+        the bottom and top here, for the daemon's log (empty: the trunk's).
 
         With an enabled ``retry`` policy the session survives a broken stream (daemon killed or
         restarted, connection reset): see ``splitlm.shared.failover``. The first open is not
@@ -259,7 +261,7 @@ class TrunkClient:
                 RESOURCE_EXHAUSTED for a full session table).
         """
         clock = StepClock(self.step_deadline)  # one per logical session: a resume keeps it
-        session = TrunkStream(self, fingerprint, wire_dtype, clock=clock)
+        session = TrunkStream(self, fingerprint, wire_dtype, clock=clock, client_weights=client_weights)
         if retry is None or not retry.enabled:
             return session
         from .failover import FailoverSession
@@ -267,7 +269,8 @@ class TrunkClient:
         return FailoverSession(
             session,
             lambda timeout_s: TrunkStream(
-                self, fingerprint, wire_dtype, open_timeout_s=timeout_s, clock=clock
+                self, fingerprint, wire_dtype, open_timeout_s=timeout_s, clock=clock,
+                client_weights=client_weights,
             ),
             retry,
             on_reconnect,
@@ -363,6 +366,7 @@ class TrunkStream:
         wire_dtype: torch.dtype,
         open_timeout_s: float | None = None,
         clock: StepClock | None = None,
+        client_weights: str = "",
     ) -> None:
         self.client = client
         self.fingerprint = fingerprint
@@ -385,6 +389,7 @@ class TrunkStream:
                 wire_dtype=codec.PB_OF[wire_dtype],
                 client=f"splitlm/{__version__}",
                 refusals_in_stream=True,
+                client_weights="" if client_weights == fingerprint.precision else client_weights,
             )
         )
         self._call = client.stub.Session(self._request_iter())

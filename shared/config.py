@@ -171,6 +171,21 @@ def format_number(value: float) -> str:
     return short if float(short) == value else repr(float(value))
 
 
+class IntChoice(Integer):
+    """One of a few integers (``--group-size``)."""
+
+    def __init__(self, *options: int) -> None:
+        super().__init__(min(options))
+        self.options = options
+        self.allowed = "one of " + ", ".join(map(str, options))
+
+    def __call__(self, raw: object) -> int:
+        value = super().__call__(raw)
+        if value not in self.options:
+            raise ValueError
+        return value
+
+
 class Number(Reader):
     """A finite number, maybe bounded (``[minimum, maximum]``)."""
 
@@ -522,8 +537,10 @@ COMMANDS = (TRUNKD, SPLITLM, *CLIENT_COMMANDS, RELAY)
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 """``--dtype`` besides ``auto``."""
-WEIGHT_PRECISIONS = ("float32", "bfloat16", "int8")
+WEIGHT_PRECISIONS = ("float32", "bfloat16", "int8", "int4", "gguf")
 """``--weights`` besides ``auto`` (``shared.models.precision``)."""
+GROUP_SIZES = (32, 64, 128, 256)
+"""``--group-size``: weights per scale of int8/int4 (multiples of the kernels' 32-weight block)."""
 NARROW_WIRE_DTYPES = ("bfloat16", "float16")
 """``--wire-dtype`` besides ``exact``: half the bytes of float32."""
 
@@ -531,7 +548,11 @@ _LOG_LEVELS = Choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", fold_case=
 _DTYPES = Choice("auto", *COMPUTE_DTYPES)
 _WEIGHTS = Choice("auto", *WEIGHT_PRECISIONS)
 _WIRE_DTYPES = Choice("exact", *NARROW_WIRE_DTYPES)
-_INT8 = "int8: weight int8, float32 activations, CPU only"
+_INT8 = (
+    "int8/int4: weights quantised per group, float32 activations, CPU only; gguf: a GGUF file's "
+    "own quantisation"
+)
+_GROUP_SIZE = "weights per scale of --weights int8/int4"
 _LOG_HELP = "logging level: " + ", ".join(_LOG_LEVELS.options)
 
 
@@ -554,6 +575,7 @@ class DaemonSettings:
     weights: str = setting(
         "auto", _WEIGHTS, f"weight precision of the trunk ({_INT8}; auto: as --dtype)"
     )
+    group_size: int = setting(32, IntChoice(*GROUP_SIZES), _GROUP_SIZE, metavar="N")
     device: str = setting("auto", Text(), "auto, cpu, cuda or cuda:N")
     threads: int | None = setting(
         None, Integer(1), "torch intra-op threads (unset: torch's choice)", metavar="N"
@@ -644,8 +666,15 @@ class ClientSettings:
     )
     weights: str = setting(
         "auto", _WEIGHTS,
-        f"weight precision here ({_INT8}); must be the daemon's (auto: the daemon's; "
-        "with no daemon: as --dtype)",
+        f"weight precision of the parts here ({_INT8}); the trunk keeps the daemon's (auto: the "
+        "daemon's; with --full: as --dtype)",
+        commands=LOCAL_PARTS,
+    )
+    group_size: int = setting(32, IntChoice(*GROUP_SIZES), _GROUP_SIZE, commands=LOCAL_PARTS, metavar="N")
+    trunk_weights: str = setting(
+        "auto", _WEIGHTS,
+        "the trunk layers' precision: with a daemon, what it must run (refused before loading "
+        "otherwise; auto: whatever it runs); with --full, the trunk layers' own (auto: as --weights)",
         commands=LOCAL_PARTS,
     )
     wire_dtype: str = setting(
@@ -822,9 +851,10 @@ CLIENT_FLAGS: tuple[Option, ...] = (
     Option("json_path", PathValue(), "write every raw sample and the summary as JSON",
            commands=("bench",), metavar="PATH", flag="--json"),
     Option("split", SplitRange(),
-           "trunk layers of the daemon the bench starts, or the plan a distilled bridge replaces "
-           "(unset: the family's, the daemon's default); with --trunk it must match the daemon's",
-           commands=("bench", DISTILL), metavar="A:B"),
+           "trunk layers of the daemon the bench starts, or the plan a distilled bridge replaces, "
+           "or with generate --full the layers that run at --trunk-weights (unset: the family's, "
+           "the daemon's default); with --trunk it must match the daemon's",
+           commands=("generate", "bench", DISTILL), metavar="A:B"),
     Option("batch", Boolean(),
            "start the daemon with --batch (cross-session batching of decode steps)",
            default=False, commands=("bench",)),

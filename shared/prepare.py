@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from .client import TrunkClient
     from .failover import OnReconnect, RetryPolicy
     from .generation import LocalPipeline, SplitPipeline
-    from .models import Family, ModelSource, Part
+    from .models import Family, ModelSource, Part, PartChain
+    from .models.precision import Precision
 
 log = logging.getLogger(__name__)
 
@@ -80,33 +81,79 @@ def plan_dict(model: LoadedModel, split: tuple[int, int] | None, fingerprint: st
     }
 
 
-def full_pipeline(
-    model: LoadedModel, dtype: torch.dtype, device: torch.device, weights: str | None = None
-) -> LocalPipeline:
-    """The whole model here; ``weights`` (``--weights``) overrides ``dtype`` when given."""
-    from .generation import LocalPipeline
-    from .models import PartSpec, build_part
-    from .models.precision import apply_precision, precision_named
+def precision_of(weights: str | None, device: torch.device, group_size: int = 32) -> Precision:
+    """``--weights`` (or an explicit ``--dtype``; see ``precision.client_weights``) with
+    ``--group-size``, as a ``Precision``."""
+    import torch
 
-    precision = precision_named(weights, device) if weights else None
-    part = build_part(
-        model.source, model.family, PartSpec.full(model.num_layers), precision.dtype if precision else dtype, device
+    from .models.precision import precision_named, resolve_precision
+
+    if weights == "float16":
+        return precision_named(weights, device)
+    return resolve_precision(weights, torch.float32, False, device, group_size)
+
+
+def full_pipeline(
+    model: LoadedModel,
+    dtype: torch.dtype,
+    device: torch.device,
+    weights: str | None = None,
+    trunk_weights: str | None = None,
+    split: tuple[int, int] | None = None,
+    group_size: int = 32,
+) -> LocalPipeline:
+    """The whole model here.
+
+    Args:
+        weights: ``--weights``; overrides ``dtype`` when given.
+        trunk_weights: ``--trunk-weights``: the layers of ``split`` (default: the family's) at
+            this precision and the rest at ``weights``, as a split with a trunk at this precision
+            computes them. Unset or equal to ``weights``: one precision throughout.
+
+    Raises:
+        UsageError: a precision this model or device cannot run (before any weights load).
+    """
+    from .generation import LocalPipeline
+    from .models import PartChain, PartSpec, build_part, build_parts
+    from .models.precision import Precision, check_source
+    from .plan import default_split
+
+    here = precision_of(weights, device, group_size) if weights else Precision(str(dtype).removeprefix("torch."), dtype)
+    check_source(here, model.source)
+    trunk = precision_of(trunk_weights, device, group_size) if trunk_weights not in (None, "auto") else here
+    check_source(trunk, model.source)
+    n = model.num_layers
+    if trunk == here:
+        return LocalPipeline(build_part(model.source, model.family, PartSpec.full(n), here.dtype, device, here))
+    plan = SplitPlan.parse(
+        f"{split[0]}:{split[1]}" if split else None, n, default_split(n, model.source.config.model_type)
     )
-    if precision:
-        apply_precision([part], precision)
-    return LocalPipeline(part)
+    bottom, top = build_parts(
+        model.source, model.family, [PartSpec.bottom(plan.start), PartSpec.top(plan.end, n)], here.dtype, device, here
+    )
+    middle = build_part(model.source, model.family, PartSpec.trunk(plan.start, plan.end), trunk.dtype, device, trunk)
+    return LocalPipeline(PartChain([bottom, middle, top]))
 
 
 @dataclass
 class SplitParts:
-    """The client's two parts for a daemon's plan."""
+    """The client's two parts for a daemon's plan.
+
+    Attributes:
+        full: with ``with_full``, the whole model here at the same per-part precision: a
+            ``Part`` sharing the bottom's and top's tensors when both sides run one precision,
+            else a ``PartChain`` of the bottom, a trunk built here at the daemon's precision, and
+            the top.
+    """
 
     plan: SplitPlan
     fingerprint: Fingerprint
     bottom: Part
     top: Part
     trunk_dtype: torch.dtype
-    full: Part | None = None
+    full: Part | PartChain | None = None
+    precision: str = "float32"
+    """The precision of the bottom and top (the trunk's is ``fingerprint.precision``)."""
 
 
 def split_parts(
@@ -115,25 +162,33 @@ def split_parts(
     device: torch.device,
     with_full: bool = False,
     weights: str | None = None,
+    group_size: int = 32,
+    trunk_weights: str | None = None,
 ) -> SplitParts:
     """Bottom and top for the daemon's plan, after checking the plan matches this model.
 
-    With ``with_full`` the whole model is built too, sharing the same tensors (``compare``), at
-    the same precision. ``weights`` (``--weights``, or an explicit ``--dtype``; see
-    ``precision.client_weights``) must be the daemon's; None takes the daemon's. There is no
-    dtype argument: the precision decides the parts' dtype.
+    Each side has its own precision: ``weights`` (``--weights``, or an explicit ``--dtype``; see
+    ``precision.client_weights``) is the bottom's and top's, None takes the daemon's; the trunk's
+    is the daemon's, which a client cannot change (``trunk_weights``, when given, must name it).
+    With ``with_full`` the whole model is built too, at the same per-part precision (``compare``).
 
     Raises:
-        UsageError: the daemon's model or weight precision differs from this one (checked
-            before loading weights).
+        UsageError: the daemon's model differs from this one, or ``trunk_weights`` from the
+            daemon's precision, or this model cannot run ``weights`` (all before loading weights).
     """
     from . import codec
-    from .models import PartSpec, build_parts
-    from .models.precision import apply_precision, precision_named
-
-    precision = precision_named(weights or info.plan.weights, device)
+    from .models import PartChain, PartSpec, build_part, build_parts
+    from .models.precision import check_source
 
     p = info.plan
+    theirs_tag = p.weights or "float32"
+    if trunk_weights not in (None, "auto") and precision_of(trunk_weights, device, group_size).tag != theirs_tag:
+        raise UsageError(
+            f"the daemon's trunk runs with --weights {theirs_tag}, not {trunk_weights} (--trunk-weights): "
+            "a client cannot change the daemon's precision; restart the daemon with "
+            f"--weights {trunk_weights}, or leave --trunk-weights unset"
+        )
+    here = precision_of(weights, device, group_size) if weights else None
     if p.num_layers != model.num_layers:
         raise UsageError(
             f"the daemon serves {p.model_id!r} with {p.num_layers} layers; the model here has "
@@ -141,26 +196,41 @@ def split_parts(
         )
     plan = SplitPlan(model.num_layers, p.trunk_start, p.trunk_end)
     fp = Fingerprint(
-        model.source.config_digest(), model.source.weights_digest(), plan.start, plan.end, precision.tag
+        model.source.config_digest(), model.source.weights_digest(), plan.start, plan.end, theirs_tag
     )
-    theirs = Fingerprint(p.config_digest, p.weights_digest, p.trunk_start, p.trunk_end, p.weights or "float32")
-    if precision.tag != theirs.precision:
-        raise UsageError(
-            f"the daemon's trunk runs with --weights {theirs.precision}, this client with "
-            f"{precision.tag}: both sides must run at one precision; pass --weights {theirs.precision} "
-            "(or leave --weights and --dtype unset to take the daemon's)"
-        )
+    theirs = Fingerprint(p.config_digest, p.weights_digest, p.trunk_start, p.trunk_end, theirs_tag)
     if fp.digest != p.fingerprint:
         raise UsageError(
             f"the model here ({model.source.model_id}) is not the daemon's ({p.model_id}): "
             f"{'; '.join(theirs.differences(fp))}; pass the daemon's model with --model"
         )
+    if here is None:
+        here = _trunk_precision(theirs_tag, device)
+    check_source(here, model.source)
     specs = [PartSpec.bottom(plan.start), PartSpec.top(plan.end, plan.num_layers)]
-    if with_full:
+    same = here.tag == theirs_tag
+    if with_full and same:
         specs.append(PartSpec.full(plan.num_layers))
-    parts = build_parts(model.source, model.family, specs, precision.dtype, device)
-    apply_precision(parts, precision)
-    return SplitParts(plan, fp, parts[0], parts[1], codec.TORCH_OF[p.dtype], parts[2] if with_full else None)
+    parts = build_parts(model.source, model.family, specs, here.dtype, device, here)
+    full: Part | PartChain | None = None
+    if with_full:
+        if same:
+            full = parts[2]
+        else:
+            t = _trunk_precision(theirs_tag, device)
+            middle = build_part(model.source, model.family, PartSpec.trunk(plan.start, plan.end), t.dtype, device, t)
+            full = PartChain([parts[0], middle, parts[1]])
+    return SplitParts(plan, fp, parts[0], parts[1], codec.TORCH_OF[p.dtype], full, here.tag)
+
+
+def _trunk_precision(tag: str, device: torch.device) -> Precision:
+    """The daemon's precision as this client runs it (its own default, and the chain's trunk)."""
+    from .models.precision import precision_named
+
+    try:
+        return precision_named(tag, device)
+    except UsageError as e:
+        raise UsageError(f"the daemon runs --weights {tag}, which this client cannot run here ({e}): pass --weights") from None
 
 
 def split_pipeline(
@@ -181,6 +251,7 @@ def split_pipeline(
     from .generation import SplitPipeline
 
     session = client.open_session(
-        parts.fingerprint, wire_dtype or parts.trunk_dtype, retry or RetryPolicy(), on_reconnect
+        parts.fingerprint, wire_dtype or parts.trunk_dtype, retry or RetryPolicy(), on_reconnect,
+        client_weights=parts.precision,
     )
     return SplitPipeline(parts.bottom, session, parts.top)

@@ -212,6 +212,18 @@ def _weights(args: argparse.Namespace) -> str | None:
     return client_weights(args.weights, args.dtype)
 
 
+def _precisions(args: argparse.Namespace) -> dict[str, Any]:
+    """The precision options of ``prepare.split_parts`` (and ``full_pipeline``, with ``split``)."""
+    return {"weights": _weights(args), "group_size": args.group_size, "trunk_weights": args.trunk_weights}
+
+
+def _full_pipeline(args: argparse.Namespace, model: Any, device: Any, dtype: Any) -> Any:
+    """``--full``: the whole model here, at ``--trunk-weights`` for ``--split``'s layers when given."""
+    from ..shared import prepare
+
+    return prepare.full_pipeline(model, dtype, device, split=getattr(args, "split", None), **_precisions(args))
+
+
 def _wire_dtype(args: argparse.Namespace) -> Any:
     """``--wire-dtype`` as a torch dtype; None for exact (the trunk's dtype)."""
     if args.wire_dtype in (None, "exact"):
@@ -302,7 +314,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _quiet_libraries()
         device, dtype = _device_dtype(args)
         model = prepare.load_model(args.model)
-        pipeline = prepare.full_pipeline(model, dtype, device, weights=_weights(args))
+        pipeline = _full_pipeline(args, model, device, dtype)
         plan = prepare.plan_dict(model, None, None)
         drafter = _drafter(args, model, device)
     else:
@@ -311,7 +323,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _quiet_libraries()
         device = _device_dtype(args)[0]
         model = prepare.load_model(prepare.client_model_spec(args.model, info))
-        parts = prepare.split_parts(model, info, device, weights=_weights(args))
+        parts = prepare.split_parts(model, info, device, **_precisions(args))
         pipeline = prepare.split_pipeline(
             parts, client, wire_dtype=_wire_dtype(args), retry=retry, on_reconnect=_reconnect_notice
         )
@@ -385,7 +397,7 @@ def _batch_lanes(args: argparse.Namespace, lines: int) -> tuple[Any, list[Any], 
         _quiet_libraries()
         device, dtype = _device_dtype(args)
         model = prepare.load_model(args.model)
-        full = prepare.full_pipeline(model, dtype, device, weights=_weights(args)).part
+        full = _full_pipeline(args, model, device, dtype).part
         return model, [Lane(lambda: LocalPipeline(full), _drafter(args, model, device))], prepare.plan_dict(
             model, None, None
         )
@@ -396,7 +408,7 @@ def _batch_lanes(args: argparse.Namespace, lines: int) -> tuple[Any, list[Any], 
     device = _device_dtype(args)[0]
     model = prepare.load_model(prepare.client_model_spec(args.model, info))
     lock = Lock()
-    own = prepare.split_parts(model, info, device, weights=_weights(args))
+    own = prepare.split_parts(model, info, device, **_precisions(args))
     parts = serialised_parts(own, lock)
     wire = _wire_dtype(args)
 
@@ -496,7 +508,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _quiet_libraries()
     device = _device_dtype(args)[0]
     model = prepare.load_model(prepare.client_model_spec(args.model, info))
-    parts = prepare.split_parts(model, info, device, with_full=True, weights=_weights(args))
+    parts = prepare.split_parts(model, info, device, with_full=True, **_precisions(args))
     assert parts.full is not None
     full = LocalPipeline(parts.full)
     split = prepare.split_pipeline(parts, client, wire_dtype=_wire_dtype(args), retry=retry, on_reconnect=_reconnect_notice)

@@ -26,6 +26,8 @@ from .small_rows import pad_small_products
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
+    from .precision import Precision
+    from .quant import QuantLinear
     from .source import ModelSource
 
 log = logging.getLogger(__name__)
@@ -247,6 +249,54 @@ class Part:
         return list(torch.split(h, 1, dim=0))  # B x (1, 1, V); torch.split is typed, Tensor.split not
 
 
+class ChainCache:
+    """The caches of a ``PartChain``, one per part."""
+
+    def __init__(self, caches: list[PartCache]) -> None:
+        self.caches = caches
+
+    @property
+    def length(self) -> int:
+        return self.caches[-1].length
+
+    @property
+    def rollback_floor(self) -> int:
+        return max(c.rollback_floor for c in self.caches)
+
+
+class PartChain:
+    """Parts that follow each other, run one after another here as one model.
+
+    The full model at a per-part precision (a client's int4 bottom and top around a float32
+    trunk): each part computes what it computes in the split, and the hidden states between two
+    parts go from one's dtype to the next's as they do over the wire (a part casts its input to
+    its own dtype), so the chain equals the split step for step. ``LocalPipeline`` runs it like
+    a single full ``Part``.
+    """
+
+    def __init__(self, parts: Sequence[Part]) -> None:
+        if not parts or not parts[0].spec.embed or not parts[-1].spec.head:
+            raise ValueError("a chain runs from the embedding to the head")
+        for a, b in zip(parts, parts[1:]):
+            if a.spec.end != b.spec.start:
+                raise ValueError(f"the {a.spec.name} ends at layer {a.spec.end}, the {b.spec.name} starts at {b.spec.start}")
+        self.parts = list(parts)
+        self.spec = PartSpec(0, parts[-1].spec.end, embed=True, head=True)
+        self.dtype = parts[-1].dtype
+        self.device = parts[-1].device
+
+    def new_cache(self) -> ChainCache:
+        return ChainCache([p.new_cache() for p in self.parts])
+
+    def forward(
+        self, x: torch.Tensor, position: int, cache: ChainCache, max_context: int | None = None, logits_for: int = 1
+    ) -> torch.Tensor:
+        """``Part.forward`` through every part: token ids in, the last ``logits_for`` logits out."""
+        for part, c in zip(self.parts[:-1], cache.caches):
+            x = part.forward(x, position, c, max_context)
+        return self.parts[-1].forward(x, position, cache.caches[-1], max_context, logits_for)
+
+
 def submodule(model: nn.Module, path: str) -> nn.Module:
     """``model``'s submodule at the dotted ``path`` (``"model.layers.3"``), typed as a Module.
 
@@ -284,10 +334,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def build_part(
-    source: ModelSource, family: Family, spec: PartSpec, dtype: torch.dtype, device: torch.device
+    source: ModelSource,
+    family: Family,
+    spec: PartSpec,
+    dtype: torch.dtype,
+    device: torch.device,
+    precision: Precision | None = None,
 ) -> Part:
     """One part; see ``build_parts``."""
-    return build_parts(source, family, [spec], dtype, device)[0]
+    return build_parts(source, family, [spec], dtype, device, precision)[0]
 
 
 WEIGHT_ALIGNMENT = 64
@@ -310,7 +365,12 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def build_parts(
-    source: ModelSource, family: Family, specs: list[PartSpec], dtype: torch.dtype, device: torch.device
+    source: ModelSource,
+    family: Family,
+    specs: list[PartSpec],
+    dtype: torch.dtype,
+    device: torch.device,
+    precision: Precision | None = None,
 ) -> list[Part]:
     """Build parts of one model, materialising only the weights they own, each read once.
 
@@ -319,6 +379,10 @@ def build_parts(
     is dequantised only when some part owns it) and each part is assigned its own. Parts built
     together share tensors: a client's bottom and top hold one embedding matrix between them when
     the head is tied to it.
+
+    With a quantised ``precision`` (``dtype`` must be its dtype) the parts come quantised
+    (``shared.models.quantize``): ``int8``/``int4`` quantise the float weights as they load;
+    ``gguf`` reads the file's blocks as they are and never makes float copies of them.
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -339,13 +403,24 @@ def build_parts(
         wanted_by.append(wanted)
     union = set().union(*wanted_by)
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in source.iter_tensors(lambda n: n in union, skeletons[0], dtype):
-        state[name] = aligned(tensor.to(device))
+    blocks: dict[str, QuantLinear] = {}
+    if precision is not None and precision.weights == "gguf":
+        from .quant import QuantLinear
+
+        for name, item in source.iter_blocks(lambda n: n in union, skeletons[0], dtype):
+            if isinstance(item, torch.Tensor):
+                state[name] = aligned(item.to(device))
+            else:
+                out_features, in_features = _weight_shape(skeletons[0], name)
+                blocks[name] = QuantLinear.from_blocks(item.data, item.fmt, out_features, in_features)
+    else:
+        for name, tensor in source.iter_tensors(lambda n: n in union, skeletons[0], dtype):
+            state[name] = aligned(tensor.to(device))
     parts = []
     for spec, model, wanted in zip(specs, skeletons, wanted_by):
         own = {n: state[n] for n in wanted if n in state}
         head_tied = spec.head and family.lm_head_name not in own
-        missing = wanted - own.keys() - ({family.lm_head_name} if head_tied else set())
+        missing = wanted - own.keys() - blocks.keys() - ({family.lm_head_name} if head_tied else set())
         if missing:
             raise ValueError(f"{source.spec}: weights missing for the {spec.name}: {sorted(missing)[:5]}")
         model.load_state_dict(own, strict=False, assign=True)
@@ -359,10 +434,26 @@ def build_parts(
                 module = model.get_submodule(module_name) if module_name else model
                 module._buffers[attr] = buf.to(device)
         parts.append(Part(source, family, spec, model, config, dtype, device))
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    if precision is not None and precision.quantized:
+        from .precision import FORMAT_OF
+        from .quantize import quantize_parts
+
+        counts = quantize_parts(parts, FORMAT_OF.get(precision.weights), precision.group_size, blocks)
+        for part, n in zip(parts, counts):
+            log.info("%s [%d, %d): %d products in %s", part.spec.name, part.spec.start, part.spec.end, n, precision.tag)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values()) + sum(q.nbytes for q in blocks.values())
     log.info(
         "loaded %s of %s: %d tensors, %.1f MiB, %s on %s, %.2f s",
         "+".join(f"{s.name} [{s.start}, {s.end})" for s in specs), source.spec, len(state),
         nbytes / 2**20, str(dtype).removeprefix("torch."), device, time.perf_counter() - t0,
     )
     return parts
+
+
+def _weight_shape(skeleton: nn.Module, name: str) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a matrix of the skeleton (a linear's weight, or an
+    embedding's ``(vocab, hidden)``: one row of blocks per token)."""
+    shape = tuple(skeleton.get_parameter(name).shape)
+    if len(shape) != 2:
+        raise ValueError(f"{name} has shape {shape}: only matrices are kept quantised")
+    return int(shape[0]), int(shape[1])

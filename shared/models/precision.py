@@ -1,43 +1,40 @@
-"""Weight precision of a part: ``float32``, ``bfloat16`` or ``int8`` (``--weights``).
+"""Weight precision of a part (``--weights``): float32, bfloat16, int8, int4 or the GGUF file's own.
 
 ``--weights`` is the one knob for how weights are stored and computed with:
 
 - ``float32``, ``bfloat16``: weights and compute in that dtype (``--dtype`` must agree or be
   ``auto``).
-- ``int8``: the ``nn.Linear`` layers of the decoder layers a part owns get int8 weights (one scale
-  per output channel, torchao's weight-only int8); activations and compute stay float32, and so
-  does everything else (embeddings, norms, the LM head) and the hidden states between parts.
-  CPU only (on a GPU use ``bfloat16``).
+- ``int8``, ``int4``: the linear layers of the decoder layers a part owns, and the LM head (with a
+  tied embedding, the embedding matrix itself: a lookup dequantises its rows), are quantised per
+  group of ``--group-size`` weights along the input (``shared.models.quant``: int8 symmetric,
+  int4 with a scale and a minimum per group). Activations, norms, the cache and the hidden
+  states between parts stay float32. CPU only (on a GPU use ``bfloat16``).
+- ``gguf``: a GGUF model's tensors stay in the file's own formats (Q4_0, Q4_1, Q8_0), loaded
+  straight into the same kernels instead of dequantised to float32.
 - unset (``auto``): the weights follow ``--dtype``, as before ``--weights`` existed.
 
-The quantisation of a layer depends only on its own weights, so the trunk quantised in the
-daemon equals the same layers quantised inside the full model: split equals full at the same
-precision. The precision is part of the fingerprint; float32 adds nothing to it, so fingerprints
-of float32 parts are what they were.
-
-Chosen by measurement (``scripts/int8_ab.py``: SmolLM2 one-token steps, 2-core CPU shared with
-other jobs, variants interleaved step by step, medians): torch's ``quantize_dynamic`` ran at
-0.54x float32's step time, torchao 0.18's int8 weight-only at 0.83x and its dynamic int8 config at
-1.8x (no ``torch.compile``). But dynamic quantisation also rounds every activation to int8 (one
-scale per tensor): on SmolLM2 its greedy replies left float32's within a few tokens and ran past
-the end of the turn, while weight-only int8 kept most replies token-identical. Weight-only wins.
+A quantised row's product depends only on its own weights and input row (the kernels reduce each
+output in a fixed order, whatever the thread count or the rows beside it), so the trunk quantised
+in the daemon equals the same layers inside the full model: split equals full at the same
+precision. Each part has its own precision: the client's bottom and top may run int4 next to a
+float32 or bfloat16 trunk; the fingerprint carries the trunk's (float32 adds nothing to it).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import WEIGHT_PRECISIONS
+from ..config import GROUP_SIZES, WEIGHT_PRECISIONS
 from ..errors import UsageError
 
 if TYPE_CHECKING:
     from .base import Part
+    from .source import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -46,36 +43,58 @@ WEIGHTS = WEIGHT_PRECISIONS
 
 _FLOAT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+QUANTIZED = ("int8", "int4", "gguf")
+"""Precisions whose weights live in ``shared.models.quant`` formats; they compute in float32."""
+
+FORMAT_OF = {"int8": "q8_0", "int4": "q4_1"}
+"""The block format each quantising precision packs float weights into (``shared.models.quant``)."""
+
+DEFAULT_GROUP_SIZE = 32
+"""Weights per scale (and minimum) along a row: GGUF's block, llama.cpp's choice for Q4/Q8."""
+
 
 @dataclass(frozen=True)
 class Precision:
     """How a part's weights are stored and what dtype it computes in.
 
     Attributes:
-        weights: ``float32``, ``bfloat16``, ``float16`` (only through ``--dtype``) or ``int8``.
+        weights: ``float32``, ``bfloat16``, ``float16`` (only through ``--dtype``), ``int8``,
+            ``int4`` or ``gguf``.
         dtype: the compute dtype, which is also the dtype of the hidden states a part returns.
+        group_size: weights per scale of ``int8``/``int4`` (``--group-size``); unused otherwise.
     """
 
     weights: str
     dtype: torch.dtype
+    group_size: int = DEFAULT_GROUP_SIZE
 
     @property
     def quantized(self) -> bool:
-        return self.weights == "int8"
+        return self.weights in QUANTIZED
 
     @property
     def tag(self) -> str:
-        """What the fingerprint and the plan carry: ``float32``, ``bfloat16``, ``int8``..."""
+        """What the fingerprint and the plan carry: ``float32``, ``bfloat16``, ``int4``,
+        ``int4/g128`` (a group size other than 32 changes the numbers, so it is named)..."""
+        if self.weights in FORMAT_OF and self.group_size != DEFAULT_GROUP_SIZE:
+            return f"{self.weights}/g{self.group_size}"
         return self.weights
 
 
-def resolve_precision(weights: str | None, dtype: torch.dtype, dtype_explicit: bool, device: torch.device) -> Precision:
+def resolve_precision(
+    weights: str | None,
+    dtype: torch.dtype,
+    dtype_explicit: bool,
+    device: torch.device,
+    group_size: int = DEFAULT_GROUP_SIZE,
+) -> Precision:
     """The precision for ``--weights`` given the ``--dtype`` already resolved.
 
     Args:
         weights: ``--weights``; ``None`` or ``auto``: the weights follow ``dtype``.
         dtype: ``--dtype`` resolved (``auto`` already turned into a dtype).
         dtype_explicit: ``--dtype`` was set to something other than ``auto``.
+        group_size: ``--group-size`` (int8 and int4).
 
     Raises:
         UsageError: ``--weights`` is unknown or contradicts ``--dtype`` or the device.
@@ -90,37 +109,63 @@ def resolve_precision(weights: str | None, dtype: torch.dtype, dtype_explicit: b
             f"--weights {weights} computes in {str(want).removeprefix('torch.')}, but --dtype says "
             f"{str(dtype).removeprefix('torch.')}: drop --dtype (--weights is the one knob)"
         )
-    if weights == "int8" and device.type != "cpu":
-        raise UsageError(f"--weights int8 runs on the CPU only; use --weights bfloat16 on {device}")
-    return Precision(weights, want)
+    if weights in QUANTIZED and device.type != "cpu":
+        raise UsageError(
+            f"--weights {weights}: splitlm's quantised kernels run on the CPU only; use --weights "
+            f"bfloat16 on {device}"
+        )
+    if weights == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--weights bfloat16: {device} has no bfloat16 support; use --dtype float16")
+    if weights in FORMAT_OF and group_size not in GROUP_SIZES:
+        raise UsageError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}; got {group_size}")
+    return Precision(weights, want, group_size if weights in FORMAT_OF else DEFAULT_GROUP_SIZE)
 
 
-def quantize_layers(model: nn.Module, layers: nn.ModuleList, start: int, end: int) -> int:
-    """Quantise the ``nn.Linear`` (and GPT-2 ``Conv1D``) layers of ``layers[start:end]`` to int8.
+def precision_named(tag: str, device: torch.device) -> Precision:
+    """The precision a plan names (``Plan.weights``, empty: float32; ``float16`` too; ``int4/g64``)."""
+    tag = tag or "float32"
+    if tag == "float16":
+        return Precision(tag, torch.float16)
+    weights, _, group = tag.partition("/g")
+    return resolve_precision(weights, torch.float32, False, device, int(group) if group else DEFAULT_GROUP_SIZE)
 
-    Weight-only int8 through torchao (``Int8WeightOnlyConfig``: one scale per output channel,
-    activations stay in the compute dtype). The weights are replaced in place inside ``model``;
-    returns how many layers were quantised.
+
+def check_source(precision: Precision, source: ModelSource) -> None:
+    """Refuse, before any weight loads, a precision this model cannot be loaded at.
 
     Raises:
-        UsageError: torchao is not installed (``pip install 'splitlm[int8]'``).
+        UsageError: ``gguf`` for a model that is not a GGUF file, or a GGUF whose tensors use a
+            quantisation the kernels do not run (named, with the ones they do).
     """
-    quantize_, config = _torchao_int8()
-    count = 0
-    for i in range(start, end):
-        _conv1d_to_linear(layers[i])
-        n = sum(isinstance(m, nn.Linear) for m in layers[i].modules())
-        if n:
-            quantize_(layers[i], config)
-        count += n
-    return count
+    if precision.weights != "gguf":
+        return
+    if source.kind != "gguf":
+        raise UsageError(
+            f"--weights gguf keeps a GGUF file's own quantisation, but {source.spec} is not a .gguf "
+            "model: use --weights int4 or int8 to quantise it here"
+        )
+    from .quant import SUPPORTED_GGUF
+
+    from .gguf_file import read_tensors
+
+    types = {t.tensor_type.name for t in read_tensors(source.path).tensors}
+    unsupported = sorted(types - set(SUPPORTED_GGUF) - {"F32", "F16"})
+    if unsupported:
+        raise UsageError(
+            f"--weights gguf: {source.path.name} holds tensors in {', '.join(unsupported)}, which "
+            f"splitlm cannot keep quantised (it runs {', '.join(SUPPORTED_GGUF)}, F16 and F32); "
+            "use --weights float32, or int4 to requantise"
+        )
 
 
-def int8_linear_count(model: nn.Module) -> int:
-    """How many ``nn.Linear`` layers of ``model`` hold int8 weights (for logs and tests)."""
-    return sum(
-        isinstance(m, nn.Linear) and type(m.weight).__name__ == "Int8Tensor" for m in model.modules()
-    )
+def client_weights(weights: str | None, dtype: str | None) -> str | None:
+    """What a client asks for: ``--weights``, else an explicit ``--dtype``, else None (the
+    daemon's precision, or float32 for a full model on the CPU)."""
+    if weights not in (None, "auto"):
+        return weights
+    if dtype not in (None, "auto"):
+        return dtype
+    return None
 
 
 _IMPORT_NOISE = ("torchao", "torch.utils._pytree")
@@ -138,16 +183,7 @@ def quiet_torchao_import() -> None:
 quiet_torchao_import()
 
 
-def _torchao_int8() -> tuple[Callable[[nn.Module, object], None], object]:
-    """torchao's ``quantize_`` and its int8 weight-only config."""
-    try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-    except ImportError as e:
-        raise UsageError(f"--weights int8 needs torchao ({e}): pip install 'splitlm[int8]'") from None
-    return quantize_, Int8WeightOnlyConfig()
-
-
-def _conv1d_to_linear(block: nn.Module) -> None:
+def conv1d_to_linear(block: nn.Module) -> None:
     """GPT-2's ``Conv1D`` (``x @ W + b``, W of shape (in, out)) as the equal ``nn.Linear``."""
     from transformers.pytorch_utils import Conv1D
 
@@ -171,35 +207,3 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if not isinstance(layers, nn.ModuleList):
         raise TypeError(f"no decoder layer list found in {type(model).__name__}")
     return layers
-
-
-def apply_precision(parts: list[Part], precision: Precision) -> None:
-    """Quantise the decoder layers each part owns when ``precision`` is int8 (else nothing).
-
-    Parts must have been built with ``precision.dtype``.
-    """
-    if not precision.quantized:
-        return
-    for part in parts:
-        if part.dtype != precision.dtype:
-            raise ValueError(f"the {part.spec.name} computes in {part.dtype}, not {precision.dtype}")
-        n = quantize_layers(part.model, decoder_layers(part.model), part.spec.start, part.spec.end)
-        log.info("%s [%d, %d): %d linear layers in int8", part.spec.name, part.spec.start, part.spec.end, n)
-
-
-def precision_named(tag: str, device: torch.device) -> Precision:
-    """The precision a plan names (``Plan.weights``, empty: float32; ``float16`` too)."""
-    tag = tag or "float32"
-    if tag == "float16":
-        return Precision(tag, torch.float16)
-    return resolve_precision(tag, torch.float32, False, device)
-
-
-def client_weights(weights: str | None, dtype: str | None) -> str | None:
-    """What a client asks for: ``--weights``, else an explicit ``--dtype``, else None (the
-    daemon's precision, or float32 for a full model on the CPU)."""
-    if weights not in (None, "auto"):
-        return weights
-    if dtype not in (None, "auto"):
-        return dtype
-    return None

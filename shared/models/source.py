@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ModelNotFound
+from ..errors import ModelNotFound, UsageError
 from .gguf_cache import GgufCacheEntry, iter_cached_tensors
 
 if TYPE_CHECKING:
@@ -145,6 +145,15 @@ class ModelSource:
             return []
         return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
+    def iter_blocks(
+        self, wanted: Callable[[str], bool], skeleton: torch.nn.Module, dtype: torch.dtype
+    ) -> Iterator[tuple[str, torch.Tensor | RawBlocks]]:
+        """``iter_tensors`` for ``--weights gguf``: quantised tensors come as their blocks
+        (``RawBlocks``), read from the GGUF file itself (the float cache holds no blocks)."""
+        if self.kind != "gguf":
+            raise UsageError(f"--weights gguf needs a .gguf model; {self.spec} is not one")
+        yield from iter_gguf_blocks(self.path, self.config, wanted, skeleton, dtype)
+
     def iter_tensors(
         self, wanted: Callable[[str], bool], skeleton: torch.nn.Module, dtype: torch.dtype
     ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -252,6 +261,76 @@ def _iter_gguf(
     finally:
         if writer is not None:
             writer.abort()  # a no-op after commit
+
+
+def iter_gguf_blocks(
+    path: Path, config: Any, wanted: Callable[[str], bool], skeleton: torch.nn.Module, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor | RawBlocks]]:
+    """Like ``_iter_gguf``, but a tensor in a block format the kernels run stays in its blocks:
+    yields ``(hf_name, RawBlocks)`` for those and ``(hf_name, tensor)`` for the float ones.
+
+    transformers reorders some GGUF tensors as it dequantises them (the Llama family's q and k
+    rows, which llama.cpp's converter permuted); a block holds part of one row, so the same
+    reordering of whole rows of blocks gives the same weights, still quantised.
+
+    Raises:
+        UsageError: a tensor the part owns is in a format the kernels do not run, or transformers
+            would transform it in a way that is not a reordering of rows.
+    """
+    import numpy as np
+    import torch
+    from gguf import dequantize
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    from .gguf_file import read_tensors
+    from .quant import SUPPORTED_GGUF
+
+    reader = read_tensors(path)
+    processor_class: type[TensorProcessor] = TENSOR_PROCESSORS.get(reader.architecture, TensorProcessor)
+    processor = processor_class(config=config.to_dict())
+    mapping = _gguf_name_map(skeleton, processor, config)
+    for tensor in reader.tensors:
+        probe = mapping.get(tensor.name)
+        if probe is None or not wanted(probe):
+            continue
+        fmt = tensor.tensor_type.name
+        if fmt in ("F32", "F16"):
+            weights = dequantize(tensor.data, tensor.tensor_type)
+            result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=mapping, parsed_parameters={})
+            hf_name = mapping.get(result.name)
+            if hf_name is not None:
+                yield hf_name, torch.from_numpy(np.copy(result.weights)).to(dtype)
+            continue
+        if fmt not in SUPPORTED_GGUF:
+            raise UsageError(
+                f"--weights gguf: {tensor.name} is {fmt}, which splitlm cannot keep quantised "
+                f"(it runs {', '.join(SUPPORTED_GGUF)}); use --weights float32, or int4 to requantise"
+            )
+        rows = int(tensor.data.shape[0])
+        order = processor.process(
+            weights=np.arange(rows, dtype=np.float64).reshape(rows, 1), name=tensor.name,
+            tensor_key_mapping=mapping, parsed_parameters={},
+        )
+        perm = np.asarray(order.weights).reshape(-1)
+        if perm.shape != (rows,) or sorted(perm.astype(np.int64).tolist()) != list(range(rows)):
+            raise UsageError(
+                f"--weights gguf: transformers transforms {tensor.name} on loading in a way that is "
+                "not a reordering of rows, so it cannot stay quantised; use --weights float32"
+            )
+        hf_name = mapping.get(order.name)
+        if hf_name is None:
+            continue
+        data = np.ascontiguousarray(tensor.data[perm.astype(np.int64)])  # (out, bytes per row), a copy
+        yield hf_name, RawBlocks(fmt.lower(), torch.from_numpy(data))
+
+
+@dataclass(frozen=True)
+class RawBlocks:
+    """A weight as a GGUF file stores it: ``fmt`` (``q4_0``, ``q4_1``, ``q8_0``) and its bytes,
+    ``(out_features, bytes per row)``."""
+
+    fmt: str
+    data: torch.Tensor
 
 
 def _gguf_name_map(skeleton: torch.nn.Module, processor: Any, config: Any) -> dict[str, str]:

@@ -119,17 +119,18 @@ def test_a_batch_that_fails_midway_is_rolled_back_and_each_step_runs_alone(
     assert batcher.stats.batches == 0  # a failed batch is not counted
 
 
-@pytest.mark.parametrize("weights", ["float32", "int8"])
-def test_int8_rows_differ_from_solo_by_rounding_only_like_float32(tiny_models, weights: str) -> None:  # type: ignore[no-untyped-def]
-    """Weight-only int8 keeps float32 activations: nothing is scaled per batch, so a batched row
-    equals its solo step to float rounding, exactly as with float32 weights (the batcher once
+@pytest.mark.parametrize("weights", ["float32", "int8", "int4"])
+def test_quantised_rows_differ_from_solo_by_rounding_only_like_float32(tiny_models, weights: str) -> None:  # type: ignore[no-untyped-def]
+    """Weight-only int8/int4 keep float32 activations: nothing is scaled per batch, so a batched
+    row equals its solo step to float rounding, exactly as with float32 weights (the batcher once
     refused int8 parts for the dynamic int8 layers the project no longer uses)."""
-    from splitlm.shared.models.precision import apply_precision, int8_linear_count, precision_named
+    from splitlm.shared.models.precision import precision_named
+    from splitlm.shared.models.quantize import quantized_count
 
     src = resolve(str(tiny_models["llama"]))
-    part = build_part(src, family_for(src.config), PartSpec.trunk(1, 5), torch.float32, torch.device("cpu"))
-    apply_precision([part], precision_named(weights, torch.device("cpu")))
-    assert (int8_linear_count(part.model) > 0) == (weights == "int8")
+    precision = precision_named(weights, torch.device("cpu"))
+    part = build_part(src, family_for(src.config), PartSpec.trunk(1, 5), torch.float32, torch.device("cpu"), precision)
+    assert (quantized_count(part.model) > 0) == (weights != "float32")
     lengths = [3, 11, 7, 5]
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(1, 1, part.hidden_size, generator=g) for _ in lengths]

@@ -1,8 +1,10 @@
 """``--weights`` and ``--wire-dtype`` through a real daemon process over a real socket.
 
 - split (trunk in the daemon) equals the full model here at the same weight precision;
-- a client at another precision is refused, by the client before it loads weights and by the
-  daemon at the open (FAILED_PRECONDITION naming the precision), and the daemon lives on;
+- a client may run its own parts at another precision (int4 around an int8 trunk): the split
+  equals the full model run here at the same per-part assignment; a client that expects another
+  trunk precision (--trunk-weights) is refused before it loads weights, and a forged open by the
+  daemon (FAILED_PRECONDITION naming the precision), and the daemon lives on;
 - a bfloat16/float16 wire halves the bytes per token, the default wire is exact (the trunk's
   dtype), and the daemon converts both ways (input cast to the trunk's dtype, output to the wire's).
 """
@@ -19,7 +21,7 @@ from splitlm.shared.client import TrunkClient, TrunkStream
 from splitlm.shared.errors import TrunkError, UsageError
 from splitlm.shared.generation import GenerationSettings, generate
 from splitlm.shared.models import PartSpec, build_part
-from splitlm.shared.models.precision import apply_precision, precision_named
+from splitlm.shared.models.precision import precision_named
 from splitlm.shared.plan import Fingerprint
 from tests.integration.test_split import _source
 from tests.shared.test_engine import PROMPT, _NoText
@@ -64,15 +66,33 @@ def test_split_through_daemon_equals_full_at_the_same_precision(  # type: ignore
     # the exact wire is the trunk's compute dtype: bfloat16 for bfloat16, float32 for int8
     assert wire == (torch.bfloat16 if weights == "bfloat16" else torch.float32)
     if weights == "int8":  # the daemon really quantised its layers
-        assert "linear layers in int8" in d.log_text()
+        assert "products in int8" in d.log_text()
 
 
-def test_other_precision_is_refused_and_the_daemon_lives_on(tiny_models, daemon_factory) -> None:  # type: ignore[no-untyped-def]
+def test_each_side_its_own_precision_and_the_trunks_is_the_daemons(tiny_models, daemon_factory) -> None:  # type: ignore[no-untyped-def]
     d = daemon_factory(tiny_models["llama"], "--split", "2:4", "--weights", "int8")
     model = _model(tiny_models["llama"])
-    # the client refuses before it loads any weights
-    with pytest.raises(UsageError, match="--weights int8"):
-        _split_run(d.address, model, 2, weights="float32")
+    # the client's own parts at int4 next to the int8 trunk: equal to the full model at that mix
+    with closing(TrunkClient(d.address)) as client:
+        parts = prepare.split_parts(model, client.info(), CPU, with_full=True, weights="int4")
+        assert parts.precision == "int4" and parts.fingerprint.precision == "int8"
+        pipe = prepare.split_pipeline(parts, client)
+        try:
+            split = generate(pipe, _NoText(), list(PROMPT), GenerationSettings(max_new_tokens=N), [])
+        finally:
+            pipe.close()
+    assert parts.full is not None
+    from splitlm.shared.generation import LocalPipeline
+
+    full = generate(LocalPipeline(parts.full), _NoText(), list(PROMPT), GenerationSettings(max_new_tokens=N), [])
+    alone = generate(prepare.full_pipeline(model, torch.float32, CPU, weights="int4", trunk_weights="int8",
+                                           split=(2, 4)), _NoText(), list(PROMPT), GenerationSettings(max_new_tokens=N), [])
+    assert split.token_ids == full.token_ids == alone.token_ids and len(split.token_ids) == N
+    assert "(bottom and top at int4)" in d.log_text()
+    # a client that expects another trunk precision is refused before it loads any weights
+    with pytest.raises(UsageError, match="cannot change the daemon's precision"):
+        with closing(TrunkClient(d.address)) as client:
+            prepare.split_parts(model, client.info(), CPU, trunk_weights="float32")
     # a client that opens anyway (here: one that does not check) is refused by the daemon
     with closing(TrunkClient(d.address)) as client:
         p = client.info().plan
@@ -117,8 +137,7 @@ def test_daemon_converts_both_ways(tiny_models, daemon_factory, weights, wires) 
     d = daemon_factory(tiny_models["llama"], "--split", "2:4", "--weights", weights)
     model = _model(tiny_models["llama"])
     precision = precision_named(weights, CPU)
-    trunk = build_part(model.source, model.family, PartSpec.trunk(2, 4), precision.dtype, CPU)
-    apply_precision([trunk], precision)
+    trunk = build_part(model.source, model.family, PartSpec.trunk(2, 4), precision.dtype, CPU, precision)
     for wire in wires:
         h = torch.randn(1, 5, trunk.hidden_size, generator=torch.Generator().manual_seed(3)).to(wire)
         with closing(TrunkClient(d.address)) as client:

@@ -79,7 +79,7 @@ class Comparer:
         device = resolve_device(eng.config.device)
         progress(f"loading the full model here ({eng.model.num_layers} layers)", 0, 1)
         parts = prepare.split_parts(
-            eng.model, eng.info_reply, device, with_full=True, weights=eng.config.local_weights()
+            eng.model, eng.info_reply, device, with_full=True, **eng.config.precisions()
         )
         assert parts.full is not None
         self.parts, self.full = parts, LocalPipeline(parts.full)

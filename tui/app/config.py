@@ -141,7 +141,9 @@ class AppConfig:
         log_file: where the client logs (the app owns the terminal).
         animations: False over SSH or with ``--no-animation``: no blinking cursor, no animation.
         dtype, device: of the local parts.
-        weights: ``--weights`` (auto: the daemon's precision, or an explicit ``dtype``).
+        weights: ``--weights`` of the bottom and top (auto: the daemon's precision, or an
+            explicit ``dtype``).
+        group_size: ``--group-size`` of int8/int4 weights.
         wire_dtype: ``--wire-dtype`` (exact: the trunk's dtype).
         settings: the first generation settings.
         retry: how a broken session reconnects (None: ``RetryPolicy()``, 180 s).
@@ -158,6 +160,7 @@ class AppConfig:
     animations: bool = True
     dtype: str = default_of("dtype")
     weights: str = default_of("weights")
+    group_size: int = default_of("group_size")
     wire_dtype: str = default_of("wire_dtype")
     device: str = default_of("device")
     settings: ChatSettings = field(default_factory=ChatSettings)
@@ -170,6 +173,10 @@ class AppConfig:
         from ...shared.models.precision import client_weights
 
         return client_weights(self.weights, self.dtype)
+
+    def precisions(self) -> dict[str, Any]:
+        """The precision options of ``prepare.split_parts``: the local parts' and the group size."""
+        return {"weights": self.local_weights(), "group_size": self.group_size}
 
     def wire_torch_dtype(self) -> Any:
         """``wire_dtype`` as a torch dtype; None for exact (the trunk's dtype)."""

@@ -157,7 +157,7 @@ class ChatEngine:
         device = resolve_device(self.config.device)
         a, b = info.plan.trunk_start, info.plan.trunk_end
         step(f"loading the bottom [0, {a}) and top [{b}, {info.plan.num_layers}) weights", 3)
-        parts = prepare.split_parts(model, info, device, weights=self.config.local_weights())
+        parts = prepare.split_parts(model, info, device, **self.config.precisions())
         step(f"connecting to the trunk at {client.address}", 4)
         with self._draft_lock:
             self.close_drafts()  # built for the model and parts being replaced

@@ -226,6 +226,7 @@ def _run_chat(args: argparse.Namespace, connect: Callable[[], Any] | None, trunk
         animations=animations_wanted(args.no_animation),
         dtype=args.dtype or "auto",
         weights=getattr(args, "weights", None) or "auto",
+        group_size=getattr(args, "group_size", None) or 32,
         wire_dtype=getattr(args, "wire_dtype", None) or "exact",
         device=args.device or "auto",
         settings=settings,

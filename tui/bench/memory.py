@@ -63,7 +63,7 @@ def _child(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from ...shared.models import PartSpec, build_parts, family_for, resolve, resolve_device
-    from ...shared.models.precision import apply_precision, precision_named
+    from ...shared.models.precision import precision_named
 
     proc = psutil.Process()
     baseline = proc.memory_info().rss
@@ -74,8 +74,7 @@ def _child(argv: list[str] | None = None) -> int:
     device = resolve_device("auto")
     precision = precision_named(args.weights, device)
     specs = [PartSpec.full(n)] if args.part == "full" else [PartSpec.bottom(a), PartSpec.top(b, n)]
-    parts = build_parts(source, family, specs, precision.dtype, device)
-    apply_precision(parts, precision)
+    parts = build_parts(source, family, specs, precision.dtype, device, precision)
     rss = proc.memory_info().rss
     del parts
     print(json.dumps({"rss_bytes": rss, "baseline_rss_bytes": baseline}))

@@ -127,6 +127,7 @@ class BenchOptions:
         seed: torch's seed.
         dtype: compute dtype name or None (``auto``: the programs' default).
         weights: weight precision or None (``auto``: as ``dtype``; with ``trunk``, the daemon's).
+        group_size: ``--group-size`` of int8/int4 weights.
         wire_dtype: wire dtype name or None (``exact``: the trunk's dtype).
         threads, daemon_threads: torch threads here / in the owned daemon, None for the default.
         json_path, plots, markdown, chat_json: outputs and the P7 input.
@@ -152,6 +153,7 @@ class BenchOptions:
     seed: int = 0
     dtype: str | None = None
     weights: str | None = None
+    group_size: int = 32
     wire_dtype: str | None = None
     threads: int | None = None
     daemon_threads: int | None = None
@@ -206,6 +208,7 @@ class BenchOptions:
             seed=0 if args.seed is None else args.seed,
             dtype=_unset(args.dtype, "auto"),
             weights=_unset(args.weights, "auto"),
+            group_size=args.group_size,
             wire_dtype=_unset(args.wire_dtype, "exact"),
             threads=args.threads,
             daemon_threads=args.daemon_threads

@@ -84,7 +84,7 @@ def daemon_args(opts: BenchOptions, max_sessions: int) -> list[str]:
     if opts.daemon_threads is not None:
         out += ["--threads", str(opts.daemon_threads)]
     if opts.weights is not None:
-        out += ["--weights", opts.weights]
+        out += ["--weights", opts.weights, "--group-size", str(opts.group_size)]
     if opts.batch:
         out.append("--batch")
     return out
@@ -312,7 +312,7 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
         daemon, client, info, model, tokenizer, model_spec = _connect(opts, stack, client_factory)
         device = resolve_device(getattr(args, "device", None) or "auto")
         parts = prepare.split_parts(model, info, device, with_full=True,
-                               weights=client_weights(opts.weights, opts.dtype))
+                                    weights=client_weights(opts.weights, opts.dtype), group_size=opts.group_size)
         assert parts.full is not None
         wire_dtype = getattr(torch, opts.wire_dtype) if opts.wire_dtype else None
         vocab = int(model.source.config.vocab_size)
@@ -407,7 +407,8 @@ def _run_link(args: argparse.Namespace, opts: BenchOptions, client_factory: Call
     with ExitStack() as stack:
         daemon, client, info, model, tokenizer, model_spec = _connect(opts, stack, client_factory, check_lengths=False)
         device = resolve_device(getattr(args, "device", None) or "auto")
-        parts = prepare.split_parts(model, info, device, weights=client_weights(opts.weights, opts.dtype))
+        parts = prepare.split_parts(model, info, device, weights=client_weights(opts.weights, opts.dtype),
+                                    group_size=opts.group_size)
         wire_dtype = getattr(torch, opts.wire_dtype) if opts.wire_dtype else None
         vocab = int(model.source.config.vocab_size)
         setup = link.LinkSetup(model, model.tokenizer, parts, client, wire_dtype)

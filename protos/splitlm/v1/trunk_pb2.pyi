@@ -105,7 +105,7 @@ class Batching(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., batches: _Optional[int] = ..., batched_steps: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("fingerprint", "config_digest", "weights_digest", "trunk_start", "trunk_end", "wire_dtype", "client", "weights", "refusals_in_stream")
+    __slots__ = ("fingerprint", "config_digest", "weights_digest", "trunk_start", "trunk_end", "wire_dtype", "client", "weights", "refusals_in_stream", "client_weights")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CONFIG_DIGEST_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class OpenSession(_message.Message):
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     REFUSALS_IN_STREAM_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     config_digest: str
     weights_digest: str
@@ -124,7 +125,8 @@ class OpenSession(_message.Message):
     client: str
     weights: str
     refusals_in_stream: bool
-    def __init__(self, fingerprint: _Optional[str] = ..., config_digest: _Optional[str] = ..., weights_digest: _Optional[str] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., client: _Optional[str] = ..., weights: _Optional[str] = ..., refusals_in_stream: _Optional[bool] = ...) -> None: ...
+    client_weights: str
+    def __init__(self, fingerprint: _Optional[str] = ..., config_digest: _Optional[str] = ..., weights_digest: _Optional[str] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., client: _Optional[str] = ..., weights: _Optional[str] = ..., refusals_in_stream: _Optional[bool] = ..., client_weights: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("step_id", "position", "hidden")
