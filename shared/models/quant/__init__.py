@@ -1,0 +1,32 @@
+"""Weight-only quantized linear layers for the CPU: GGUF's Q4_0, Q4_1 and Q8_0 blocks kept packed.
+
+``QuantLinear`` holds a packed weight and runs ``y = x @ W.T + b`` in a small C kernel
+(``kernel.c``, built once per machine by ``build``) that streams the packed bytes once per call,
+so a decode step reads 4.5 to 8.5 bits a weight instead of 32. ``formats`` has the byte layout,
+the quantizers and a dequantizer equal to ``gguf.quants.dequantize`` bit for bit.
+"""
+
+from splitlm.shared.models.quant.build import Kernel, KernelBuildError, kernel
+from splitlm.shared.models.quant.formats import (
+    BLOCK,
+    PackedShape,
+    QuantFormat,
+    dequantize,
+    dequantize_rows,
+    quantize,
+)
+from splitlm.shared.models.quant.linear import QuantLinear, quant_linear
+
+__all__ = [
+    "BLOCK",
+    "Kernel",
+    "KernelBuildError",
+    "PackedShape",
+    "QuantFormat",
+    "QuantLinear",
+    "dequantize",
+    "dequantize_rows",
+    "kernel",
+    "quant_linear",
+    "quantize",
+]

@@ -1,0 +1,175 @@
+"""``QuantLinear``: a linear layer whose weight stays in a GGUF block format and runs in our kernel."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from splitlm.shared.errors import UsageError
+from splitlm.shared.models.quant.build import Kernel, kernel
+from splitlm.shared.models.quant.formats import (
+    BLOCK,
+    PackedShape,
+    QuantFormat,
+    aligned,
+    dequantize,
+    quantize,
+)
+
+MIN_WORK_PER_THREAD = 1 << 18
+"""Weights (out x in) a thread must have before a second one is woken: below this the wake-up
+costs more than the half of the product it saves (576x576 at one row is about 30 us alone)."""
+
+
+def _threads(out_features: int, in_features: int, rows: int) -> int:
+    """Threads for one call: at most torch's setting, fewer for small products.
+
+    The result does not depend on this choice (threads split output features only), so it is
+    free to vary with the size of the call.
+    """
+    work = out_features * in_features * max(1, min(rows, 8))
+    return max(1, min(torch.get_num_threads(), work // MIN_WORK_PER_THREAD))
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` packed in blocks of 32 (``q4_0``, ``q4_1`` or ``q8_0``).
+
+    The packed weight is a buffer (``packed``, uint8, (out_features, row_bytes)), so ``.to()``,
+    ``state_dict`` and ``load_state_dict`` carry it; the bias, when there is one, is a float32
+    buffer too (the weights are not trained here).
+
+    ``forward`` runs the C kernel for float32 and bfloat16 inputs of any number of rows. Each
+    output row is computed in one fixed order, so it does not depend on the thread count nor on
+    the other rows in the call: a split model (client and daemon with their own thread counts)
+    equals the whole model bit for bit, and a batch of rows equals the rows run one by one.
+    """
+
+    packed: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, in_features: int, out_features: int, fmt: QuantFormat | str,
+                 packed: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.shape = PackedShape(out_features, in_features, QuantFormat.parse(fmt))
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != (out_features, self.shape.row_bytes):
+            raise UsageError(
+                f"packed {self.shape.fmt.label} weight for {out_features}x{in_features} must be "
+                f"uint8 of shape ({out_features}, {self.shape.row_bytes}), got "
+                f"{packed.dtype} {tuple(packed.shape)}"
+            )
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise UsageError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        self.register_buffer("packed", aligned(packed))
+        self.register_buffer(
+            "bias", None if bias is None else bias.detach().to(torch.float32).contiguous()
+        )
+
+    @property
+    def in_features(self) -> int:
+        return self.shape.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.shape.out_features
+
+    @property
+    def fmt(self) -> QuantFormat:
+        return self.shape.fmt
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   fmt: QuantFormat | str = QuantFormat.Q4_1, group_size: int = BLOCK) -> QuantLinear:
+        """Quantize a float (out, in) weight (see ``formats.quantize`` for each format's rule)."""
+        fmt = QuantFormat.parse(fmt)
+        packed = quantize(weight, fmt, group_size)
+        return cls(weight.shape[1], weight.shape[0], fmt, packed, bias)
+
+    @classmethod
+    def from_blocks(cls, raw: torch.Tensor | np.ndarray[Any, Any], fmt: QuantFormat | str,
+                    out_features: int, in_features: int,
+                    bias: torch.Tensor | None = None) -> QuantLinear:
+        """A layer on GGUF bytes as they come: (out_features, bytes_per_row) uint8.
+
+        The bytes are used in place when they start on a 64-byte boundary, else copied once.
+        """
+        if isinstance(raw, np.ndarray):
+            with warnings.catch_warnings():
+                # a read-only memory map of the GGUF file: the buffer is never written
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8))
+        shape = PackedShape(out_features, in_features, QuantFormat.parse(fmt))
+        if shape.padded_in != in_features:
+            raise UsageError(
+                f"GGUF {shape.fmt.label} rows hold whole blocks of {BLOCK}: in_features "
+                f"{in_features} is not a multiple"
+            )
+        return cls(in_features, out_features, shape.fmt, raw.reshape(out_features, -1), bias)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight and the bias."""
+        extra = 0 if self.bias is None else self.bias.numel() * 4
+        return self.packed.numel() + extra
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 (out, in) weight the packed blocks stand for."""
+        return dequantize(self.packed, self.fmt, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear(x, self.packed, self.shape, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"fmt={self.fmt.label}, bias={self.bias is not None}")
+
+
+
+def quant_linear(x: torch.Tensor, packed: torch.Tensor, shape: PackedShape,
+                 bias: torch.Tensor | None = None, threads: int | None = None,
+                 lib: Kernel | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for packed ``W``; ``x`` is (..., in_features) float32 or bfloat16.
+
+    Args:
+        threads: threads to use (default: torch's setting, fewer for small products); the result
+            is the same for every value.
+        lib: the kernel library (default: this machine's native build); the tests pass the AVX2
+            and portable builds to cover those paths.
+
+    Returns:
+        (..., out_features) in ``x``'s dtype.
+    """
+    if x.shape[-1] != shape.in_features:
+        raise UsageError(f"expected input width {shape.in_features}, got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise UsageError(f"quantized linear takes float32 or bfloat16 input, got {x.dtype}")
+    if packed.device.type != "cpu" or x.device.type != "cpu":
+        raise UsageError("quantized weights run on the CPU only")
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (shape.out_features, shape.row_bytes) \
+            or not packed.is_contiguous():
+        raise UsageError(f"packed weight must be contiguous uint8 ({shape.out_features}, "
+                         f"{shape.row_bytes}), got {packed.dtype} {tuple(packed.shape)}")
+    if bias is not None:  # a module moved with .to(bfloat16) carries a bfloat16 bias
+        bias = bias.to(torch.float32).contiguous()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, shape.in_features).to(torch.float32)
+    pad = shape.padded_in - shape.in_features
+    if pad:  # zeros against the padded weights add exact zeros
+        x2 = torch.nn.functional.pad(x2, (0, pad))
+    x2 = x2.contiguous()
+    rows = x2.shape[0]
+    y = torch.empty(rows, shape.out_features, dtype=torch.float32)
+    if rows:
+        if threads is None:
+            threads = _threads(shape.out_features, shape.in_features, rows)
+        rc = (lib or kernel()).lib.splitlm_quant_linear(
+            shape.fmt.value, packed.data_ptr(), shape.row_bytes, shape.out_features,
+            shape.blocks_per_row, x2.data_ptr(), rows, shape.padded_in,
+            None if bias is None else bias.data_ptr(), y.data_ptr(), shape.out_features, threads,
+        )
+        if rc != 0:
+            raise RuntimeError(f"the quant kernel does not know format code {shape.fmt.value}")
+    return y.to(x.dtype).reshape(*lead, shape.out_features)
