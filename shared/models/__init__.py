@@ -6,7 +6,16 @@ from typing import TYPE_CHECKING
 
 from ..errors import UnsupportedModel
 from . import precision  # noqa: F401  first: quiets torchao's import before transformers imports it
-from .base import Family, Part, PartChain, PartSpec, build_part, build_parts, resolve_device, resolve_dtype
+from .base import (
+    Family,
+    Part,
+    PartChain,
+    PartSpec,
+    build_part,
+    build_parts,
+    resolve_device,
+    resolve_dtype,
+)
 from .gemma import GemmaFamily
 from .gpt2 import GPT2Family
 from .llama import LlamaFamily

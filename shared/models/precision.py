@@ -33,7 +33,6 @@ from ..config import GROUP_SIZES, WEIGHT_PRECISIONS
 from ..errors import UsageError
 
 if TYPE_CHECKING:
-    from .base import Part
     from .source import ModelSource
 
 log = logging.getLogger(__name__)
@@ -144,9 +143,8 @@ def check_source(precision: Precision, source: ModelSource) -> None:
             f"--weights gguf keeps a GGUF file's own quantisation, but {source.spec} is not a .gguf "
             "model: use --weights int4 or int8 to quantise it here"
         )
-    from .quant import SUPPORTED_GGUF
-
     from .gguf_file import read_tensors
+    from .quant import SUPPORTED_GGUF
 
     types = {t.tensor_type.name for t in read_tensors(source.path).tensors}
     unsupported = sorted(types - set(SUPPORTED_GGUF) - {"F32", "F16"})

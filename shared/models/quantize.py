@@ -49,8 +49,8 @@ class QuantEmbedding(nn.Module):
         return self.table.in_features
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = dequantize_rows(self.table, ids.reshape(-1)).to(self.dtype)  # (n, H)
-        out = rows.reshape(*ids.shape, self.table.in_features)  # (..., H)
+        t = self.table
+        out = dequantize_rows(t.packed, t.fmt, ids, t.in_features).to(self.dtype)  # (..., H)
         if self.embed_scale is not None:
             out = out * self.embed_scale.to(self.dtype)
         return out
@@ -66,8 +66,8 @@ class QuantMaker:
     (``blocks``: transformers weight name -> ``QuantLinear``), else by quantising the float weight
     into ``fmt`` (``None``: a GGUF weight left float in the file stays float).
 
-    ``made`` remembers what was quantised by the weight's address, so parts built together (a
-    client's bottom and top, which share a tied embedding tensor) share its blocks too.
+    ``made`` remembers a tied embedding quantised by its address, so parts built together (a
+    client's bottom and top, which share that tensor) share its blocks too.
     """
 
     def __init__(self, fmt: str | None, group_size: int, blocks: dict[str, QuantLinear], made: dict[int, QuantLinear]) -> None:
@@ -76,14 +76,17 @@ class QuantMaker:
         self.blocks = blocks
         self.made = made
 
-    def __call__(self, weight_name: str, mod: nn.Linear) -> nn.Module:
+    def __call__(self, weight_name: str, mod: nn.Linear, shared: bool = False) -> nn.Module:
         found = self.blocks.get(weight_name)
         if found is not None:
-            if mod.bias is not None:
-                found.set_bias(mod.bias.detach())
-            return found
+            if mod.bias is None:
+                return found
+            return QuantLinear(found.in_features, found.out_features, found.fmt, found.packed, mod.bias.detach())
         if self.fmt is None:
             return mod
+        if not shared:
+            return QuantLinear.from_float(mod.weight.detach(), mod.bias, self.fmt, self.group_size)
+        # a weight the loaded state holds for the parts' life (so its address is its identity)
         key = mod.weight.data_ptr()
         if key not in self.made:
             self.made[key] = QuantLinear.from_float(mod.weight.detach(), mod.bias, self.fmt, self.group_size)
@@ -133,7 +136,7 @@ def _quantize_ends(part: Part, make: QuantMaker) -> int:
     n = 0
     table: nn.Module | None = None
     if part.spec.head and isinstance(head, nn.Linear):
-        table = make(emb_name if tied else part.family.lm_head_name, head)
+        table = make(emb_name if tied else part.family.lm_head_name, head, shared=tied)
         if table is not head:
             model.set_output_embeddings(table)
             n += 1
@@ -141,7 +144,7 @@ def _quantize_ends(part: Part, make: QuantMaker) -> int:
         if not isinstance(table, QuantLinear) or not tied:
             as_linear = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device="meta")
             as_linear.weight = emb.weight
-            table = make(emb_name, as_linear) if (tied or emb_name in make.blocks) else None
+            table = make(emb_name, as_linear, shared=True) if (tied or emb_name in make.blocks) else None
         if isinstance(table, QuantLinear):
             model.set_input_embeddings(QuantEmbedding(table, part.dtype, getattr(emb, "embed_scale", None)))
     return n

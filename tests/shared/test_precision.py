@@ -7,8 +7,7 @@ import torch
 
 from splitlm.shared.errors import UsageError
 from splitlm.shared.generation import GenerationSettings, LocalPipeline, generate
-from splitlm.shared.models import PartSpec, build_parts, family_for, resolve
-from splitlm.shared.models import PartChain
+from splitlm.shared.models import PartChain, PartSpec, build_parts, family_for, resolve
 from splitlm.shared.models.precision import (
     Precision,
     client_weights,

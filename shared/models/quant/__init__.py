@@ -17,7 +17,11 @@ from splitlm.shared.models.quant.formats import (
 )
 from splitlm.shared.models.quant.linear import QuantLinear, quant_linear
 
+SUPPORTED_GGUF = tuple(f.name for f in QuantFormat)
+"""GGUF tensor types kept quantised (``--weights gguf``): ``Q4_0``, ``Q4_1``, ``Q8_0``."""
+
 __all__ = [
+    "SUPPORTED_GGUF",
     "BLOCK",
     "Kernel",
     "KernelBuildError",
