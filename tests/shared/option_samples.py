@@ -20,6 +20,8 @@ def samples(option: Option, n: int = 3) -> list[str]:
         out = ["true"]
     elif isinstance(r, config.IntList):
         out = [f"{r.minimum},{r.minimum + 2 + i}" for i in range(n)]
+    elif isinstance(r, config.IntChoice):
+        out = [str(c) for c in r.options if c != default]
     elif isinstance(r, config.Integer):
         out = [str(r.minimum + 3 + i) for i in range(n)]
     elif isinstance(r, config.Number):
