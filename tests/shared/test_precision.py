@@ -64,6 +64,15 @@ def test_quantised_changes_the_output_and_float32_does_not_quantise(tiny_models,
     assert not torch.equal(a, b)
     assert torch.allclose(a, b, atol=0.3, rtol=0.2)  # close, not garbage
     assert quantized_count(trunk32.model) == 0
+    # the quantised embedding lookup keeps Gemma's scaling (sqrt(hidden)): close to float32's
+    _, [bottom32, *_] = _parts(tiny_models["gemma2"], (2, 4), f32)
+    _, [bottom_q, *_] = _parts(tiny_models["gemma2"], (2, 4), precision_named(weights, CPU))
+    ids = torch.tensor([list(PROMPT)])
+    with torch.inference_mode():
+        e32 = bottom32.family.embed(bottom32.model, ids, torch.arange(ids.shape[1])[None])
+        eq = bottom_q.family.embed(bottom_q.model, ids, torch.arange(ids.shape[1])[None])
+    assert type(bottom_q.model.get_input_embeddings()).__name__ == "QuantEmbedding"
+    assert torch.allclose(e32, eq, atol=0.2 * float(e32.abs().max()))
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
