@@ -140,7 +140,10 @@ def _quantize_ends(part: Part, make: QuantMaker) -> int:
         if table is not head:
             model.set_output_embeddings(table)
             n += 1
-    if part.spec.embed and isinstance(emb, nn.Embedding):
+    if tied and isinstance(table, QuantLinear) and isinstance(emb, nn.Embedding):
+        # the top holds the embedding only as its head: the float matrix goes either way
+        model.set_input_embeddings(QuantEmbedding(table, part.dtype, getattr(emb, "embed_scale", None)))
+    elif part.spec.embed and isinstance(emb, nn.Embedding):
         if not isinstance(table, QuantLinear) or not tied:
             as_linear = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device="meta")
             as_linear.weight = emb.weight
