@@ -164,7 +164,22 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.splitlm_quant_linear.argtypes = [
         ctypes.c_int, ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int,
     ]
+    lib.splitlm_quant_layer_run.restype = ctypes.c_int
+    lib.splitlm_quant_layer_run.argtypes = [ptr, ptr, i64, ptr, ctypes.c_int]
     return lib
+
+
+class LayerArgs(ctypes.Structure):
+    """``struct splitlm_quant_layer``: a layer's fixed arguments, passed by pointer."""
+
+    _fields_ = [
+        ("fmt", ctypes.c_int64),
+        ("w", ctypes.c_void_p),
+        ("wstride", ctypes.c_int64),
+        ("out", ctypes.c_int64),
+        ("nblocks", ctypes.c_int64),
+        ("bias", ctypes.c_void_p),
+    ]
 
 
 _lock = threading.Lock()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 from torch import nn
 
 from splitlm.shared.errors import UsageError
-from splitlm.shared.models.quant.build import Kernel, kernel
+from splitlm.shared.models.quant.build import Kernel, LayerArgs, kernel
 from splitlm.shared.models.quant.formats import (
     BLOCK,
     PackedShape,
@@ -19,6 +21,20 @@ from splitlm.shared.models.quant.formats import (
     dequantize,
     quantize,
 )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What ``QuantLinear.forward`` hands the kernel, kept between calls with the tensors it
+    points into (they must outlive it)."""
+
+    packed: torch.Tensor
+    bias: torch.Tensor | None
+    bias32: torch.Tensor | None
+    args: LayerArgs
+    args_ref: Any
+    run: Any
+
 
 MIN_WORK_PER_THREAD = 1 << 18
 """Weights (out x in) a thread must have before a second one is woken: below this the wake-up
@@ -50,6 +66,7 @@ class QuantLinear(nn.Module):
 
     packed: torch.Tensor
     bias: torch.Tensor | None
+    _cached_plan: _Plan | None
 
     def __init__(self, in_features: int, out_features: int, fmt: QuantFormat | str,
                  packed: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -67,6 +84,7 @@ class QuantLinear(nn.Module):
         self.register_buffer(
             "bias", None if bias is None else bias.detach().to(torch.float32).contiguous()
         )
+        self._cached_plan = None
 
     @property
     def in_features(self) -> int:
@@ -119,8 +137,38 @@ class QuantLinear(nn.Module):
         """The float32 (out, in) weight the packed blocks stand for."""
         return dequantize(self.packed, self.fmt, self.in_features)
 
+    def _plan(self) -> _Plan:
+        """The kernel's fixed arguments for the current buffers (rebuilt after ``.to()`` or a
+        buffer swap: the plan remembers which tensors it points into)."""
+        packed, bias = self._buffers["packed"], self._buffers["bias"]
+        plan = self._cached_plan
+        if plan is None or plan.packed is not packed or plan.bias is not bias:
+            assert packed is not None
+            if packed.device.type != "cpu":
+                raise UsageError("quantized weights run on the CPU only")
+            bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+            lib = kernel()
+            args = LayerArgs(self.fmt.value, packed.data_ptr(), self.shape.row_bytes,
+                             self.out_features, self.shape.blocks_per_row,
+                             None if bias32 is None else bias32.data_ptr())
+            plan = self._cached_plan = _Plan(packed, bias, bias32, args, ctypes.byref(args),
+                                             lib.lib.splitlm_quant_layer_run)
+        return plan
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear(x, self.packed, self.shape, self.bias)
+        plan = self._plan()
+        shape = self.shape
+        if (x.dtype is not torch.float32 or x.shape[-1] != shape.padded_in
+                or not x.is_contiguous() or x.device.type != "cpu"):
+            return quant_linear(x, plan.packed, shape, plan.bias32)
+        # the common case, float32 rows of whole blocks, with as few Python steps as possible:
+        # a decode step makes ~210 of these calls
+        rows = x.numel() // shape.in_features
+        y = x.new_empty((*x.shape[:-1], shape.out_features))
+        if rows:
+            plan.run(plan.args_ref, x.data_ptr(), rows, y.data_ptr(),
+                     _threads(shape.out_features, shape.in_features, rows))
+        return y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,0 +1,143 @@
+"""A/B of one linear product at SmolLM2's shapes: float32, bfloat16, torch's int8 and our kernels.
+
+For each (out, in) shape and row count: float32 ``F.linear``, bfloat16 ``F.linear``, torch's
+``_weight_int8pack_mm`` (int8 weights, one scale per output row), and ``QuantLinear`` in
+``q8_0``, ``q4_0`` and ``q4_1``. Calls are interleaved variant by variant and each variant cycles
+through enough copies of its weight (at least ``--cold-mib``) that the weight comes from memory,
+as in a decode step of a whole model, not from the cache. Each median is also given as a multiple
+of its bandwidth floor: the weight's bytes over the read bandwidth measured here, torch summing a
+``--bandwidth-mib`` tensor at the same threads.
+
+Usage: ``python scripts/quant_ab.py [--threads N] [--rounds R] [--rows 1,4,64] [--json OUT]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
+"""SmolLM2's products: q/o projections, k/v, gate/up, down, and the tied LM head."""
+
+
+def _median_ms(fn: Callable[[], object], n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def bandwidth_gbs(mib: int, rounds: int) -> float:
+    """Read bandwidth in GB/s: torch summing a ``mib`` MiB float32 tensor, median of ``rounds``."""
+    import torch
+
+    big = torch.ones(mib * (1 << 20) // 4)
+    big.sum()
+    ms = _median_ms(lambda: big.sum(), rounds)
+    return big.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def variants(out: int, inp: int, cold_bytes: int) -> dict[str, tuple[int, list[Callable[[Any], Any]]]]:
+    """Per variant: the weight's bytes and one callable ``x -> y`` per weight copy."""
+    import torch
+    import torch.nn.functional as F
+
+    from splitlm.shared.models.quant import QuantLinear
+
+    w = torch.randn(out, inp) / inp**0.5
+    found: dict[str, tuple[int, list[Callable[[Any], Any]]]] = {}
+
+    def copies(nbytes: int) -> int:
+        return max(2, -(-cold_bytes // nbytes))
+
+    n = copies(w.numel() * 4)
+    ws = [w.clone() for _ in range(n)]
+    found["float32"] = (w.numel() * 4, [lambda x, w=w: F.linear(x, w) for w in ws])
+    wb = [w.to(torch.bfloat16) for _ in range(copies(w.numel() * 2))]
+    found["bfloat16"] = (w.numel() * 2, [lambda x, w=w: F.linear(x.to(torch.bfloat16), w) for w in wb])
+    scale = w.abs().amax(1) / 127
+    q8 = torch.round(w / scale[:, None]).to(torch.int8)
+    qs = [(q8.clone(), scale.clone()) for _ in range(copies(q8.numel()))]
+    found["torch-int8"] = (q8.numel() + out * 4,
+                           [lambda x, q=q, s=s: torch._weight_int8pack_mm(x, q, s) for q, s in qs])
+    for fmt in ("q8_0", "q4_0", "q4_1"):
+        layer = QuantLinear.from_float(w, None, fmt)
+        layers = [QuantLinear(inp, out, fmt, layer.packed.clone()) for _ in range(copies(layer.nbytes))]
+        found[fmt] = (layer.nbytes, list(layers))
+    return found
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=30, help="timed calls per variant and case")
+    ap.add_argument("--rows", default="1,4,64", help="row counts, comma-separated")
+    ap.add_argument("--cold-mib", type=int, default=96, help="weight bytes each variant cycles through")
+    ap.add_argument("--bandwidth-mib", type=int, default=1024)
+    ap.add_argument("--json", type=Path, help="write the figures here too")
+    a = ap.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    from splitlm.shared.models.quant import QuantLinear, kernel
+
+    torch.set_num_threads(a.threads)
+    rows_list = [int(r) for r in a.rows.split(",")]
+    lib = kernel()
+    gbs = bandwidth_gbs(a.bandwidth_mib, 9)
+    results: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        tiny = QuantLinear.from_float(torch.randn(32, 32), None, "q4_1")
+        tiny_w = torch.randn(32, 32)
+        xt = torch.randn(1, 32)
+        overhead = {"quant_linear_32x32_us": _median_ms(lambda: tiny(xt), 2000) * 1e3,
+                    "f_linear_32x32_us": _median_ms(lambda: torch.nn.functional.linear(xt, tiny_w), 2000) * 1e3}
+        for out, inp in SHAPES:
+            found = variants(out, inp, a.cold_mib << 20)
+            for rows in rows_list:
+                x = torch.randn(rows, inp)
+                times: dict[str, list[float]] = {k: [] for k in found}
+                turn = dict.fromkeys(found, 0)
+                for i in range(a.rounds + 2):
+                    for name, (_, calls) in found.items():
+                        fn = calls[turn[name] % len(calls)]
+                        turn[name] += 1
+                        t0 = time.perf_counter()
+                        fn(x)
+                        if i >= 2:  # two warm-up calls
+                            times[name].append((time.perf_counter() - t0) * 1e3)
+                for name, (nbytes, _) in found.items():
+                    ms = statistics.median(times[name])
+                    floor_ms = nbytes / (gbs * 1e9) * 1e3
+                    results.append({"shape": f"{out}x{inp}", "rows": rows, "variant": name,
+                                    "ms": round(ms, 4), "weight_mib": round(nbytes / (1 << 20), 3),
+                                    "x_floor": round(ms / floor_ms, 2)})
+            del found
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
+    print(f"threads {a.threads}, kernel {lib.isa}, read bandwidth {gbs:.1f} GB/s, load {' '.join(load)}")
+    print(f"per call, 32x32 one row: QuantLinear {overhead['quant_linear_32x32_us']:.1f} us, "
+          f"F.linear {overhead['f_linear_32x32_us']:.1f} us")
+    names = list(dict.fromkeys(r["variant"] for r in results))
+    print(f"{'shape':>10} {'rows':>4}  " + "  ".join(f"{n:>16}" for n in names))
+    for shape in dict.fromkeys(r["shape"] for r in results):
+        for rows in rows_list:
+            cells = {r["variant"]: r for r in results if r["shape"] == shape and r["rows"] == rows}
+            print(f"{shape:>10} {rows:>4}  " + "  ".join(
+                f"{cells[n]['ms']:>8.3f} ({cells[n]['x_floor']:>4.1f}x)" for n in names))
+    print("ms median per product (multiple of the bandwidth floor in brackets)")
+    if a.json:
+        a.json.write_text(json.dumps({"threads": a.threads, "isa": lib.isa, "bandwidth_gbs": round(gbs, 2),
+                                      "loadavg": load, "overhead": overhead, "rounds": a.rounds,
+                                      "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
