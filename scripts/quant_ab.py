@@ -75,6 +75,67 @@ def variants(out: int, inp: int, cold_bytes: int) -> dict[str, tuple[int, list[C
     return found
 
 
+def quantize_linears(model: Any, fmt: str) -> int:
+    """Replace every ``nn.Linear`` under ``model`` (decoder layers and the head) by a
+    ``QuantLinear`` in ``fmt``; returns how many."""
+    from torch import nn
+
+    from splitlm.shared.models.quant import QuantLinear
+
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, m in found:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], QuantLinear.from_float(m.weight, m.bias, fmt))
+    return len(found)
+
+
+def agreement(tokens: int, threads: int) -> dict[str, Any]:
+    """Greedy decodes of SmolLM2 with the decoder layers' linears quantized (and the head, where
+    the name says), against float32: the tokens that agree before the first difference, per
+    prompt, and the median decode step.
+
+    SmolLM2's file is Q4_1 (layers) and Q8_0 (embedding/head), so its float32 weights come back
+    exactly under q4_1 and q8_0 blocks: the weight error of a format is measured on the
+    embedding matrix as well, which is the nearest to unquantized weights the file holds.
+    """
+    import copy
+
+    import torch
+    from _common import load_full, prompt_ids, timed_decode
+
+    from splitlm.shared.models.precision import decoder_layers
+    from splitlm.shared.models.quant import QuantLinear
+
+    model, full = load_full("smollm2", threads)
+    emb = full.model.get_input_embeddings().weight.detach()
+    weight_err = {}
+    for fmt in ("q8_0", "q4_0", "q4_1"):
+        back = QuantLinear.from_float(emb, None, fmt).dequantize()
+        weight_err[fmt] = float((back - emb).pow(2).mean() / emb.pow(2).mean())
+    prompts = [prompt_ids(24), [int(t) for t in model.tokenizer("The capital of France is")["input_ids"]],
+               [int(t) for t in model.tokenizer("def fibonacci(n):")["input_ids"]]]
+    out: dict[str, Any] = {"weight_rel_mse_on_embedding": weight_err, "tokens": tokens}
+    with torch.inference_mode():
+        ref = [timed_decode(full, p, tokens) for p in prompts]
+        out["float32_step_ms"] = [round(r.per_token_ms, 2) for r in ref]
+        for name in ("q8_0", "q4_0", "q4_1", "q4_1+head-q8_0", "q4_1+head-q4_1"):
+            fmt, _, head = name.partition("+head-")
+            part = copy.deepcopy(full)
+            for layer in decoder_layers(part.model):
+                quantize_linears(layer, fmt)
+            if head:
+                part.model.lm_head = QuantLinear.from_float(part.model.lm_head.weight, None, head)
+            got = [timed_decode(part, p, tokens) for p in prompts]
+            same = []
+            for a, b in zip(ref, got):
+                n = next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), len(a.tokens))
+                same.append(n)
+            out[name] = {"agreeing_prefix": same, "of": tokens + 1,
+                        "step_ms": [round(g.per_token_ms, 2) for g in got]}
+            del part
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=1)
@@ -83,9 +144,18 @@ def main() -> None:
     ap.add_argument("--cold-mib", type=int, default=96, help="weight bytes each variant cycles through")
     ap.add_argument("--bandwidth-mib", type=int, default=1024)
     ap.add_argument("--json", type=Path, help="write the figures here too")
+    ap.add_argument("--agreement", type=int, metavar="TOKENS", default=0,
+                    help="instead: greedy SmolLM2 decodes with quantized linears vs float32")
     a = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
+
+    if a.agreement:
+        found = agreement(a.agreement, a.threads)
+        print(json.dumps(found, indent=1))
+        if a.json:
+            a.json.write_text(json.dumps(found, indent=1) + "\n")
+        return
 
     from splitlm.shared.models.quant import QuantLinear, kernel
 
