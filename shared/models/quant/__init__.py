@@ -15,13 +15,14 @@ from splitlm.shared.models.quant.formats import (
     dequantize_rows,
     quantize,
 )
-from splitlm.shared.models.quant.linear import QuantLinear, quant_linear
+from splitlm.shared.models.quant.linear import QuantEmbedding, QuantLinear, quant_linear
 
 __all__ = [
     "BLOCK",
     "Kernel",
     "KernelBuildError",
     "PackedShape",
+    "QuantEmbedding",
     "QuantFormat",
     "QuantLinear",
     "dequantize",

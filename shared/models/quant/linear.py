@@ -19,6 +19,7 @@ from splitlm.shared.models.quant.formats import (
     QuantFormat,
     aligned,
     dequantize,
+    dequantize_rows,
     quantize,
 )
 
@@ -221,3 +222,44 @@ def quant_linear(x: torch.Tensor, packed: torch.Tensor, shape: PackedShape,
         if rc != 0:
             raise RuntimeError(f"the quant kernel does not know format code {shape.fmt.value}")
     return y.to(x.dtype).reshape(*lead, shape.out_features)
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table kept in a block format: a lookup dequantizes only the rows it needs.
+
+    A tied head and embedding share one packed tensor (``from_linear``), so a model holds the
+    49152 x 576 matrix once, packed. Rows equal ``dequantize()``'s bit for bit.
+    """
+
+    packed: torch.Tensor
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, fmt: QuantFormat | str,
+                 packed: torch.Tensor) -> None:
+        super().__init__()
+        self.shape = PackedShape(num_embeddings, embedding_dim, QuantFormat.parse(fmt))
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != (num_embeddings, self.shape.row_bytes):
+            raise UsageError(
+                f"packed {self.shape.fmt.label} embedding {num_embeddings}x{embedding_dim} must be "
+                f"uint8 of shape ({num_embeddings}, {self.shape.row_bytes}), got "
+                f"{packed.dtype} {tuple(packed.shape)}"
+            )
+        self.register_buffer("packed", aligned(packed))
+
+    @classmethod
+    def from_linear(cls, head: QuantLinear) -> QuantEmbedding:
+        """The embedding tied to ``head``: the same packed tensor, not a copy."""
+        return cls(head.out_features, head.in_features, head.fmt, head.packed)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(..., ) token ids -> (..., embedding_dim) float32."""
+        if ids.dtype not in (torch.int64, torch.int32) or ids.numel() and (
+                int(ids.min()) < 0 or int(ids.max()) >= self.shape.out_features):
+            raise UsageError(f"token ids must be integers in [0, {self.shape.out_features})")
+        return dequantize_rows(self.packed, self.shape.fmt, ids, self.shape.in_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.shape.out_features}, {self.shape.in_features}, fmt={self.shape.fmt.label}"
