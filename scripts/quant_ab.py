@@ -136,6 +136,57 @@ def agreement(tokens: int, threads: int) -> dict[str, Any]:
     return out
 
 
+def model_steps(steps: int, threads: int) -> dict[str, Any]:
+    """One-token decode steps of the whole SmolLM2 (30 layers and the head) per variant,
+    interleaved step by step so the machine's load falls on all alike; medians in ms, and each
+    variant's weight bytes read per step (the layers' linears and the head)."""
+    import copy
+
+    import torch
+    from _common import load_full
+
+    from splitlm.shared.models.precision import decoder_layers
+    from splitlm.shared.models.quant import QuantLinear
+
+    _, full = load_full("smollm2", threads)
+    parts: dict[str, Any] = {"float32": full}
+    bf16 = copy.deepcopy(full)
+    bf16.model.to(torch.bfloat16)
+    parts["bfloat16"] = bf16
+    for name in ("q8_0", "q4_1+head-q8_0", "q4_0+head-q8_0"):
+        fmt, _, head = name.partition("+head-")
+        part = copy.deepcopy(full)
+        for layer in decoder_layers(part.model):
+            quantize_linears(layer, fmt)
+        part.model.lm_head = QuantLinear.from_float(part.model.lm_head.weight, None, head or fmt)
+        parts[name] = part
+
+    def linear_bytes(part: Any) -> int:
+        total = 0
+        for m in part.model.modules():
+            if isinstance(m, QuantLinear):
+                total += m.nbytes
+            elif isinstance(m, torch.nn.Linear):
+                total += m.weight.numel() * m.weight.element_size()
+        return total
+
+    x = torch.tensor([[1234]])
+    times: dict[str, list[float]] = {k: [] for k in parts}
+    with torch.inference_mode():
+        for i in range(steps + 2):
+            for name, part in parts.items():
+                cache = part.new_cache()
+                t0 = time.perf_counter()
+                part.forward(x, 0, cache)
+                if i >= 2:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    f32 = statistics.median(times["float32"])
+    return {name: {"step_ms": round(statistics.median(t), 2),
+                   "ratio_to_float32": round(statistics.median(t) / f32, 3),
+                   "linear_mib": round(linear_bytes(parts[name]) / (1 << 20), 1)}
+            for name, t in times.items()} | {"steps": steps, "threads": threads}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=1)
@@ -146,12 +197,14 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the figures here too")
     ap.add_argument("--agreement", type=int, metavar="TOKENS", default=0,
                     help="instead: greedy SmolLM2 decodes with quantized linears vs float32")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="instead: whole-SmolLM2 one-token steps per variant, interleaved")
     a = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    if a.agreement:
-        found = agreement(a.agreement, a.threads)
+    if a.agreement or a.steps:
+        found = agreement(a.agreement, a.threads) if a.agreement else model_steps(a.steps, a.threads)
         print(json.dumps(found, indent=1))
         if a.json:
             a.json.write_text(json.dumps(found, indent=1) + "\n")
