@@ -93,6 +93,8 @@ def test_odd_in_features_are_padded_exactly(fmt: QuantFormat) -> None:
     x = torch.randn(3, 50)
     assert layer.bias is not None
     torch.testing.assert_close(layer(x), x @ w.T + layer.bias, rtol=1e-5, atol=1e-4)
+    with pytest.raises(UsageError, match="width"):
+        layer(torch.randn(3, 64))  # the padded width is not an input width
     with pytest.raises(UsageError, match="multiple"):
         QuantLinear.from_blocks(layer.packed, fmt, 24, 50)  # GGUF bytes always hold whole blocks
     with pytest.raises(UsageError, match="group size"):

@@ -129,8 +129,14 @@ def build(march: str = "native", directory: Path | None = None) -> Kernel:
     target = directory / f"quant-{key}.so"
     compiled = False
     if not target.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=directory)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=directory)
+        except OSError as e:
+            raise KernelBuildError(
+                f"cannot write the quantized-weight kernel to {directory}: {e} (SPLITLM_CACHE_DIR "
+                "moves it)"
+            ) from e
         os.close(fd)
         start = time.perf_counter()
         try:

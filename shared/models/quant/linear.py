@@ -113,7 +113,10 @@ class QuantLinear(nn.Module):
                     bias: torch.Tensor | None = None) -> QuantLinear:
         """A layer on GGUF bytes as they come: (out_features, bytes_per_row) uint8.
 
-        The bytes are used in place when they start on a 64-byte boundary, else copied once.
+        The bytes are used in place when they start on a 64-byte boundary, else copied once. In
+        place means a read-only memory map of the file stays read-only: the layer's bytes are
+        shared with the page cache (and with every process mapping the file), and must not be
+        written (no ``load_state_dict`` into such a layer).
         """
         if isinstance(raw, np.ndarray):
             with warnings.catch_warnings():
@@ -159,8 +162,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._plan()
         shape = self.shape
-        if (x.dtype is not torch.float32 or x.shape[-1] != shape.padded_in
-                or not x.is_contiguous() or x.device.type != "cpu"):
+        if (x.dtype is not torch.float32 or x.shape[-1] != shape.in_features
+                or shape.padded_in != shape.in_features or not x.is_contiguous()
+                or x.device.type != "cpu"):
             return quant_linear(x, plan.packed, shape, plan.bias32)
         # the common case, float32 rows of whole blocks, with as few Python steps as possible:
         # a decode step makes ~210 of these calls
