@@ -99,13 +99,13 @@ static inline __attribute__((always_inline)) void dequant_block(int fmt, const u
         *lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), vd);
         *hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), vd);
     } else {
+        /* the 16 values a nibble can stand for, then one lookup per weight: vpermps reads only
+         * the low 4 bits of each index, so the nibbles need no masking */
+        const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 table = _mm512_fmadd_ps(iota, vd, _mm512_set1_ps(c));
         const __m128i qs = _mm_loadu_si128((const __m128i *)(b + (fmt == FMT_Q4_0 ? 2 : 4)));
-        const __m128i mask = _mm_set1_epi8(0x0F);
-        const __m128i q0 = _mm_and_si128(qs, mask);
-        const __m128i q1 = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-        const __m512 vc = _mm512_set1_ps(c);
-        *lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q0)), vd, vc);
-        *hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q1)), vd, vc);
+        *lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(qs), table);
+        *hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_srli_epi16(qs, 4)), table);
     }
 }
 
