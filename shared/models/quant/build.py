@@ -100,7 +100,16 @@ def cache_dir() -> Path:
     models = model_cache_dir()
     if models is not None:
         return models.parent / "kernels"
-    return Path(tempfile.gettempdir()) / f"splitlm-kernels-{os.getuid()}"
+    shared_tmp = Path(tempfile.gettempdir()) / f"splitlm-kernels-{os.getuid()}"
+    try:
+        shared_tmp.mkdir(mode=0o700, exist_ok=True)
+        st = shared_tmp.stat()
+        if st.st_uid == os.getuid() and not st.st_mode & 0o022:
+            return shared_tmp
+    except OSError:
+        pass
+    # someone else's folder under that name (a library loaded from it would run their code)
+    return Path(tempfile.mkdtemp(prefix="splitlm-kernels-"))
 
 
 def _target_flag(march: str) -> str:
