@@ -89,6 +89,17 @@ def quantize_linears(model: Any, fmt: str) -> int:
     return len(found)
 
 
+def _int8_activations(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A forward pre-hook: the input rounded to Q8_0 blocks (int8 and a scale per 32 values),
+    as llama.cpp quantizes activations for its integer dot products."""
+    from splitlm.shared.models.quant import dequantize, quantize
+
+    (x,) = args
+    rows = x.reshape(-1, x.shape[-1]).float()
+    back = dequantize(quantize(rows, "q8_0"), "q8_0", rows.shape[1])
+    return (back.reshape(x.shape).to(x.dtype),)
+
+
 def agreement(tokens: int, threads: int) -> dict[str, Any]:
     """Greedy decodes of SmolLM2 with the decoder layers' linears quantized (and the head, where
     the name says), against float32: the tokens that agree before the first difference, per
@@ -118,13 +129,19 @@ def agreement(tokens: int, threads: int) -> dict[str, Any]:
     with torch.inference_mode():
         ref = [timed_decode(full, p, tokens) for p in prompts]
         out["float32_step_ms"] = [round(r.per_token_ms, 2) for r in ref]
-        for name in ("q8_0", "q4_0", "q4_1", "q4_1+head-q8_0", "q4_1+head-q4_1"):
+        for name in ("q8_0", "q4_0", "q4_1", "q4_1+head-q8_0", "q4_1+head-q4_1",
+                     "q4_1+head-q8_0+int8-activations"):
             fmt, _, head = name.partition("+head-")
+            head, _, act = head.partition("+")
             part = copy.deepcopy(full)
             for layer in decoder_layers(part.model):
                 quantize_linears(layer, fmt)
             if head:
                 part.model.lm_head = QuantLinear.from_float(part.model.lm_head.weight, None, head)
+            if act:  # what integer (VNNI) dot products would compute, up to summation order
+                for m in part.model.modules():
+                    if isinstance(m, QuantLinear):
+                        m.register_forward_pre_hook(_int8_activations)
             got = [timed_decode(part, p, tokens) for p in prompts]
             same = []
             for a, b in zip(ref, got):
