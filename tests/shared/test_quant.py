@@ -17,6 +17,7 @@ from splitlm.shared.models.quant import (
     Kernel,
     KernelBuildError,
     PackedShape,
+    QuantEmbedding,
     QuantFormat,
     QuantLinear,
     dequantize_rows,
@@ -92,6 +93,8 @@ def test_odd_in_features_are_padded_exactly(fmt: QuantFormat) -> None:
     x = torch.randn(3, 50)
     assert layer.bias is not None
     torch.testing.assert_close(layer(x), x @ w.T + layer.bias, rtol=1e-5, atol=1e-4)
+    with pytest.raises(UsageError, match="width"):
+        layer(torch.randn(3, 64))  # the padded width is not an input width
     with pytest.raises(UsageError, match="multiple"):
         QuantLinear.from_blocks(layer.packed, fmt, 24, 50)  # GGUF bytes always hold whole blocks
     with pytest.raises(UsageError, match="group size"):
@@ -175,3 +178,13 @@ def test_avx2_and_portable_paths(march: str, isa: str, tmp_path: Path) -> None:
         solo = torch.cat([quant_linear(x[i : i + 1], layer.packed, shape, layer.bias, threads=1, lib=lib)
                           for i in range(11)])
         assert torch.equal(y, solo)
+
+
+def test_tied_embedding_shares_the_head_bytes() -> None:
+    head = _layer(100, 50, QuantFormat.Q8_0, bias=False)
+    emb = QuantEmbedding.from_linear(head)
+    assert emb.packed.data_ptr() == head.packed.data_ptr()
+    ids = torch.tensor([[3, 99, 3]])
+    assert torch.equal(emb(ids), head.dequantize()[ids])
+    with pytest.raises(UsageError, match="token ids"):
+        emb(torch.tensor([100]))
