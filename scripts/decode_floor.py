@@ -6,7 +6,9 @@ floor is those bytes divided by the memory bandwidth. Measured here, per thread 
 - bandwidth: torch summing a 1 GiB tensor, and a stream of 576x1536 one-row products over 1 GiB
   of weights (what a decode step does; the higher of the two is the floor's bandwidth);
 - bare: the model's own linear weights, each through one ``F.linear`` of one row, in the model's
-  order, nothing else (the kernels' own floor: what the products alone cost);
+  order, nothing else (the kernels' own floor: what the products alone cost); and the same
+  products through oneDNN instead of MKL (for comparison: its last bits differ from MKL's, and
+  transformers' own decode uses MKL's, so it is no option for one-row products);
 - full: the full model's one-token step (``Part.forward``) at each context, with the lean layer
   step (``llama.lean_layer``) and with transformers' layer modules, interleaved step by step;
 - client: the split's client part for one token (bottom layers, then top layers + norm + head),
@@ -113,6 +115,12 @@ def main() -> int:
         for m in linears:
             F.linear(inputs[id(m)], m.weight)
 
+    flat = {k: v.reshape(1, -1) for k, v in inputs.items()}
+
+    def bare_onednn() -> None:  # the same products through oneDNN (not MKL's bits: not an option for decode)
+        for m in linears:
+            torch.ops.mkldnn._linear_pointwise(flat[id(m)], m.weight, None, "none", [], "")
+
     cfg = full.config
     kv_heads = int(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads))
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
@@ -132,6 +140,8 @@ def main() -> int:
             gbs = max(bw.values())
             # variant name -> (step, bytes it reads)
             variants: dict[str, tuple[Callable[[], object], int]] = {"bare F.linear loop": (bare, weight_bytes)}
+            if torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+                variants["bare oneDNN loop"] = (bare_onednn, weight_bytes)
             for ctx in contexts:
                 ids = torch.tensor([[(37 * i + 11) % vocab + 100 for i in range(ctx)]])
                 for name, part in (("lean", full), ("modules", as_modules(full))):
