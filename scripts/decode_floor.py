@@ -15,7 +15,9 @@ floor is those bytes divided by the memory bandwidth. Measured here, per thread 
   lean and module layers likewise.
 
 Each figure is a median over ``--rounds`` steps (every variant takes one step in turn, so the
-load of other work falls on all alike), also as a multiple of its floor. Usage:
+load of other work falls on all alike), also as a multiple of its floor; "CPU ms" is the
+process's CPU time for the step (all threads), which waiting for a core on a busy machine does
+not inflate. Usage:
 
     .venv/bin/python scripts/decode_floor.py --threads 2,1 --contexts 16,1024 --rounds 40 [--json]
 """
@@ -165,19 +167,22 @@ def main() -> int:
                 kv = client_layers * contexts[0] * kv_bytes_per_position
                 variants[f"client @{contexts[0]} {name}"] = (client, client_bytes + kv)
             times: dict[str, list[float]] = {k: [] for k in variants}
+            cpu: dict[str, list[float]] = {k: [] for k in variants}
             for fn, _ in variants.values():
                 fn()
                 fn()
             for _ in range(args.rounds):
                 for k, (fn, _) in variants.items():
-                    t0 = time.perf_counter()
+                    c0, t0 = time.process_time(), time.perf_counter()
                     fn()
                     times[k].append((time.perf_counter() - t0) * 1e3)
+                    cpu[k].append((time.process_time() - c0) * 1e3)
             rows = {}
             for k, (_, nbytes) in variants.items():
                 ms = statistics.median(times[k])
                 floor = nbytes / gbs / 1e6
-                rows[k] = {"ms": round(ms, 2), "floor_ms": round(floor, 2), "x_floor": round(ms / floor, 2),
+                rows[k] = {"ms": round(ms, 2), "cpu_ms": round(statistics.median(cpu[k]), 2),
+                           "floor_ms": round(floor, 2), "x_floor": round(ms / floor, 2),
                            "mb_read": round(nbytes / 1e6, 1)}
             report["threads"][str(threads)] = {"bandwidth_gbs": {k: round(v, 2) for k, v in bw.items()}, "rows": rows}
     report["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
@@ -190,9 +195,10 @@ def main() -> int:
         bw = r["bandwidth_gbs"]
         print(f"\n{threads} thread(s): bandwidth {bw['read_gbs']:.1f} GB/s (1 GiB read), "
               f"{bw['matvec_gbs']:.1f} GB/s (576x1536 one-row products)")
-        print(f"  {'variant':28} {'MB read':>8} {'floor ms':>9} {'ms':>8} {'x floor':>8}")
+        print(f"  {'variant':28} {'MB read':>8} {'floor ms':>9} {'ms':>8} {'x floor':>8} {'CPU ms':>8}")
         for k, row in r["rows"].items():
-            print(f"  {k:28} {row['mb_read']:8.1f} {row['floor_ms']:9.2f} {row['ms']:8.2f} {row['x_floor']:8.2f}")
+            print(f"  {k:28} {row['mb_read']:8.1f} {row['floor_ms']:9.2f} {row['ms']:8.2f} {row['x_floor']:8.2f}"
+                  f" {row['cpu_ms']:8.2f}")
     return 0
 
 
