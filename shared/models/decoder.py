@@ -8,7 +8,8 @@ embeddings computed once and shared, the layer loop, the norm.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
@@ -23,6 +24,39 @@ _MASKS = {
     "sliding_attention": create_sliding_window_causal_mask,
     "chunked_attention": create_sliding_window_causal_mask,
 }
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What every layer of one attention type gets in a step, computed once per step.
+
+    Attributes:
+        mask: the attention mask transformers' mask function made (None where sdpa needs none).
+        rope: ``(cos, sin)``, each ``(B, t, hd)``.
+        rope_heads: ``(cos, sin)`` unsqueezed to ``(B, 1, t, hd)`` as the attention applies them,
+            with the first half of ``sin`` negated: ``rotate_half(q) * sin`` (``cat(-q2, q1) * sin``)
+            is then ``q.roll(hd // 2, -1) * sin``, one op instead of four and the same bits (a
+            product's sign is the product of signs, its magnitude rounds alike).
+        position_ids: ``(B, t)``.
+        lean: a family may run its layers' own operations without transformers' module wrappers
+            (a solo cache, sdpa attention, eval mode; see ``llama.lean_layer``).
+        one_row: the step is one position of one sequence (a decode step): its linear products
+            are one-row products.
+    """
+
+    mask: torch.Tensor | None | list[torch.Tensor | None]
+    rope: tuple[torch.Tensor, torch.Tensor]
+    rope_heads: tuple[torch.Tensor, torch.Tensor]
+    position_ids: torch.Tensor
+    lean: bool
+    one_row: bool
+
+
+def _heads(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``StepInputs.rope_heads`` from ``(cos, sin)``, each ``(B, t, hd)``."""
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # (B, t, hd)
+    return cos.unsqueeze(1), signed.unsqueeze(1)  # (B, 1, t, hd)
 
 
 class RotaryDecoderFamily(Family):
@@ -56,16 +90,32 @@ class RotaryDecoderFamily(Family):
             for t, i in first.items()
         }
         rope = self.rotary(body, h, position_ids, set(first))
+        attn = getattr(model.config, "_attn_implementation", None)
+        lean = isinstance(cache, PartCache) and attn == "sdpa" and not model.training
+        one_row = h.shape[0] * h.shape[1] == 1
+        steps = {
+            t: StepInputs(masks[t], (cos, sin), _heads(cos, sin), position_ids, lean, one_row)
+            for t, (cos, sin) in rope.items()
+        }
+        layers = cast(nn.ModuleList, submodule(body, "layers"))
         for i in range(cache.start, cache.end):
-            h = submodule(body, f"layers.{i}")(
-                h,
-                attention_mask=masks[types[i]],
-                position_embeddings=rope[types[i]],
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=True,
-            )
+            h = self.run_layer(layers[i], h, steps[types[i]], cache)
         return h
+
+    def run_layer(
+        self, layer: nn.Module, h: torch.Tensor, step: StepInputs, cache: PartCache | RowsCache
+    ) -> torch.Tensor:
+        """One decoder layer over ``h`` ``(B, t, H)``: the layer module itself (a family may run
+        the same operations leaner when ``step.lean``)."""
+        out: torch.Tensor = layer(
+            h,
+            attention_mask=step.mask,
+            position_embeddings=step.rope,
+            position_ids=step.position_ids,
+            cache=cache,
+            use_cache=True,
+        )
+        return out
 
     def head(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
         h = submodule(model, "model.norm")(h)
