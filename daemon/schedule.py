@@ -1,7 +1,7 @@
 """Long steps in slices of layers, so other sessions' decode steps run between the slices.
 
-A 1024-position prefill through SmolLM2's 28 trunk layers holds the one compute thread for about
-a second; without slicing, every other session's decode step queues behind it. Here a step whose
+A 1024-position prefill through SmolLM2's 26 trunk layers (split 2:28) holds the one compute
+thread for about a second; without slicing, every other session's decode step queues behind it. Here a step whose
 work (positions x trunk layers) exceeds ``--prefill-slice`` runs a few layers per executor job:
 the compute executor is one FIFO thread, so the decode steps (or the decode batch) that arrived
 during a slice run before the next slice, and a decode step waits for at most one slice.
@@ -39,9 +39,9 @@ T = TypeVar("T")
 
 DEFAULT_PREFILL_SLICE = 4096
 """Positions x layers per slice (``--prefill-slice``). Measured on SmolLM2 2:28 (BENCHMARKS.md
-"Under load"): a position-layer of a prefill costs ~35 us there, so a slice of 4096 is ~0.14 s
-(4 layers of a 1024-token prefill) and a decode step never waits longer than that for one;
-prompts up to 146 tokens run whole (no hand-off at all)."""
+"Under load"): a position-layer of a prefill costs ~35 us there on a quiet machine, so a slice of
+4096 is ~0.15 s (4 layers of a 1024-token prefill, 7 slices) and a decode step never waits longer
+than that for one; prompts up to 157 tokens run whole (no hand-off at all)."""
 
 
 def layers_per_slice(positions: int, layers: int, work: int) -> int:
