@@ -14,9 +14,10 @@ keeps its steps as they were for that reason (DESIGN.md "Failover"). Cutting bet
 changes nothing a layer computes: each layer sees the same input tensor, the same mask and rotary
 values (recomputed per slice from the same positions and from caches not yet grown by this
 step), and appends the same keys and values, so the sliced step's output equals the whole step's
-bit for bit (tests/daemon/test_schedule.py), whatever the load. The cost: one executor hand-off
-per slice (~0.1 ms) and the prefill itself finishes later when decode steps cut in (they are
-served first: that is the point).
+bit for bit (tests/daemon/test_schedule.py), whatever the load. So the cut may depend on the load:
+a slice ends the executor job only when another step waits, and a prefill alone runs in one job.
+The cost under load: a hand-off per cut (~0.5 ms: BENCHMARKS.md's step timeline) and a prefill
+that finishes later when decode steps cut in (they are served first: that is the point).
 
 Threads: ``SlicedStep.advance`` runs on the compute executor; ``run_sliced`` on the event loop.
 """
@@ -37,11 +38,13 @@ from .metrics import QueueGauge
 
 T = TypeVar("T")
 
-DEFAULT_PREFILL_SLICE = 4096
-"""Positions x layers per slice (``--prefill-slice``). Measured on SmolLM2 2:28 (BENCHMARKS.md
-"Under load"): a position-layer of a prefill costs ~35 us there on a quiet machine, so a slice of
-4096 is ~0.15 s (4 layers of a 1024-token prefill, 7 slices) and a decode step never waits longer
-than that for one; prompts up to 157 tokens run whole (no hand-off at all)."""
+DEFAULT_PREFILL_SLICE = 1024
+"""Positions x layers per slice (``--prefill-slice``), chosen by measurement on SmolLM2 2:28
+(BENCHMARKS.md "Under load"): a position-layer of a prefill costs ~37 us there on a quiet machine,
+so a slice of 1024 is ~40 ms (one layer of a 1024-token prefill), about one decode step: a decode
+step waits at most about its own length. Against 4096 (4 layers a slice) it cut decode p50 beside a
+1024-token prefill 3-5x for a prefill ~10-35 % slower. A slice ends its executor job only when
+another step waits (``run_sliced``), so a prefill alone costs nothing more."""
 
 
 def layers_per_slice(positions: int, layers: int, work: int) -> int:
@@ -121,22 +124,27 @@ class SlicedStep:
 async def run_sliced(
     executor: Executor, queue: QueueGauge, step: SlicedStep, encode: Callable[[torch.Tensor], T]
 ) -> tuple[T, int]:
-    """Run ``step`` one slice per executor job; its output through ``encode`` (on the executor,
-    with the last slice) and the compute time of all its slices in ns. Loop only.
+    """Run ``step`` to its end; its output through ``encode`` (on the executor, with the last
+    slice) and the compute time of all its slices in ns. Loop only.
 
-    Each slice is queued behind whatever was submitted while the previous one ran, so decode steps
-    (and ``--batch``'s decode batches) go first.
+    After each slice the compute thread looks at ``queue``: while no other step waits it goes on
+    with the next slice in the same job (a prefill alone pays no hand-off); when one waits, the job
+    ends and the next slice is queued behind it, so decode steps (and ``--batch``'s decode batches)
+    go first. Slices by layers change no bit, so this load-dependent cut is free of exactness cost.
     """
 
-    def one() -> tuple[list[T], int]:
+    def run_until_someone_waits() -> tuple[list[T], int]:
         t0 = time.perf_counter_ns()
-        out = step.advance()
-        done = [encode(out)] if out is not None else []
-        return done, time.perf_counter_ns() - t0
+        while True:
+            out = step.advance()
+            if out is not None:
+                return [encode(out)], time.perf_counter_ns() - t0
+            if len(queue):
+                return [], time.perf_counter_ns() - t0
 
     total = 0
     for _ in range(step.slices):
-        done, ns = await queue.run(executor, one)
+        done, ns = await queue.run(executor, run_until_someone_waits)
         total += ns
         if done:
             return done[0], total

@@ -593,7 +593,7 @@ class DaemonSettings:
     )
     # daemon.schedule.DEFAULT_PREFILL_SLICE (shared never imports daemon): chosen by measurement
     prefill_slice: int = setting(
-        4096, Integer(0),
+        1024, Integer(0),
         "run a step of more positions x trunk layers than this (a long prefill) a few layers at a "
         "time, so other sessions' decode steps run in between; bit-identical (0: never slice)",
         metavar="N",

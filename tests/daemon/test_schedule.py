@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from splitlm.daemon.batcher import BatchPolicy
-from splitlm.daemon.schedule import SlicedStep, layers_per_slice
+from splitlm.daemon.metrics import QueueGauge
+from splitlm.daemon.schedule import DEFAULT_PREFILL_SLICE, SlicedStep, layers_per_slice, run_sliced
 from splitlm.daemon.steps import Limits, TrunkSteps
 from splitlm.shared import codec
+from splitlm.shared.config import DaemonSettings
 from splitlm.shared.models import PartSpec, build_part, family_for, resolve
 from splitlm.shared.plan import Fingerprint
 
@@ -82,3 +84,25 @@ async def test_decode_steps_run_between_the_slices_of_a_long_prefill(
     ref = part.new_cache()
     for i, out in enumerate(got_short):
         assert torch.equal(out, part.forward(short_h, i, ref))
+
+
+async def test_a_prefill_alone_runs_in_one_executor_job(tiny_models: dict[str, Path]) -> None:
+    """With no other step waiting, the slices never leave the compute thread (no hand-off)."""
+    src = resolve(str(tiny_models["llama"]))
+    part = build_part(src, family_for(src.config), PartSpec.trunk(1, 5), torch.float32, torch.device("cpu"))
+    jobs: list[object] = []
+
+    class Counting(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+            jobs.append(fn)
+            return super().submit(fn, *args, **kwargs)
+
+    h = torch.randn(1, 50, 64, generator=torch.Generator().manual_seed(4))  # (1, 50, H)
+    step = SlicedStep(part, h, 0, part.new_cache(), None, per_slice=1)
+    got, _ = await run_sliced(Counting(1), QueueGauge(), step, lambda out: out)
+    assert len(jobs) == 1 and step.slices == 4
+    assert torch.equal(got, part.forward(h, 0, part.new_cache()))
+
+
+def test_the_registry_default_is_the_schedule_default() -> None:
+    assert DaemonSettings.__dataclass_fields__["prefill_slice"].default == DEFAULT_PREFILL_SLICE
