@@ -594,8 +594,9 @@ class DaemonSettings:
     # daemon.schedule.DEFAULT_PREFILL_SLICE (shared never imports daemon): chosen by measurement
     prefill_slice: int = setting(
         1024, Integer(0),
-        "run a step of more positions x trunk layers than this (a long prefill) a few layers at a "
-        "time, so other sessions' decode steps run in between; bit-identical (0: never slice)",
+        "cut a step of more positions x trunk layers than this (a long prefill) between layers "
+        "whenever another session's step waits, so decode steps run in between; bit-identical "
+        "(0: never cut)",
         metavar="N",
     )
     tls_cert: Path | None = setting(
