@@ -111,7 +111,6 @@ class StepBatcher:
         return await item.future
 
     async def _run_waiting(self) -> None:
-        loop = asyncio.get_running_loop()
         while self._waiting:
             await self._gather()
             take = self._waiting[: self.policy.max_rows]
@@ -122,7 +121,9 @@ class StepBatcher:
             if not take:
                 continue
             try:
-                outcomes, rows = await loop.run_in_executor(self.executor, self._compute, take)
+                # still counted as waiting until the compute thread starts the batch: a sliced
+                # prefill (daemon.schedule) yields to it only if it sees it waiting
+                outcomes, rows = await self.queue.run(self.executor, self._compute, take, weight=len(take))
             except BaseException as e:  # noqa: BLE001 - cancelled loop or a bug: each step learns
                 for w in take:
                     if not w.future.done():

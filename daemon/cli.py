@@ -106,7 +106,8 @@ def run(loaded: Loaded[DaemonSettings]) -> int:
 
     limits = limits_for(args, trunk)
     batching = BatchPolicy(window_s=args.batch_window) if args.batch else None
-    service = TrunkService(TrunkSteps(trunk.part, trunk.fingerprint, limits, make_executor(), batching))
+    service = TrunkService(TrunkSteps(trunk.part, trunk.fingerprint, limits, make_executor(), batching,
+                                      prefill_slice=args.prefill_slice))
     log_start(trunk, service, batching)
     try:
         asyncio.run(serve(service, listen, args.shutdown_grace, security=security, notifier=notifier,

@@ -65,22 +65,23 @@ class QueueGauge:
         with self._lock:
             self._waiting += n
 
-    async def run(self, executor: Executor, fn: Callable[..., T], *args: object) -> T:
-        """``fn(*args)`` on ``executor``, counted as waiting until it starts. Loop only."""
+    async def run(self, executor: Executor, fn: Callable[..., T], *args: object, weight: int = 1) -> T:
+        """``fn(*args)`` on ``executor``, counted as ``weight`` waiting steps (a batch: its rows)
+        until it starts. Loop only."""
         left = [False]  # one ticket: leaves the count once, whoever gets there first
 
         def leave() -> None:
             with self._lock:
                 if not left[0]:
                     left[0] = True
-                    self._waiting -= 1
+                    self._waiting -= weight
 
         def started() -> T:
             leave()
             return fn(*args)
 
         with self._lock:
-            self._waiting += 1
+            self._waiting += weight
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, started)
         finally:

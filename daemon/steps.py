@@ -29,6 +29,7 @@ from ..shared.plan import Fingerprint
 from .batcher import BatchPolicy, StepBatcher
 from .budget import CacheBudget, bytes_per_position
 from .metrics import StepRecorder
+from .schedule import SlicedStep, layers_per_slice, run_sliced
 from .sessions import HeldSession, SessionStore
 from .status import SessionRefused
 
@@ -108,6 +109,8 @@ class TrunkSteps:
         limits: sessions, context, cache bytes.
         executor: the device's compute thread.
         batching: batch concurrent decode steps (``--batch``); None runs each alone.
+        prefill_slice: run a step of more positions x trunk layers than this in slices of
+            layers, so other sessions' steps run in between (``daemon.schedule``; 0: never).
     """
 
     def __init__(
@@ -117,11 +120,13 @@ class TrunkSteps:
         limits: Limits,
         executor: ThreadPoolExecutor,
         batching: BatchPolicy | None = None,
+        prefill_slice: int = 0,
     ) -> None:
         self.part = part
         self.fingerprint = fingerprint
         self.limits = limits
         self.executor = executor
+        self.prefill_slice = prefill_slice
         per_position = bytes_per_position(part)
         self.budget = CacheBudget(limits.max_cache_bytes or 2**62, per_position)
         self.layer_position_bytes = per_position // max(1, part.spec.end - part.spec.start)
@@ -197,8 +202,12 @@ class TrunkSteps:
             growth = s.cache.plan(position, t, self.layer_position_bytes, self.budget.free)
             s.reserved = self.budget.reserve(s.reserved, s.reserved + growth.planned, len(self.sessions))
             grows = growth.planned > 0
+        per_slice = layers_per_slice(t, self.part.spec.end - self.part.spec.start, self.prefill_slice)
         try:
-            if self.batcher is not None:
+            if per_slice < self.part.spec.end - self.part.spec.start:
+                sliced = SlicedStep(self.part, h, position, s.cache, self.limits.max_context, per_slice)
+                _, ns = await run_sliced(self.executor, self.metrics.queue, sliced, encode)
+            elif self.batcher is not None:
                 _, ns = await self.batcher.submit(s.cache, h, position, self.limits.max_context, encode)
             else:
                 _, ns = await self.metrics.queue.run(self.executor, self._run, s, h, position, encode)

@@ -613,6 +613,14 @@ class DaemonSettings:
         0.0, Duration(0), "with batch: wait this long for more steps before a batch (0: none)",
         metavar="DURATION",
     )
+    # daemon.schedule.DEFAULT_PREFILL_SLICE (shared never imports daemon): chosen by measurement
+    prefill_slice: int = setting(
+        1024, Integer(0),
+        "cut a step of more positions x trunk layers than this (a long prefill) between layers "
+        "whenever another session's step waits, so decode steps run in between; bit-identical "
+        "(0: never cut)",
+        metavar="N",
+    )
     tls_cert: Path | None = setting(
         None, PathValue(), "PEM certificate: serve TCP addresses over TLS", metavar="PEM"
     )
@@ -880,6 +888,19 @@ CLIENT_FLAGS: tuple[Option, ...] = (
     Option("concurrency", IntList(1, 256),
            "concurrent sessions to measure (default 1,2,4,8,16,32; --quick 1,8)",
            commands=("bench",), metavar="N,N,..."),
+    Option("load", IntList(1, 256),
+           "load the daemon instead: N sessions stepping at once (each value a row), replaying "
+           "hidden states without a model here; aggregate positions/s and step p50/p95, with and "
+           "without --batch (one daemon each; --batch: only with; --trunk: that daemon)",
+           commands=("bench",), metavar="N,N,..."),
+    Option("load_steps", Integer(1), "with --load: recorded decode steps per session",
+           default=32, commands=("bench",), metavar="N"),
+    Option("load_prompt", Integer(1), "with --load: the prompt each session prefills first (positions)",
+           default=16, commands=("bench",), metavar="N"),
+    Option("load_prefill", Integer(0),
+           "with --load: each row again while one more session prefills this many positions over "
+           "and over (0: no such rows)",
+           default=0, commands=("bench",), metavar="N"),
     Option("batch_file", PathValue(),
            "run every prompt of a JSONL file (one {\"prompt\": ...} object a line; - reads "
            "standard input) and print one JSON result a line, in input order",

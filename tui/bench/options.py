@@ -140,6 +140,9 @@ class BenchOptions:
         drafts: the drafts the link rows compare (``--draft`` spellings).
         draft_max: ``--draft-max``.
         prompt_kinds, prompts_per_kind: the link rows' prompts.
+        load: session counts of the load rows (``--load``: ``tui.bench.load``); None: no load rows.
+        load_steps, load_prompt, load_prefill: the load rows' recorded decode steps per session,
+            prompt positions, and the concurrent long prefill's positions (0: none).
     """
 
     model: str | None
@@ -170,6 +173,10 @@ class BenchOptions:
     draft_max: int = 8
     prompt_kinds: tuple[str, ...] = ()
     prompts_per_kind: int = 2
+    load: tuple[int, ...] | None = None
+    load_steps: int = 32
+    load_prompt: int = 16
+    load_prefill: int = 0
 
     @property
     def link(self) -> bool:
@@ -227,6 +234,10 @@ class BenchOptions:
             draft_max=int(getattr(args, "draft_max", None) or 8),
             prompt_kinds=args.prompt_kinds or PROMPT_KINDS,
             prompts_per_kind=args.prompts or (1 if q else 2),
+            load=getattr(args, "load", None),
+            load_steps=getattr(args, "load_steps", None) or 32,
+            load_prompt=getattr(args, "load_prompt", None) or 16,
+            load_prefill=getattr(args, "load_prefill", None) or 0,
         )
 
 

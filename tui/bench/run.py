@@ -47,6 +47,12 @@ def check_options(opts: BenchOptions) -> None:
         if opts.trunk is not None and given:
             raise UsageError(f"{flag} sets the daemon the bench starts; the daemon at --trunk keeps "
                              "its own settings (leave out one of them)")
+    if opts.load is not None:
+        for flag, given in (("--plots", opts.plots is not None), ("--markdown", opts.markdown is not None),
+                            ("--chat-json", opts.chat_json is not None), ("--link-rtt/--drafts", opts.link)):
+            if given:
+                raise UsageError(f"{flag} belongs to the other bench rows; --load measures the daemon alone "
+                                 "(its table on stdout, --json for the figures)")
     if opts.plots is not None:
         from .plots import check_available
 
@@ -293,6 +299,10 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
     opts = BenchOptions.from_args(args, trunk, draft=loaded.settings.draft,
                                   draft_given=loaded.source("draft") == "--draft")
     check_options(opts)
+    if opts.load is not None:
+        from .load import run as run_load
+
+        return run_load(args, opts, client_factory)
     if opts.link:
         if loaded.settings.tls_ca is not None and opts.trunk is not None and any(opts.link_rtts or ()):
             raise UsageError("--link-rtt with --tls-ca: the relay listens on this machine, so the "
