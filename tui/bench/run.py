@@ -53,11 +53,13 @@ def check_options(opts: BenchOptions) -> None:
         check_available()
     if opts.markdown is not None and opts.markdown.is_file():
         from .link import BEGIN, END
+        from .precisions import BEGIN as SWEEP_BEGIN
+        from .precisions import END as SWEEP_END
         from .report import BEGIN as TABLES_BEGIN
         from .report import END as TABLES_END
         from .report import splice
 
-        markers = (BEGIN, END) if opts.link else (TABLES_BEGIN, TABLES_END)
+        markers = (BEGIN, END) if opts.link else (SWEEP_BEGIN, SWEEP_END) if opts.precisions else (TABLES_BEGIN, TABLES_END)
         try:
             splice(opts.markdown.read_text(), "", *markers)
         except ValueError as e:
@@ -71,9 +73,11 @@ def check_options(opts: BenchOptions) -> None:
                                  "--drafts, --draft, --prompt-kinds, --prompts) do not draw or read it")
     elif opts.link_bandwidth is not None:
         raise UsageError("--link-bandwidth caps the relay of --link-rtt: give --link-rtt too")
+    from .precisions import check as check_sweep
     from .speed import check_peer
 
     check_peer(opts)
+    check_sweep(opts)
 
 
 def daemon_args(opts: BenchOptions, max_sessions: int) -> list[str]:
@@ -302,6 +306,10 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
                              "daemon's certificate would not name it; measure a plain loopback or "
                              "unix-socket daemon")
         return _run_link(args, opts, client_factory)
+    if opts.precisions:
+        from .precisions import run_precisions
+
+        return run_precisions(args, opts, client_factory)
     started, load_start, t_start = _begin(opts)
 
     import torch
