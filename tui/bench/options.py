@@ -7,6 +7,7 @@ need the model to check (prompt lengths against its context) are checked in ``ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: all three)")
     p.add_argument("--prompts", type=bounded_int(1, 3), default=None, metavar="N",
                    help="link rows: prompts per kind (default 2; --quick 1)")
+    add_speed_arguments(p)
     add_flags(p, "bench")
 
 
@@ -177,6 +179,8 @@ class BenchOptions:
     load_steps: int = 32
     load_prompt: int = 16
     load_prefill: int = 0
+    peer: str = "auto"
+    precisions: tuple[str, ...] | None = None
 
     @property
     def link(self) -> bool:
@@ -202,7 +206,7 @@ class BenchOptions:
         )
         link_rtts = (args.link_rtt or (0.0,)) if link_asked else None
         drafts = args.drafts or tuple(dict.fromkeys(("off", draft)))
-        return cls(
+        opts = cls(
             model=args.model,
             trunk=trunk,
             split=args.split,
@@ -239,8 +243,53 @@ class BenchOptions:
             load_prompt=getattr(args, "load_prompt", None) or 16,
             load_prefill=getattr(args, "load_prefill", None) or 0,
         )
+        return dataclasses.replace(opts, **_speed_options(args))  # type: ignore[arg-type]
 
 
 def _unset(value: str | None, default: str) -> str | None:
     """A setting's value, None when it is the default (``auto``, ``exact``) or unset."""
     return None if value in (None, default) else value
+
+
+PRECISION_PROMPT_LENGTHS = (16, 256)
+"""``--precisions``' prompts unless ``--prompt-lengths`` is given: one short, one longer context."""
+
+
+def precision_list(raw: str) -> tuple[str, ...]:
+    """An argparse ``type`` for ``float32,bfloat16,int8``: known ``--weights`` values (the settings
+    registry's list, so a precision added there is accepted here), in the order given."""
+    from ...shared.config import WEIGHT_PRECISIONS
+
+    items = [s.strip() for s in raw.split(",") if s.strip()]
+    bad = [s for s in items if s not in WEIGHT_PRECISIONS]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated precisions of {', '.join(WEIGHT_PRECISIONS)}; got {raw!r}"
+        )
+    return tuple(dict.fromkeys(items))
+
+
+def add_speed_arguments(p: argparse.ArgumentParser) -> None:
+    """Issue 13's flags: the peer measured in the same run, and the precision sweep."""
+    from .peer import PEER_CHOICES
+
+    p.add_argument("--peer", choices=PEER_CHOICES, default="auto",
+                   help="llama.cpp decoding the same GGUF in the same run (P8): auto measures it when "
+                   "llama-cpp-python is installed (make bench-peer), llama.cpp requires it, off skips it")
+    p.add_argument("--precisions", type=precision_list, default=None, metavar="P,P,...",
+                   help="instead of the full/split tables, a sweep of weight precisions (e.g. "
+                   "float32,bfloat16,int8): per precision its own daemon, full, split and client "
+                   "ms/token, memory, greedy agreement with float32 and each decode figure over its "
+                   "bandwidth floor (default prompts 16,256, 32 tokens, 1 round)")
+
+
+def _speed_options(args: argparse.Namespace) -> dict[str, object]:
+    """``BenchOptions`` fields of ``add_speed_arguments``; a sweep's own defaults (few prompts,
+    one round) under what was given explicitly."""
+    precisions = getattr(args, "precisions", None)
+    out: dict[str, object] = {"peer": getattr(args, "peer", None) or "auto", "precisions": precisions}
+    if precisions:
+        out["prompt_lengths"] = args.prompt_lengths or PRECISION_PROMPT_LENGTHS
+        out["repeats"] = args.repeats or 1
+        out["new_tokens"] = args.new_tokens or 32
+    return out

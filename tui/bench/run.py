@@ -59,11 +59,13 @@ def check_options(opts: BenchOptions) -> None:
         check_available()
     if opts.markdown is not None and opts.markdown.is_file():
         from .link import BEGIN, END
+        from .precisions import BEGIN as SWEEP_BEGIN
+        from .precisions import END as SWEEP_END
         from .report import BEGIN as TABLES_BEGIN
         from .report import END as TABLES_END
         from .report import splice
 
-        markers = (BEGIN, END) if opts.link else (TABLES_BEGIN, TABLES_END)
+        markers = (BEGIN, END) if opts.link else (SWEEP_BEGIN, SWEEP_END) if opts.precisions else (TABLES_BEGIN, TABLES_END)
         try:
             splice(opts.markdown.read_text(), "", *markers)
         except ValueError as e:
@@ -77,6 +79,11 @@ def check_options(opts: BenchOptions) -> None:
                                  "--drafts, --draft, --prompt-kinds, --prompts) do not draw or read it")
     elif opts.link_bandwidth is not None:
         raise UsageError("--link-bandwidth caps the relay of --link-rtt: give --link-rtt too")
+    from .precisions import check as check_sweep
+    from .speed import check_peer
+
+    check_peer(opts)
+    check_sweep(opts)
 
 
 def daemon_args(opts: BenchOptions, max_sessions: int) -> list[str]:
@@ -309,6 +316,10 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
                              "daemon's certificate would not name it; measure a plain loopback or "
                              "unix-socket daemon")
         return _run_link(args, opts, client_factory)
+    if opts.precisions:
+        from .precisions import run_precisions
+
+        return run_precisions(args, opts, client_factory)
     started, load_start, t_start = _begin(opts)
 
     import torch
@@ -316,7 +327,7 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
     from ...shared import prepare
     from ...shared.models import resolve_device
     from ...shared.models.precision import client_weights
-    from . import measure, report
+    from . import measure, report, speed
 
     with ExitStack() as stack:
         daemon, client, info, model, tokenizer, model_spec = _connect(opts, stack, client_factory)
@@ -330,13 +341,15 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
         prompts = _prompts(opts, tokenizer, vocab, _context(model, info))
         conc_len = CONCURRENCY_PROMPT if CONCURRENCY_PROMPT in prompts else min(prompts)
         schedule = measure.single_schedule(sorted(prompts), opts.warmup, opts.repeats)
-        tick, close_bar = _progress(len(schedule) + 2 * len(opts.concurrency) + 2 * opts.memory)
+        tick, close_bar = _progress(len(schedule) * 3 // 2 + 2 * len(opts.concurrency) + 2 * opts.memory)
         stack.callback(close_bar)
+        floor_in = speed.floor_inputs(parts.full, parts.plan.start, parts.plan.end)
         samples = measure.run_single(setup, prompts, opts.new_tokens, opts.warmup, opts.repeats, tick)
         conc = measure.run_concurrency(setup, opts.concurrency, prompts[conc_len], opts.new_tokens, tick)
         memory = _memory(opts, model_spec, parts, client, tick)
-        close_bar()
         client_threads = torch.get_num_threads()
+        peer_run = speed.peer_runs(opts, model.source, prompts, client_threads, tick)
+        close_bar()
         after = client.info().batching  # what the daemon batched during the runs
         batching = {"enabled": bool(after.enabled), "batches": int(after.batches),
                     "batched_steps": int(after.batched_steps)}
@@ -352,7 +365,9 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
             raise UsageError(f"--chat-json: {e}") from None
     wire_torch = wire_dtype or parts.trunk_dtype
     hidden = int(model.source.config.hidden_size)
-    summary = report.summarise(samples, conc, hidden, torch.empty((), dtype=wire_torch).element_size(), memory, chat)
+    floor_summary, peer_summary = speed.summaries(floor_in, peer_run, samples, model.source)
+    summary = report.summarise(samples, conc, hidden, torch.empty((), dtype=wire_torch).element_size(), memory, chat,
+                               floor_summary, peer_summary, peer_run.skipped)
     meta: dict[str, Any] = {
         "command": "splitlm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "started": started.strftime("%Y-%m-%d %H:%M UTC"),
@@ -377,7 +392,12 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
     print(report.text_table(summary, f"splitlm bench: {title}, {meta['plan']['weights']} weights, "
                             f"{opts.repeats} round(s), {opts.new_tokens} tokens per run, load average "
                             f"{report.load_text(meta['machine'])}"))
-    _write_outputs(opts, summary, meta, report.raw_samples(samples, conc), title)
+    raw = report.raw_samples(samples, conc)
+    if peer_run.samples:
+        from .peer import raw as peer_raw
+
+        raw["peer"] = peer_raw(peer_run.samples)
+    _write_outputs(opts, summary, meta, raw, title)
     return ExitCode.OK
 
 

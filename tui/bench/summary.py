@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Literal, TypedDict
 
+from .floor import FloorSummary
+from .peer import PeerSummary
+
 Mode = Literal["full", "split"]
 MODES: tuple[Mode, Mode] = ("full", "split")
 """The two ways a bench run generates: the whole model here, or bottom + top around the daemon."""
@@ -132,7 +135,9 @@ class Goal(TypedDict):
 
 
 class Summary(TypedDict):
-    """The whole summary; ``ratios`` are split / full per figure (``ttft_<n>`` per prompt length)."""
+    """The whole summary; ``ratios`` are split / full per figure (``ttft_<n>`` per prompt length);
+    ``floor`` each decode figure over its bandwidth floor and ``peer`` llama.cpp on the same GGUF
+    (None when not measured; ``peer_skipped`` says why)."""
 
     full: ModeSummary
     split: ModeSummary
@@ -143,3 +148,6 @@ class Summary(TypedDict):
     chat: ChatFigures | None
     ratios: dict[str, float]
     goals: list[Goal]
+    floor: FloorSummary | None
+    peer: PeerSummary | None
+    peer_skipped: str | None
