@@ -5,13 +5,19 @@ step recorder. It checks a session's opening and each step once (step ids, dtype
 context, budget), reserves the cache bytes a step will allocate before it runs, runs it on the
 executor (or in a batch) and settles the budget after. Tests drive it in-process, without a socket.
 
-Loop only: every method runs on the daemon's event loop; torch work goes to the executor.
+Loop only: every method runs on the daemon's event loop. Torch work goes to the executor, but for
+one kind of step: a short step (``INLINE_MAX_POSITIONS``, a decode step) that finds the compute
+thread idle runs on the loop itself. Handing it to the executor and back cost two thread wake-ups
+(~0.5 ms of a ~30 ms step, BENCHMARKS.md's step timeline); the loop is held for one decode step at
+most, while a prefill still runs on the executor, so the monitor, ``Info``, health and other
+sessions are answered during it (tests/daemon/test_inline_steps.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +40,10 @@ from .sessions import HeldSession, SessionStore
 from .status import SessionRefused
 
 log = logging.getLogger(__name__)
+
+INLINE_MAX_POSITIONS = 4
+"""A step of at most this many positions runs on the event loop when the compute thread is idle:
+as long as a decode step (or a short speculative verify), never a prefill."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,9 @@ class TrunkSteps:
             StepBatcher(part, executor, batching, self.metrics.queue) if batching is not None else None
         )
         types = {part.layer_types[i] for i in range(part.spec.start, part.spec.end)}
+        self._compute = threading.Lock()
+        """Held while a step computes, on whichever thread: the loop runs a short step only if it
+        can take it at once (a step cancelled while on the executor still holds it until done)."""
         self.rollback_depth = ROLLBACK_DEPTH if "sliding_attention" in types or "chunked_attention" in types else 0
         """Positions sliding-window layers keep beyond their window; 0: all history is kept."""
 
@@ -209,6 +222,11 @@ class TrunkSteps:
                 _, ns = await run_sliced(self.executor, self.metrics.queue, sliced, encode)
             elif self.batcher is not None:
                 _, ns = await self.batcher.submit(s.cache, h, position, self.limits.max_context, encode)
+            elif t <= INLINE_MAX_POSITIONS and not len(self.metrics.queue) and self._compute.acquire(blocking=False):
+                try:  # nothing else computes, or waits to: no hand-off for a decode step
+                    _, ns = self._forward(s, h, position, encode)
+                finally:
+                    self._compute.release()
             else:
                 _, ns = await self.metrics.queue.run(self.executor, self._run, s, h, position, encode)
             self.metrics.record(t, ns / 1e9)
@@ -223,7 +241,14 @@ class TrunkSteps:
     def _run(
         self, s: HeldSession, h: torch.Tensor, position: int, encode: Callable[[torch.Tensor], object]
     ) -> tuple[object, int]:
-        """On the executor thread: one trunk step, its output handed to ``encode``."""
+        """On the executor thread: one trunk step under the compute lock."""
+        with self._compute:
+            return self._forward(s, h, position, encode)
+
+    def _forward(
+        self, s: HeldSession, h: torch.Tensor, position: int, encode: Callable[[torch.Tensor], object]
+    ) -> tuple[object, int]:
+        """One trunk step, its output handed to ``encode``; the caller holds the compute lock."""
         t0 = time.perf_counter_ns()
         out = self.part.forward(h, position, s.cache, max_context=self.limits.max_context)
         return encode(out), time.perf_counter_ns() - t0

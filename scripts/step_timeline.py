@@ -6,9 +6,9 @@ two up by step (``time.perf_counter`` is CLOCK_MONOTONIC, one clock for both pro
 Prints the median of each leg over the decode steps of the last run:
 
     up       client hands the step to gRPC -> the daemon's handler has the message
-    to-exec  handler has it -> the compute thread starts (decode, checks, executor hand-off)
+    to-exec  handler has it -> the compute starts (decode, checks, any executor hand-off)
     compute  the trunk's forward and the encode of its output (what the reply reports)
-    back     compute done -> the handler has the result again (the event loop wakes)
+    back     compute done -> the handler has the result again (the event loop wakes, if it slept)
     down     the handler returns the reply -> the client has it
 
 ``--pipe`` prints the floor to compare with: a bare pipe round trip between two processes, back to
@@ -41,8 +41,10 @@ def serve(argv: list[str]) -> int:
     records: list[dict[str, float]] = []
     now: dict[str, float] = {}
     next_request, step, run_step = (
-        service.TrunkService._next_request, service.TrunkService._step, steps.TrunkSteps._run,
+        service.TrunkService._next_request, service.TrunkService._step, steps.TrunkSteps._forward,
     )
+    if "TIMELINE_INLINE" in os.environ:  # the A/B of running decode steps on the loop
+        steps.INLINE_MAX_POSITIONS = int(os.environ["TIMELINE_INLINE"])
 
     async def timed_next(self: Any, requests: Any) -> Any:
         req = await next_request(self, requests)
@@ -63,7 +65,7 @@ def serve(argv: list[str]) -> int:
 
     service.TrunkService._next_request = timed_next  # type: ignore[method-assign]
     service.TrunkService._step = timed_step  # type: ignore[method-assign]
-    steps.TrunkSteps._run = timed_run  # type: ignore[method-assign]
+    steps.TrunkSteps._forward = timed_run  # type: ignore[method-assign]
     atexit.register(lambda: Path(os.environ["TIMELINE_OUT"]).write_text(json.dumps(records)))
     return cli.main(argv)
 
@@ -98,6 +100,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pipe", action="store_true", help="also print the bare pipe round-trip floor")
+    ap.add_argument("--inline", type=int, default=None,
+                    help="the daemon's INLINE_MAX_POSITIONS (0: every step on the executor, as before)")
     args = ap.parse_args()
     if args.pipe:
         pipe_floor()
@@ -112,6 +116,8 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="splitlm-timeline-"))
     sock, out = tmp / "t.sock", tmp / "daemon.json"
     os.environ["TIMELINE_OUT"] = str(out)  # the instrumented server writes its step times there
+    if args.inline is not None:
+        os.environ["TIMELINE_INLINE"] = str(args.inline)
     proc = start_daemon(args.model, f"unix:{sock}", None, "--log-level", "WARNING",
                         program=[sys.executable, __file__, "--serve"])
     sent: list[float] = []
