@@ -20,7 +20,8 @@ import torch
 from splitlm.shared import prepare
 from splitlm.shared.generation import LocalPipeline
 from splitlm.shared.models import PartSpec, build_part
-from splitlm.shared.models.precision import conv1d_to_linear as _conv1d_to_linear, decoder_layers
+from splitlm.shared.models.precision import conv1d_to_linear as _conv1d_to_linear
+from splitlm.shared.models.precision import decoder_layers
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from .client import RemoteSession
     from .draft.base import Drafter
-    from .models import Part
+    from .models import Part, PartChain
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,14 @@ class TokenLog:
 
 
 class LocalPipeline:
-    """The whole model in this process (``--full``)."""
+    """The whole model in this process (``--full``): one ``Part``, or a ``PartChain`` when its
+    parts run at different precisions."""
 
     link_ratio = 0.0
 
-    def __init__(self, full: Part) -> None:
+    def __init__(self, full: Part | PartChain) -> None:
         self.part = full
-        self.cache = full.new_cache()
+        self.cache: Any = full.new_cache()  # the part's own kind: a PartCache, a chain's ChainCache
         self.tokens = TokenLog()
         self.bytes_sent = 0
         self.bytes_received = 0

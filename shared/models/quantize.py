@@ -15,7 +15,7 @@ part's float dtype.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -24,6 +24,8 @@ from .precision import conv1d_to_linear, decoder_layers
 from .quant import QuantLinear, dequantize_rows
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from .base import Part
 
 
@@ -128,7 +130,7 @@ def _quantize_ends(part: Part, make: QuantMaker) -> int:
     """The LM head of a part that has it, and the embedding when it is the head's matrix (tied)
     or when a GGUF holds it quantised: the full model and the split's bottom then look up the
     same quantised rows."""
-    model = part.model
+    model = cast("PreTrainedModel", part.model)
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     emb_name = part.family.embed_names[0]

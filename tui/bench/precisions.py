@@ -251,7 +251,7 @@ def run_precisions(
     from ...shared import prepare
     from ...shared.client import TrunkClient
     from ...shared.launcher import OwnedDaemon
-    from ...shared.models import resolve_device
+    from ...shared.models import Part, resolve_device
 
     precisions = opts.precisions or ()
     model_spec = opts.model or "smollm2"
@@ -278,7 +278,7 @@ def run_precisions(
                 client = TrunkClient(daemon.address, source="the bench's own daemon")
                 stack.callback(client.close)
                 parts = prepare.split_parts(model, info, device, with_full=True, weights=p)
-                assert parts.full is not None
+                assert isinstance(parts.full, Part)  # the bench runs both sides at one precision
                 plan = (parts.plan.start, parts.plan.end)
                 setup = measure.Setup(model, model.tokenizer, parts.full, parts, client, None, vocab)
                 ptick = _prefixed(tick, p)

@@ -325,7 +325,7 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
     import torch
 
     from ...shared import prepare
-    from ...shared.models import resolve_device
+    from ...shared.models import Part, resolve_device
     from ...shared.models.precision import client_weights
     from . import measure, report, speed
 
@@ -334,7 +334,7 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
         device = resolve_device(getattr(args, "device", None) or "auto")
         parts = prepare.split_parts(model, info, device, with_full=True,
                                     weights=client_weights(opts.weights, opts.dtype), group_size=opts.group_size)
-        assert parts.full is not None
+        assert isinstance(parts.full, Part)  # the bench runs both sides at one precision
         wire_dtype = getattr(torch, opts.wire_dtype) if opts.wire_dtype else None
         vocab = int(model.source.config.vocab_size)
         setup = measure.Setup(model, model.tokenizer, parts.full, parts, client, wire_dtype, vocab)
