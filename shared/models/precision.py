@@ -130,12 +130,18 @@ def precision_named(tag: str, device: torch.device) -> Precision:
 
 
 def check_source(precision: Precision, source: ModelSource) -> None:
-    """Refuse, before any weight loads, a precision this model cannot be loaded at.
+    """Refuse, before any weight loads, a precision this model or machine cannot run.
 
     Raises:
+        KernelBuildError: a quantised precision, and the kernels cannot be built here (no C
+            compiler); a ``UsageError``.
         UsageError: ``gguf`` for a model that is not a GGUF file, or a GGUF whose tensors use a
             quantisation the kernels do not run (named, with the ones they do).
     """
+    if precision.quantized:
+        from .quant import kernel
+
+        kernel()  # built (or found built) now: no compiler is an error before any weight loads
     if precision.weights != "gguf":
         return
     if source.kind != "gguf":

@@ -6,7 +6,7 @@ What a part owns is swapped module by module, so the family adapters run unchang
 - every ``nn.Linear`` of its decoder layers (GPT-2's ``Conv1D`` first becomes the equal
   ``nn.Linear``) becomes a ``QuantLinear``;
 - with the head, the LM head becomes a ``QuantLinear``; a tied embedding becomes a
-  ``QuantEmbedding`` over the very same blocks, so the client holds one quantised matrix for both
+  ``ScaledQuantEmbedding`` over the very same blocks, so the client holds one quantised matrix for both
   (a lookup dequantises the rows it needs), not a float32 embedding beside a quantised head.
 
 Norms, biases, position embeddings (GPT-2's ``wpe``), rotary tables and the cache stay in the
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .precision import conv1d_to_linear, decoder_layers
-from .quant import QuantLinear, dequantize_rows
+from .quant import QuantEmbedding, QuantLinear
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -29,30 +29,17 @@ if TYPE_CHECKING:
     from .base import Part
 
 
-class QuantEmbedding(nn.Module):
-    """A token embedding whose matrix is a ``QuantLinear``'s blocks (one row per token).
-
-    ``embed_scale`` (Gemma's scaled embedding) multiplies the rows as transformers' own module
-    does, in the part's dtype.
-    """
+class ScaledQuantEmbedding(QuantEmbedding):
+    """A packed embedding in a part's dtype, scaled as the module it replaces was: Gemma's
+    embedding multiplies its rows by ``embed_scale`` (sqrt(hidden)) in the model's dtype."""
 
     def __init__(self, table: QuantLinear, dtype: torch.dtype, embed_scale: torch.Tensor | None) -> None:
-        super().__init__()
-        self.table = table
+        super().__init__(table.out_features, table.in_features, table.fmt, table.packed)
         self.dtype = dtype
         self.embed_scale = embed_scale
 
-    @property
-    def num_embeddings(self) -> int:
-        return self.table.out_features
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.table.in_features
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        t = self.table
-        out = dequantize_rows(t.packed, t.fmt, ids, t.in_features).to(self.dtype)  # (..., H)
+        out = super().forward(ids).to(self.dtype)  # (..., H)
         if self.embed_scale is not None:
             out = out * self.embed_scale.to(self.dtype)
         return out
@@ -144,14 +131,14 @@ def _quantize_ends(part: Part, make: QuantMaker) -> int:
             n += 1
     if tied and isinstance(table, QuantLinear) and isinstance(emb, nn.Embedding):
         # the top holds the embedding only as its head: the float matrix goes either way
-        model.set_input_embeddings(QuantEmbedding(table, part.dtype, getattr(emb, "embed_scale", None)))
+        model.set_input_embeddings(ScaledQuantEmbedding(table, part.dtype, getattr(emb, "embed_scale", None)))
     elif part.spec.embed and isinstance(emb, nn.Embedding):
         if not isinstance(table, QuantLinear) or not tied:
             as_linear = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device="meta")
             as_linear.weight = emb.weight
             table = make(emb_name, as_linear, shared=True) if (tied or emb_name in make.blocks) else None
         if isinstance(table, QuantLinear):
-            model.set_input_embeddings(QuantEmbedding(table, part.dtype, getattr(emb, "embed_scale", None)))
+            model.set_input_embeddings(ScaledQuantEmbedding(table, part.dtype, getattr(emb, "embed_scale", None)))
     return n
 
 

@@ -73,7 +73,7 @@ def test_quantised_changes_the_output_and_float32_does_not_quantise(tiny_models,
     with torch.inference_mode():
         e32 = bottom32.family.embed(bottom32.model, ids, torch.arange(ids.shape[1])[None])
         eq = bottom_q.family.embed(bottom_q.model, ids, torch.arange(ids.shape[1])[None])
-    assert type(bottom_q.model.get_input_embeddings()).__name__ == "QuantEmbedding"
+    assert type(bottom_q.model.get_input_embeddings()).__name__ == "ScaledQuantEmbedding"
     assert torch.allclose(e32, eq, atol=0.2 * float(e32.abs().max()))
 
 
