@@ -127,7 +127,7 @@ def test_bench_against_an_existing_daemon(  # type: ignore[no-untyped-def]
         (["--model", model, "--split", "1:3"], "serves layers 2:4"),
         (["--daemon-threads", "1"], "--daemon-threads sets the daemon the bench starts"),
         (["--batch"], "--batch sets the daemon the bench starts"),
-        (["--model", model, "--weights", "bfloat16"], "both sides must run at one precision"),
+        (["--model", model, "--weights", "bfloat16"], "the bench runs both sides at one precision"),
         (["--markdown", str(handwritten)], "refusing to overwrite"),
     ):
         assert main(["bench", "--trunk", d.address, *argv]) == 2, argv

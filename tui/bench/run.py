@@ -207,6 +207,23 @@ def _finite(x: Any) -> Any:
     return x
 
 
+def _one_precision(weights: str | None, group_size: int, info: pb.InfoReply, device: Any) -> None:
+    """The bench compares the split with the full model at one precision on both sides: a client
+    precision other than the daemon's (which ``generate`` and ``compare`` accept) is refused here.
+
+    Raises:
+        UsageError: ``--weights`` names another precision than the daemon's.
+    """
+    from ...shared import prepare
+
+    theirs = info.plan.weights or "float32"
+    if weights is not None and prepare.precision_of(weights, device, group_size).tag != theirs:
+        raise UsageError(
+            f"the daemon runs --weights {theirs}: the bench runs both sides at one precision, so "
+            f"leave --weights unset or pass {theirs} (compare runs mixed precisions)"
+        )
+
+
 def _connect(
     opts: BenchOptions, stack: ExitStack, client_factory: Callable[[], TrunkClient], check_lengths: bool = True
 ) -> tuple[OwnedDaemon | None, TrunkClient, pb.InfoReply, Any, Any, str]:
@@ -332,9 +349,10 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
     with ExitStack() as stack:
         daemon, client, info, model, tokenizer, model_spec = _connect(opts, stack, client_factory)
         device = resolve_device(getattr(args, "device", None) or "auto")
-        parts = prepare.split_parts(model, info, device, with_full=True,
-                                    weights=client_weights(opts.weights, opts.dtype), group_size=opts.group_size)
-        assert isinstance(parts.full, Part)  # the bench runs both sides at one precision
+        weights = client_weights(opts.weights, opts.dtype)
+        _one_precision(weights, opts.group_size, info, device)
+        parts = prepare.split_parts(model, info, device, with_full=True, weights=weights, group_size=opts.group_size)
+        assert isinstance(parts.full, Part)  # one precision on both sides: the full model is one Part
         wire_dtype = getattr(torch, opts.wire_dtype) if opts.wire_dtype else None
         vocab = int(model.source.config.vocab_size)
         setup = measure.Setup(model, model.tokenizer, parts.full, parts, client, wire_dtype, vocab)
