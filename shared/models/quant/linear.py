@@ -87,6 +87,12 @@ class QuantLinear(nn.Module):
         )
         self._cached_plan = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and pickling: the plan holds ctypes pointers, rebuilt on use."""
+        state = self.__dict__.copy()
+        state["_cached_plan"] = None
+        return state
+
     @property
     def in_features(self) -> int:
         return self.shape.in_features
