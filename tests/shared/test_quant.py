@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 import threading
 from collections.abc import Iterator
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,9 @@ def test_bfloat16_input_and_module_moves() -> None:
     assert torch.equal(copy(x), _layer(48, 64, QuantFormat.Q4_1)(x))
     assert copy.packed.data_ptr() % 64 == 0
     assert copy.nbytes == 48 * 40 + 48 * 4
+    twin = deepcopy(copy)  # after a forward: the cached kernel arguments are not copied
+    assert twin.packed.data_ptr() != copy.packed.data_ptr()
+    assert torch.equal(twin(x), copy(x))
 
 
 def test_bad_input_is_refused() -> None:

@@ -38,8 +38,10 @@ class _Plan:
 
 
 MIN_WORK_PER_THREAD = 1 << 18
-"""Weights (out x in) a thread must have before a second one is woken: below this the wake-up
-costs more than the half of the product it saves (576x576 at one row is about 30 us alone)."""
+"""Work (out x in x rows, rows counted up to 8) each thread must have before another is used:
+a one-row 576x576 product (~30 us) stays on one thread, a 1536x576 one takes two. Not tuned: on
+the loaded 2-core machine of 2026-12-01 a second thread seldom got a core; re-measure with
+``scripts/quant_ab.py --threads 2`` on a quiet one."""
 
 
 def _threads(out_features: int, in_features: int, rows: int) -> int:
@@ -86,6 +88,12 @@ class QuantLinear(nn.Module):
             "bias", None if bias is None else bias.detach().to(torch.float32).contiguous()
         )
         self._cached_plan = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and pickling: the plan holds ctypes pointers, rebuilt on use."""
+        state = self.__dict__.copy()
+        state["_cached_plan"] = None
+        return state
 
     @property
     def in_features(self) -> int:
