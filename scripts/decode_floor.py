@@ -10,7 +10,8 @@ floor is those bytes divided by the memory bandwidth. Measured here, per thread 
   products through oneDNN instead of MKL (for comparison: its last bits differ from MKL's, and
   transformers' own decode uses MKL's, so it is no option for one-row products);
 - full: the full model's one-token step (``Part.forward``) at each context, with the lean layer
-  step (``llama.lean_layer``) and with transformers' layer modules, interleaved step by step;
+  step (``llama.lean_layer``), the same with q/k/v and gate/up as separate products (unfused),
+  and with transformers' layer modules, interleaved step by step;
 - client: the split's client part for one token (bottom layers, then top layers + norm + head),
   lean and module layers likewise.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -97,9 +99,13 @@ def main() -> int:
         def run_layer(self, *a: Any, **k: Any) -> Any:
             return RotaryDecoderFamily.run_layer(self, *a, **k)
 
-    def as_modules(part: Any) -> Any:
+    class Unfused(type(family)):  # type: ignore[misc]  # the lean step with q/k/v and gate/up as separate products
+        def run_layer(self, layer: Any, h: Any, step: Any, cache: Any) -> Any:
+            return super().run_layer(layer, h, dataclasses.replace(step, fusable=False), cache)
+
+    def as_modules(part: Any, kind: type = ModuleLayers) -> Any:
         other = copy.copy(part)
-        other.family = ModuleLayers()
+        other.family = kind()
         return other
 
     def owned_linears(*parts: Any) -> list[Any]:
@@ -146,7 +152,8 @@ def main() -> int:
                 variants["bare oneDNN loop"] = (bare_onednn, weight_bytes)
             for ctx in contexts:
                 ids = torch.tensor([[(37 * i + 11) % vocab + 100 for i in range(ctx)]])
-                for name, part in (("lean", full), ("modules", as_modules(full))):
+                for name, part in (("lean", full), ("lean unfused", as_modules(full, Unfused)),
+                                   ("modules", as_modules(full))):
                     cache = part.new_cache()
                     part.forward(ids, 0, cache)
 

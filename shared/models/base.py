@@ -113,6 +113,16 @@ class Family(ABC):
     def head(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: ``(1, t, H)`` to logits ``(1, t, V)``."""
 
+    def prepare_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Before the parts take their weights: store them as the family's steps read them best
+        (the same values, e.g. the Llama family's fused products), replacing entries of ``state``
+        (weight name -> tensor). Nothing by default."""
+        return None
+
+    def prepare(self, model: nn.Module) -> None:
+        """After a part's weights are in place: note what ``prepare_state`` did. Nothing by default."""
+        return None
+
 
 class Part:
     """A contiguous slice of a model, ready to run steps against caches it makes.
@@ -419,6 +429,10 @@ def build_parts(
             # quantising: own copies, so no view keeps the memory-mapped file's pages resident
             # once the float weights are gone
             state[name] = tensor.to(device).clone() if quantizing else aligned(tensor.to(device))
+    if precision is None or not precision.quantized:
+        family.prepare_state(state)  # before any part takes a tensor: parts built together share them
+    ntensors = len(state) + len(blocks)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values()) + sum(q.nbytes for q in blocks.values())
     parts = []
     for spec, model, wanted in zip(specs, skeletons, wanted_by):
         own = {n: state[n] for n in wanted if n in state}
@@ -431,13 +445,13 @@ def build_parts(
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
         if device.type == "cpu" and dtype == torch.float32:
             pad_small_products(model)  # 2- and 3-row products cost more than 4 under MKL
+        family.prepare(model)
         for buf_name, buf in list(model.named_buffers()):
             if buf.device != device and buf.device.type != "meta":
                 module_name, _, attr = buf_name.rpartition(".")
                 module = model.get_submodule(module_name) if module_name else model
                 module._buffers[attr] = buf.to(device)
         parts.append(Part(source, family, spec, model, config, dtype, device))
-    nbytes = sum(t.numel() * t.element_size() for t in state.values()) + sum(q.nbytes for q in blocks.values())
     if precision is not None and precision.quantized:
         from .precision import FORMAT_OF
         from .quantize import quantize_parts
@@ -450,7 +464,7 @@ def build_parts(
 
     log.info(
         "loaded %s of %s: %d tensors, %.1f MiB, %s on %s, %.2f s",
-        "+".join(f"{s.name} [{s.start}, {s.end})" for s in specs), source.spec, len(state),
+        "+".join(f"{s.name} [{s.start}, {s.end})" for s in specs), source.spec, ntensors,
         nbytes / 2**20, str(dtype).removeprefix("torch."), device, time.perf_counter() - t0,
     )
     if precision is not None and precision.quantized:

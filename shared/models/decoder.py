@@ -42,6 +42,8 @@ class StepInputs:
             (a solo cache, sdpa attention, eval mode; see ``llama.lean_layer``).
         one_row: the step is one position of one sequence (a decode step): its linear products
             are one-row products.
+        fusable: products may use fused weights (``llama.FusedWeights``): no autograd records
+            the step (a fused matrix spans several parameters; ``splitlm distill`` trains layers).
     """
 
     mask: torch.Tensor | None | list[torch.Tensor | None]
@@ -50,6 +52,7 @@ class StepInputs:
     position_ids: torch.Tensor
     lean: bool
     one_row: bool
+    fusable: bool
 
 
 def _heads(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +96,9 @@ class RotaryDecoderFamily(Family):
         attn = getattr(model.config, "_attn_implementation", None)
         lean = isinstance(cache, PartCache) and attn == "sdpa" and not model.training
         one_row = h.shape[0] * h.shape[1] == 1
+        fusable = not torch.is_grad_enabled()
         steps = {
-            t: StepInputs(masks[t], (cos, sin), _heads(cos, sin), position_ids, lean, one_row)
+            t: StepInputs(masks[t], (cos, sin), _heads(cos, sin), position_ids, lean, one_row, fusable)
             for t, (cos, sin) in rope.items()
         }
         layers = cast(nn.ModuleList, submodule(body, "layers"))

@@ -57,3 +57,25 @@ def test_lean_layers_equal_the_layer_modules_bit_for_bit(tiny_models, kind, monk
         assert torch.equal(a_cache.layers[i].keys, b_cache.layers[i].keys)
         assert torch.equal(a_cache.layers[i].values, b_cache.layers[i].values)
     assert len(calls) == 6 * 14  # every layer of every step ran lean
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_fused_products_are_views_of_one_matrix(tiny_models, kind) -> None:  # type: ignore[no-untyped-def]
+    """q/k/v (bias-free only: qwen2's have biases) and gate/up share one matrix; quantizing a
+    layer (its weights replaced) falls back to the separate products, with the same logits."""
+    src = resolve(str(tiny_models[kind]))
+    (part,) = build_parts(src, family_for(src.config), [PartSpec.full(6)], torch.float32, torch.device("cpu"))
+    layer = part.model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    storage = mlp.gate_proj.weight.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == storage
+    assert getattr(mlp, llama.FUSED).matrix((mlp.gate_proj, mlp.up_proj)) is not None
+    fused_qkv = getattr(attn, llama.FUSED)
+    assert (fused_qkv is None) == (kind == "qwen2")
+    ids = torch.tensor([[5, 17, 42, 99]])
+    cache = part.new_cache()
+    part.forward(ids, 0, cache)
+    before = part.forward(torch.tensor([[7]]), 4, cache)
+    mlp.up_proj.weight = nn.Parameter(mlp.up_proj.weight.detach().clone())  # as a quantizer replaces it
+    assert getattr(mlp, llama.FUSED).matrix((mlp.gate_proj, mlp.up_proj)) is None
+    assert torch.equal(part.forward(torch.tensor([[7]]), 4, cache), before)
