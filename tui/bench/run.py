@@ -321,6 +321,7 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
 
     with ExitStack() as stack:
         daemon, client, info, model, tokenizer, model_spec = _connect(opts, stack, client_factory)
+        speed.check_peer_model(opts, model.source)
         device = resolve_device(getattr(args, "device", None) or "auto")
         parts = prepare.split_parts(model, info, device, with_full=True,
                                weights=client_weights(opts.weights, opts.dtype))
