@@ -7,8 +7,9 @@
 # make bench   : `splitlm bench` on SmolLM2; rewrites BENCHMARKS.md's results (between its markers),
 #                docs/bench/*.png and docs/bench/results.json. BENCH_ARGS='--quick' for a short run.
 # make bench-peer: the bench's optional peer, llama.cpp (llama-cpp-python built from source with this
-#                machine's gcc/cmake, ~BUILD_MINUTES min on 2 cores), into $(VENV); `splitlm bench`
-#                then measures it on the same GGUF in the same run (P8). Never part of install or CI.
+#                machine's gcc/cmake: 11 CPU-minutes, 43 min of wall time on 2 cores shared with other
+#                work), into $(VENV); `splitlm bench` then measures it on the same GGUF in the same
+#                run (P8). Never part of install or CI.
 #
 # VENV=/some/path make install   builds the environment elsewhere.
 # TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu' keeps a CPU torch where pip's

@@ -48,6 +48,22 @@ def test_refusals_exit_2_before_anything_loads(
     assert message in err and "Traceback" not in err and "starting a trunk daemon" not in err, err
 
 
+def test_peer_llama_cpp_is_refused_where_it_cannot_run(
+    tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without llama-cpp-python: refused before anything loads; with it, a model that is not a
+    GGUF file is refused before the timed runs. Exit 2 either way, saying why."""
+    from splitlm.tui.cli import main
+
+    argv = ["bench", "--model", str(tiny_models["llama"]), "--split", "2:4", "--prompt-lengths", "8",
+            "--new-tokens", "2", "--warmup", "0", "--repeats", "1", "--threads", "1", "--concurrency", "1",
+            "--no-memory", "--peer", "llama.cpp"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--peer llama.cpp: " in err and ("make bench-peer" in err or "GGUF files only" in err), err
+    assert "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_float32_and_bfloat16_in_one_run(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     out, md = tmp_path / "p.json", tmp_path / "B.md"

@@ -348,6 +348,7 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
 
     with ExitStack() as stack:
         daemon, client, info, model, tokenizer, model_spec = _connect(opts, stack, client_factory)
+        speed.check_peer_model(opts, model.source)
         device = resolve_device(getattr(args, "device", None) or "auto")
         weights = client_weights(opts.weights, opts.dtype)
         _one_precision(weights, opts.group_size, info, device)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ...shared.errors import UsageError
+from ...shared.errors import SplitlmError, UsageError
 from . import floor, peer
 
 if TYPE_CHECKING:
@@ -35,6 +35,18 @@ def check_peer(opts: BenchOptions) -> None:
         raise UsageError(f"--peer llama.cpp: llama-cpp-python is not installed; {peer.INSTALL_HINT}")
 
 
+def check_peer_model(opts: BenchOptions, source: object) -> None:
+    """``--peer llama.cpp`` on a model llama.cpp cannot read: refused before the timed runs.
+
+    Raises:
+        UsageError: the model is not a GGUF file.
+    """
+    if opts.peer == "llama.cpp":
+        reason = peer.missing_reason(getattr(source, "path", None), getattr(source, "kind", None))
+        if reason is not None:
+            raise UsageError(f"--peer llama.cpp: {reason}")
+
+
 @dataclass(frozen=True)
 class FloorInputs:
     """What the floor needs from before the runs: the probe and bytes per token per part."""
@@ -43,9 +55,13 @@ class FloorInputs:
     parts: dict[str, floor.DecodeBytes]
 
 
-def floor_inputs(full: Part, start: int, end: int) -> FloorInputs:
+def floor_inputs(full: Part, start: int, end: int) -> FloorInputs | None:
     """Bytes per token of the full model, the client (bottom + top) and the trunk ``[start,
-    end)``, from the full model's tensors; then the bandwidth probe at torch's thread count."""
+    end)``, from the full model's tensors; then the bandwidth probe at torch's thread count.
+    None off the CPU: the probe measures host memory, which is not what a GPU reads from."""
+    if full.device.type != "cpu":
+        log.info("no bandwidth floor on %s: the probe measures the host's memory", full.device)
+        return None
     parts = floor.split_bytes(full, start, end)
     return FloorInputs(floor.probe_bandwidth(), parts)
 
@@ -79,8 +95,14 @@ def peer_runs(
             raise UsageError(f"--peer llama.cpp: {reason}")
         print(f"splitlm bench: llama.cpp peer skipped: {reason}", file=sys.stderr, flush=True)
         return PeerRun(skipped=reason)
-    samples, version = peer.run_peer(path, prompts, opts.new_tokens, opts.warmup, opts.repeats,  # type: ignore[arg-type]
-                                     threads, tick)
+    try:
+        samples, version = peer.run_peer(path, prompts, opts.new_tokens, opts.warmup, opts.repeats,  # type: ignore[arg-type]
+                                         threads, tick)
+    except (ValueError, RuntimeError, OSError) as e:  # llama.cpp could not load or run the file
+        if opts.peer == "llama.cpp":
+            raise SplitlmError(f"--peer llama.cpp: llama.cpp failed on {path}: {e}") from None
+        print(f"splitlm bench: llama.cpp peer skipped: it failed on {path}: {e}", file=sys.stderr, flush=True)
+        return PeerRun(skipped=f"llama.cpp failed on {path}: {e}")
     return PeerRun(tuple(samples), version, threads)
 
 
