@@ -2,7 +2,8 @@
 
 Sessions, step checks, the cache budget and the compute queue live in ``TrunkSteps``; this module
 only translates messages and statuses and owns the stream's life (idle timeout, shutdown). Torch
-work runs on one executor thread per device, never on the event loop.
+work runs on one executor thread per device, but for a decode step that finds it idle: that one
+runs on the event loop, saving two thread hand-offs a token (``steps.INLINE_MAX_POSITIONS``).
 """
 
 from __future__ import annotations

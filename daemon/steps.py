@@ -10,7 +10,7 @@ one kind of step: a short step (``INLINE_MAX_POSITIONS``, a decode step) that fi
 thread idle runs on the loop itself. Handing it to the executor and back cost two thread wake-ups
 (~0.5 ms of a ~30 ms step, BENCHMARKS.md's step timeline); the loop is held for one decode step at
 most, while a prefill still runs on the executor, so the monitor, ``Info``, health and other
-sessions are answered during it (tests/daemon/test_inline_steps.py).
+sessions are answered during it (tests/integration/test_long_prefill.py).
 """
 
 from __future__ import annotations

@@ -2,15 +2,16 @@
 
 Starts two daemons on the model, one running every step on its compute executor (as before
 issue 13) and one running short steps on its event loop (``daemon.steps.INLINE_MAX_POSITIONS``),
-and steps sessions on both with two clients: the blocking ``TrunkStream`` (gRPC's sync stream,
-fed from a queue by gRPC's request-consumer thread) and a stream on ``grpc.aio`` driven by the
-stepping thread itself (``--aio``: the candidate client). The sessions' one-token steps are
+and steps sessions on both with two clients: ``TrunkStream`` (gRPC's sync stream, fed from a
+queue by gRPC's request-consumer thread) and a stream on ``grpc.aio`` driven by the stepping thread
+itself (the candidate client, not adopted: BENCHMARKS.md, "What was tried"; commit c0b2835 has it
+as ``TrunkStream``). The sessions' one-token steps are
 interleaved, one each in turn, so load on the machine falls on every variant alike. Per variant
 it prints the median of ``round trip - compute`` (the reply's ``compute_us``): the overhead P1b
 counts.
 
 A measurement tool, not a test:
-``OMP_NUM_THREADS=1 .venv/bin/python scripts/wake_ab.py [--model M] [--steps N] [--aio]``.
+``OMP_NUM_THREADS=1 .venv/bin/python scripts/wake_ab.py [--model M] [--steps N]``.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class AioStream:
     def close(self) -> None:
         async def end() -> None:
             await self.call.done_writing()
+            await self.call.code()  # the daemon ended the stream
             await self.channel.close()
 
         self.loop.run_until_complete(end())
@@ -89,7 +91,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--steps", type=int, default=60, help="one-token steps per variant")
-    ap.add_argument("--aio", action="store_true", help="also the grpc.aio client")
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
@@ -97,6 +98,7 @@ def main() -> int:
     from splitlm.protos import trunk_pb2 as pb
     from splitlm.shared import client as cl
     from splitlm.shared import prepare
+    from splitlm.shared.failover import NO_FAILOVER
 
     tmp = Path(tempfile.mkdtemp(prefix="splitlm-wake-"))
     daemons = {}
@@ -114,13 +116,12 @@ def main() -> int:
         sessions: dict[str, Any] = {}
         for k, c in clients.items():
             name = "executor" if k == 0 else "loop"
-            sessions[f"sync client, {name}"] = c.open_session(fp, torch.float32)
-            if args.aio:
-                open_msg = pb.SessionRequest(open=pb.OpenSession(
-                    fingerprint=fp.digest, config_digest=fp.config_digest, weights_digest=fp.weights_digest,
-                    trunk_start=fp.start, trunk_end=fp.end, client="wake_ab", refusals_in_stream=True,
-                ))
-                sessions[f"aio client, {name}"] = AioStream(c.address, open_msg)
+            sessions[f"queue client, {name}"] = c.open_session(fp, torch.float32, retry=NO_FAILOVER)
+            open_msg = pb.SessionRequest(open=pb.OpenSession(
+                fingerprint=fp.digest, config_digest=fp.config_digest, weights_digest=fp.weights_digest,
+                trunk_start=fp.start, trunk_end=fp.end, client="wake_ab", refusals_in_stream=True,
+            ))
+            sessions[f"aio client, {name}"] = AioStream(c.address, open_msg)
         gen = torch.Generator().manual_seed(0)
         prefill = torch.randn(1, 16, hidden_size, generator=gen)
         for s in sessions.values():

@@ -9,14 +9,13 @@ concrete class. (The daemon's record of an open session is ``daemon.sessions.Hel
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import grpc
 
@@ -27,7 +26,7 @@ from .errors import DaemonUnreachable, StepRefused, TrunkError
 from .version import __version__
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine, Iterator, Sequence
+    from collections.abc import Iterator, Sequence
 
     import torch
 
@@ -38,10 +37,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 """Both ends set this explicitly: a 4k-token prefill of a 8192-wide model in float32 is 128 MiB."""
+
+_CLOSE = object()
 
 KEEPALIVE_MS = 30_000
 """How often the client pings a connection; the daemon accepts pings this often (server.py)."""
@@ -51,11 +50,6 @@ CLOSE_WAIT_S = 2.0
 
 MONITOR_LATE_S = 10.0
 """How late past its interval a monitor sample may be before the stream counts as stalled."""
-
-STATUS_TURNS = 3
-"""Turns of the stream's loop before a write: a status the daemon sent while the loop was idle (an
-idle timeout, a shutdown) is taken in first. A write onto a stream that ended replaces its status
-with grpc.aio's INTERNAL "Internal error from Core", and the daemon's reason would be lost."""
 
 RECONNECT_BACKOFF_MAX_MS = 2_000
 """The longest a channel waits between connection attempts (= failover's default max delay)."""
@@ -87,7 +81,7 @@ _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 def _trunk_error(e: grpc.RpcError) -> TrunkError:
     """The error of a failed call; an ``RpcError`` that is not a call (none of ours) is UNKNOWN."""
-    if not isinstance(e, (grpc.Call, grpc.aio.AioRpcError)):
+    if not isinstance(e, grpc.Call):
         return TrunkError("UNKNOWN", str(e))
     return TrunkError(e.code().name, e.details() or "")
 
@@ -168,7 +162,7 @@ class TrunkClient:
         tls_ca: bytes | None = None,
         step_deadline: StepDeadline | None = None,
     ) -> None:
-        from .auth import AUTH_METADATA_KEY, SCHEME, BearerToken
+        from .auth import BearerToken
         from .paths import unix_path
 
         self.address = address
@@ -177,26 +171,15 @@ class TrunkClient:
         self.step_deadline = step_deadline or StepDeadline()
         self.watchdog = Watchdog()  # one thread bounds every wait of this client's streams
         self.tls = tls_ca is not None and unix_path(address) is None
-        self._options = channel_options(max_message_bytes)
-        self._tls_ca = tls_ca
+        options = channel_options(max_message_bytes)
         if self.tls:
             creds = grpc.ssl_channel_credentials(root_certificates=tls_ca)
-            self.channel = grpc.secure_channel(address, creds, options=self._options)
+            self.channel = grpc.secure_channel(address, creds, options=options)
         else:
-            self.channel = grpc.insecure_channel(address, options=self._options)
+            self.channel = grpc.insecure_channel(address, options=options)
         if token:
             self.channel = grpc.intercept_channel(self.channel, BearerToken(token))
-        self.metadata: tuple[tuple[str, str], ...] = ((AUTH_METADATA_KEY, SCHEME + token),) if token else ()
-        """What a session's call sends along (the token); ``channel`` adds it by itself."""
         self.stub = pb_grpc.TrunkStub(self.channel)
-
-    def aio_channel(self) -> grpc.aio.Channel:
-        """A ``grpc.aio`` channel to the daemon, TLS as ``channel``, for a session's stream: made
-        on the running loop, which it is bound to (each stream has its own)."""
-        if self.tls:
-            creds = grpc.ssl_channel_credentials(root_certificates=self._tls_ca)
-            return grpc.aio.secure_channel(self.address, creds, options=self._options)
-        return grpc.aio.insecure_channel(self.address, options=self._options)
 
     @classmethod
     def from_settings(cls, settings: ClientSettings, source: str = "--trunk", **kwargs: float) -> TrunkClient:
@@ -392,6 +375,8 @@ class TrunkStream:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._ids = itertools.count(1)  # step ids; a fixed32 on the wire
+        self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._close_sent = False
         from . import codec  # torch: only sessions need it, not info/monitor
         open_msg = pb.SessionRequest(
             open=pb.OpenSession(
@@ -407,17 +392,12 @@ class TrunkStream:
                 client_weights="" if client_weights == fingerprint.precision else client_weights,
             )
         )
-        # the stream lives on grpc.aio, on a loop of its own that the stepping thread runs while
-        # it waits: a step is written and its reply read on that thread, with no thread of gRPC's
-        # fed from a queue in between (BENCHMARKS.md, "What was tried": 3.7 -> 1.9 ms a token)
-        self._loop = asyncio.new_event_loop()
-        self._writing: asyncio.Task[None] | None = None  # the last write; each waits for the one before
-        self._closed = False
-        self.ended_with: grpc.StatusCode | None = None
-        """The stream's status once ``close`` returned (OK: the daemon ended it cleanly)."""
+        self._call = client.stub.Session(self._request_iter())
+        self._done = threading.Event()  # set by gRPC when the call has ended, however it ended
+        if not self._call.add_callback(self._done.set):
+            self._done.set()
+        self._responses: Iterator[pb.SessionReply] = self._call
         self._timed_out: tuple[float, str] | None = None  # (bound, what) once a bound expired
-        self._bound: tuple[float, float, str] | None = None  # (deadline, bound, what) of the wait now
-        self._channel, self._call = self._run(self._start())
         self._send(open_msg)
         floor = self.clock.deadline.floor_s
         with self._bounded(floor if open_timeout_s is None else min(open_timeout_s, floor), "the open"):
@@ -430,78 +410,43 @@ class TrunkStream:
         only so much); below it, a caller re-prefills from position 0."""
         log.info("session %s opened on %s", self.session_id, client.address)
 
-    async def _start(self) -> tuple[grpc.aio.Channel, grpc.aio.StreamStreamCall[pb.SessionRequest, pb.SessionReply]]:
-        """The stream's channel and call, made on the stream's own loop (grpc.aio binds them to it)."""
-        channel = self.client.aio_channel()
-        call = pb_grpc.TrunkStub(channel).Session(metadata=self.client.metadata)
-        return channel, call
-
-    def _run(self, work: Coroutine[object, object, T]) -> T:
-        """Run ``work`` on the stream's loop, on this thread; on a thread with a loop of its own
-        running (an app's UI thread closing a session), on a short-lived helper thread."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return self._loop.run_until_complete(work)
-        with ThreadPoolExecutor(1, thread_name_prefix="trunk-stream") as helper:
-            return helper.submit(self._loop.run_until_complete, work).result()
+    def _request_iter(self) -> Iterator[pb.SessionRequest]:
+        while True:
+            item = self._requests.get()
+            if item is _CLOSE:
+                return
+            yield item  # type: ignore[misc]
 
     @contextlib.contextmanager
     def _bounded(self, timeout_s: float, what: str) -> Iterator[None]:
         """Cancel the stream if the replies read inside take longer than ``timeout_s`` in all;
         ``_receive`` then raises ``StepDeadlineExceeded`` naming ``what`` and the bound."""
-        self._bound = (time.monotonic() + timeout_s, timeout_s, what)
+
+        def expire() -> None:  # on the watchdog's thread
+            self._timed_out = (timeout_s, what)
+            self._call.cancel()
+
+        handle = self.client.watchdog.arm(timeout_s, expire)
         try:
             yield
         finally:
-            self._bound = None
+            self.client.watchdog.disarm(handle)
 
     def _send(self, req: pb.SessionRequest) -> None:
-        """Queue ``req`` for writing; it goes out while the next reply is awaited. Pipelined
-        steps (a replay) are written while replies come back, so neither side's flow-control
-        window can fill with the other waiting for it. A write that fails is left to the read:
-        the call's status says why."""
         self.bytes_sent += req.ByteSize()
-        before = self._writing
-
-        async def write() -> None:
-            if before is not None:
-                await before
-            for _ in range(STATUS_TURNS):
-                await asyncio.sleep(0)
-            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-                await self._call.write(req)
-
-        self._writing = self._loop.create_task(write())
-
-    async def _read(self) -> pb.SessionReply | None:
-        """The next reply (None at the stream's end), within the bound of the wait now."""
-        if self._bound is None:
-            reply = await self._call.read()
-        else:
-            deadline, bound, what = self._bound
-            try:
-                reply = await asyncio.wait_for(self._call.read(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:  # not the builtin on Python 3.10 (an alias from 3.11)
-                self._timed_out = (bound, what)
-                self._call.cancel()
-                raise
-        return reply if isinstance(reply, pb.SessionReply) else None  # else grpc.aio.EOF
+        self._requests.put(req)
 
     def _receive(self) -> pb.SessionReply:
         try:
-            reply = self._run(self._read())
-        except (grpc.RpcError, asyncio.TimeoutError, asyncio.CancelledError) as e:
+            reply = next(self._responses)
+        except grpc.RpcError as e:
             self.close()
             if self._timed_out is not None:
                 raise self._overdue(*self._timed_out) from None
-            if not isinstance(e, grpc.RpcError):
-                raise TrunkError("CANCELLED", "the session was closed while a step waited") from None
-            error = _trunk_error(e)
-            if error.code == "UNAVAILABLE":
-                raise self.client.unreachable(error.details or "connection lost") from None
-            raise error from None
-        if reply is None:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise self.client.unreachable(e.details() or "connection lost") from None
+            raise _trunk_error(e) from None
+        except StopIteration:
             self.close()
             raise TrunkError("UNAVAILABLE", "the daemon ended the session") from None
         self.bytes_received += reply.ByteSize()
@@ -611,33 +556,15 @@ class TrunkStream:
 
     def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
         """End the stream (the daemon frees the cache) and wait, at most ``wait_s``, for the
-        daemon to finish it; a stream still open then is cancelled. Then the stream's channel
-        and loop are closed. From another thread while a step waits: the stream is cancelled
-        (the step then fails) and the stepping thread is left to close the rest.
+        daemon to finish it; a stream still open then is cancelled.
 
-        Waiting matters: a call still open when the process exits may hold gRPC's locks while
-        the interpreter collects it (a client that printed its whole reply and never exited).
+        Waiting matters: gRPC's own threads finish an open call, and a process that exits while
+        they hold the call's lock deadlocks when the interpreter collects the call object at
+        exit (a client that printed its whole reply and never exited).
         """
-        if self._closed:
-            return
-        if self._loop.is_running():  # a step waits on another thread
-            self._loop.call_soon_threadsafe(self._call.cancel)
-            return
-        self._closed = True
-        self._run(self._end(wait_s))
-        self._loop.close()
-
-    async def _end(self, wait_s: float) -> None:
-        """Half-close after the writes queued, wait for the daemon's status, close the channel."""
-        try:
-            if self._writing is not None:
-                await asyncio.wait_for(self._writing, wait_s)
-            if not self._call.done():
-                await asyncio.wait_for(self._call.done_writing(), wait_s)
-            self.ended_with = await asyncio.wait_for(self._call.code(), wait_s)
-        except (grpc.RpcError, asyncio.TimeoutError, asyncio.InvalidStateError):
-            pass
-        finally:
-            if self._call.cancel():  # False: the call had ended
-                self.ended_with = grpc.StatusCode.CANCELLED
-            await self._channel.close()
+        if not self._close_sent:
+            self._close_sent = True
+            self._requests.put(_CLOSE)
+        if not self._done.wait(wait_s):
+            self._call.cancel()
+            self._done.wait(wait_s)

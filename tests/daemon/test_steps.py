@@ -3,6 +3,8 @@ and runs steps, reserves and settles the cache budget; ``TrunkService`` only tra
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -78,3 +80,32 @@ async def test_open_checks_the_plan_and_the_session_cap(steps: TrunkSteps) -> No
             async with steps.open(torch.float32, "c"):
                 pass
         assert cap.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_a_decode_step_runs_on_the_loop_only_when_the_compute_is_idle(steps: TrunkSteps) -> None:
+    """A prefill goes to the executor; a one-position step that finds the compute lock free runs
+    on the loop's own thread (no hand-off); one that finds it held waits for the executor. The
+    outputs are the part's own either way."""
+    ran_on: list[str] = []
+    outs: list[torch.Tensor] = []
+
+    def keep(out: torch.Tensor) -> None:
+        ran_on.append(threading.current_thread().name)
+        outs.append(out)
+
+    reference = steps.part.new_cache()
+    async with steps.open(torch.float32, "test") as s:
+        for step_id, (position, t) in enumerate([(0, 10), (10, 1), (11, 1)], start=1):
+            h, msg = hidden(t, step_id)
+            if step_id == 3:  # the compute busy (as with a cancelled step still on the executor)
+                steps._compute.acquire()
+                pending = asyncio.ensure_future(steps.step(s, step_id, position, msg, keep))
+                await asyncio.sleep(0)  # the step's task runs up to its wait
+                assert not pending.done()  # for the compute, on the executor; the loop runs on
+                steps._compute.release()
+                await pending
+            else:
+                await steps.step(s, step_id, position, msg, keep)
+            assert torch.equal(outs[-1], steps.part.forward(h, position, reference))
+    loop_thread = threading.current_thread().name
+    assert ran_on[0] != loop_thread and ran_on[1] == loop_thread and ran_on[2] != loop_thread, ran_on

@@ -239,7 +239,7 @@ def test_close_returns_once_the_daemon_ended_the_stream(
             assert step(s, 0, 3) == 3
         for s in sessions:
             s.close()
-            assert s.ended_with == grpc.StatusCode.OK
+            assert s._call.done() and s._call.code() == grpc.StatusCode.OK
         assert client.info().sessions_open == 0
     finally:
         client.close()
