@@ -28,6 +28,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
+from contextlib import AbstractContextManager, nullcontext
 from typing import TypeVar
 
 import torch
@@ -122,7 +123,11 @@ class SlicedStep:
 
 
 async def run_sliced(
-    executor: Executor, queue: QueueGauge, step: SlicedStep, encode: Callable[[torch.Tensor], T]
+    executor: Executor,
+    queue: QueueGauge,
+    step: SlicedStep,
+    encode: Callable[[torch.Tensor], T],
+    compute: AbstractContextManager[object] | None = None,
 ) -> tuple[T, int]:
     """Run ``step`` to its end; its output through ``encode`` (on the executor, with the last
     slice) and the compute time of all its slices in ns. Loop only.
@@ -131,9 +136,15 @@ async def run_sliced(
     with the next slice in the same job (a prefill alone pays no hand-off); when one waits, the job
     ends and the next slice is queued behind it, so decode steps (and ``--batch``'s decode batches)
     go first. Slices by layers change no bit, so this load-dependent cut is free of exactness cost.
+    Each job holds ``compute`` (the daemon's compute lock): a decode step the loop runs itself
+    (``TrunkSteps``) never computes beside a slice.
     """
 
     def run_until_someone_waits() -> tuple[list[T], int]:
+        with compute or nullcontext():
+            return _slices_until_someone_waits()
+
+    def _slices_until_someone_waits() -> tuple[list[T], int]:
         t0 = time.perf_counter_ns()
         while True:
             out = step.advance()

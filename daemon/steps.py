@@ -219,7 +219,7 @@ class TrunkSteps:
         try:
             if per_slice < self.part.spec.end - self.part.spec.start:
                 sliced = SlicedStep(self.part, h, position, s.cache, self.limits.max_context, per_slice)
-                _, ns = await run_sliced(self.executor, self.metrics.queue, sliced, encode)
+                _, ns = await run_sliced(self.executor, self.metrics.queue, sliced, encode, self._compute)
             elif self.batcher is not None:
                 _, ns = await self.batcher.submit(s.cache, h, position, self.limits.max_context, encode)
             elif t <= INLINE_MAX_POSITIONS and not len(self.metrics.queue) and self._compute.acquire(blocking=False):
