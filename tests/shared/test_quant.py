@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 import threading
 from collections.abc import Iterator
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from splitlm.shared.models.quant import (
     Kernel,
     KernelBuildError,
     PackedShape,
+    QuantEmbedding,
     QuantFormat,
     QuantLinear,
     dequantize_rows,
@@ -92,6 +94,8 @@ def test_odd_in_features_are_padded_exactly(fmt: QuantFormat) -> None:
     x = torch.randn(3, 50)
     assert layer.bias is not None
     torch.testing.assert_close(layer(x), x @ w.T + layer.bias, rtol=1e-5, atol=1e-4)
+    with pytest.raises(UsageError, match="width"):
+        layer(torch.randn(3, 64))  # the padded width is not an input width
     with pytest.raises(UsageError, match="multiple"):
         QuantLinear.from_blocks(layer.packed, fmt, 24, 50)  # GGUF bytes always hold whole blocks
     with pytest.raises(UsageError, match="group size"):
@@ -127,6 +131,9 @@ def test_bfloat16_input_and_module_moves() -> None:
     assert torch.equal(copy(x), _layer(48, 64, QuantFormat.Q4_1)(x))
     assert copy.packed.data_ptr() % 64 == 0
     assert copy.nbytes == 48 * 40 + 48 * 4
+    twin = deepcopy(copy)  # after a forward: the cached kernel arguments are not copied
+    assert twin.packed.data_ptr() != copy.packed.data_ptr()
+    assert torch.equal(twin(x), copy(x))
 
 
 def test_bad_input_is_refused() -> None:
@@ -175,3 +182,13 @@ def test_avx2_and_portable_paths(march: str, isa: str, tmp_path: Path) -> None:
         solo = torch.cat([quant_linear(x[i : i + 1], layer.packed, shape, layer.bias, threads=1, lib=lib)
                           for i in range(11)])
         assert torch.equal(y, solo)
+
+
+def test_tied_embedding_shares_the_head_bytes() -> None:
+    head = _layer(100, 50, QuantFormat.Q8_0, bias=False)
+    emb = QuantEmbedding.from_linear(head)
+    assert emb.packed.data_ptr() == head.packed.data_ptr()
+    ids = torch.tensor([[3, 99, 3]])
+    assert torch.equal(emb(ids), head.dequantize()[ids])
+    with pytest.raises(UsageError, match="token ids"):
+        emb(torch.tensor([100]))

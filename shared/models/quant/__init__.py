@@ -15,7 +15,7 @@ from splitlm.shared.models.quant.formats import (
     dequantize_rows,
     quantize,
 )
-from splitlm.shared.models.quant.linear import QuantLinear, quant_linear
+from splitlm.shared.models.quant.linear import QuantEmbedding, QuantLinear, quant_linear
 
 SUPPORTED_GGUF = tuple(f.name for f in QuantFormat)
 """GGUF tensor types kept quantised (``--weights gguf``): ``Q4_0``, ``Q4_1``, ``Q8_0``."""
@@ -26,6 +26,7 @@ __all__ = [
     "Kernel",
     "KernelBuildError",
     "PackedShape",
+    "QuantEmbedding",
     "QuantFormat",
     "QuantLinear",
     "dequantize",

@@ -100,7 +100,16 @@ def cache_dir() -> Path:
     models = model_cache_dir()
     if models is not None:
         return models.parent / "kernels"
-    return Path(tempfile.gettempdir()) / f"splitlm-kernels-{os.getuid()}"
+    shared_tmp = Path(tempfile.gettempdir()) / f"splitlm-kernels-{os.getuid()}"
+    try:
+        shared_tmp.mkdir(mode=0o700, exist_ok=True)
+        st = shared_tmp.stat()
+        if st.st_uid == os.getuid() and not st.st_mode & 0o022:
+            return shared_tmp
+    except OSError:
+        pass
+    # someone else's folder under that name (a library loaded from it would run their code)
+    return Path(tempfile.mkdtemp(prefix="splitlm-kernels-"))
 
 
 def _target_flag(march: str) -> str:
@@ -129,8 +138,14 @@ def build(march: str = "native", directory: Path | None = None) -> Kernel:
     target = directory / f"quant-{key}.so"
     compiled = False
     if not target.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=directory)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=directory)
+        except OSError as e:
+            raise KernelBuildError(
+                f"cannot write the quantized-weight kernel to {directory}: {e} (SPLITLM_CACHE_DIR "
+                "moves it)"
+            ) from e
         os.close(fd)
         start = time.perf_counter()
         try:
@@ -164,7 +179,22 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.splitlm_quant_linear.argtypes = [
         ctypes.c_int, ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int,
     ]
+    lib.splitlm_quant_layer_run.restype = ctypes.c_int
+    lib.splitlm_quant_layer_run.argtypes = [ptr, ptr, i64, ptr, ctypes.c_int]
     return lib
+
+
+class LayerArgs(ctypes.Structure):
+    """``struct splitlm_quant_layer``: a layer's fixed arguments, passed by pointer."""
+
+    _fields_ = [
+        ("fmt", ctypes.c_int64),
+        ("w", ctypes.c_void_p),
+        ("wstride", ctypes.c_int64),
+        ("out", ctypes.c_int64),
+        ("nblocks", ctypes.c_int64),
+        ("bias", ctypes.c_void_p),
+    ]
 
 
 _lock = threading.Lock()

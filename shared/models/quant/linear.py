@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,19 +12,36 @@ import torch
 from torch import nn
 
 from splitlm.shared.errors import UsageError
-from splitlm.shared.models.quant.build import Kernel, kernel
+from splitlm.shared.models.quant.build import Kernel, LayerArgs, kernel
 from splitlm.shared.models.quant.formats import (
     BLOCK,
     PackedShape,
     QuantFormat,
     aligned,
     dequantize,
+    dequantize_rows,
     quantize,
 )
 
+
+@dataclass(frozen=True)
+class _Plan:
+    """What ``QuantLinear.forward`` hands the kernel, kept between calls with the tensors it
+    points into (they must outlive it)."""
+
+    packed: torch.Tensor
+    bias: torch.Tensor | None
+    bias32: torch.Tensor | None
+    args: LayerArgs
+    args_ref: Any
+    run: Any
+
+
 MIN_WORK_PER_THREAD = 1 << 18
-"""Weights (out x in) a thread must have before a second one is woken: below this the wake-up
-costs more than the half of the product it saves (576x576 at one row is about 30 us alone)."""
+"""Work (out x in x rows, rows counted up to 8) each thread must have before another is used:
+a one-row 576x576 product (~30 us) stays on one thread, a 1536x576 one takes two. Not tuned: on
+the loaded 2-core machine of 2026-12-01 a second thread seldom got a core; re-measure with
+``scripts/quant_ab.py --threads 2`` on a quiet one."""
 
 
 def _threads(out_features: int, in_features: int, rows: int) -> int:
@@ -50,6 +69,7 @@ class QuantLinear(nn.Module):
 
     packed: torch.Tensor
     bias: torch.Tensor | None
+    _cached_plan: _Plan | None
 
     def __init__(self, in_features: int, out_features: int, fmt: QuantFormat | str,
                  packed: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -67,6 +87,13 @@ class QuantLinear(nn.Module):
         self.register_buffer(
             "bias", None if bias is None else bias.detach().to(torch.float32).contiguous()
         )
+        self._cached_plan = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and pickling: the plan holds ctypes pointers, rebuilt on use."""
+        state = self.__dict__.copy()
+        state["_cached_plan"] = None
+        return state
 
     @property
     def in_features(self) -> int:
@@ -94,7 +121,10 @@ class QuantLinear(nn.Module):
                     bias: torch.Tensor | None = None) -> QuantLinear:
         """A layer on GGUF bytes as they come: (out_features, bytes_per_row) uint8.
 
-        The bytes are used in place when they start on a 64-byte boundary, else copied once.
+        The bytes are used in place when they start on a 64-byte boundary, else copied once. In
+        place means a read-only memory map of the file stays read-only: the layer's bytes are
+        shared with the page cache (and with every process mapping the file), and must not be
+        written (no ``load_state_dict`` into such a layer).
         """
         if isinstance(raw, np.ndarray):
             with warnings.catch_warnings():
@@ -119,8 +149,39 @@ class QuantLinear(nn.Module):
         """The float32 (out, in) weight the packed blocks stand for."""
         return dequantize(self.packed, self.fmt, self.in_features)
 
+    def _plan(self) -> _Plan:
+        """The kernel's fixed arguments for the current buffers (rebuilt after ``.to()`` or a
+        buffer swap: the plan remembers which tensors it points into)."""
+        packed, bias = self._buffers["packed"], self._buffers["bias"]
+        plan = self._cached_plan
+        if plan is None or plan.packed is not packed or plan.bias is not bias:
+            assert packed is not None
+            if packed.device.type != "cpu":
+                raise UsageError("quantized weights run on the CPU only")
+            bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+            lib = kernel()
+            args = LayerArgs(self.fmt.value, packed.data_ptr(), self.shape.row_bytes,
+                             self.out_features, self.shape.blocks_per_row,
+                             None if bias32 is None else bias32.data_ptr())
+            plan = self._cached_plan = _Plan(packed, bias, bias32, args, ctypes.byref(args),
+                                             lib.lib.splitlm_quant_layer_run)
+        return plan
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear(x, self.packed, self.shape, self.bias)
+        plan = self._plan()
+        shape = self.shape
+        if (x.dtype is not torch.float32 or x.shape[-1] != shape.in_features
+                or shape.padded_in != shape.in_features or not x.is_contiguous()
+                or x.device.type != "cpu"):
+            return quant_linear(x, plan.packed, shape, plan.bias32)
+        # the common case, float32 rows of whole blocks, with as few Python steps as possible:
+        # a decode step makes ~210 of these calls
+        rows = x.numel() // shape.in_features
+        y = x.new_empty((*x.shape[:-1], shape.out_features))
+        if rows:
+            plan.run(plan.args_ref, x.data_ptr(), rows, y.data_ptr(),
+                     _threads(shape.out_features, shape.in_features, rows))
+        return y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -173,3 +234,44 @@ def quant_linear(x: torch.Tensor, packed: torch.Tensor, shape: PackedShape,
         if rc != 0:
             raise RuntimeError(f"the quant kernel does not know format code {shape.fmt.value}")
     return y.to(x.dtype).reshape(*lead, shape.out_features)
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table kept in a block format: a lookup dequantizes only the rows it needs.
+
+    A tied head and embedding share one packed tensor (``from_linear``), so a model holds the
+    49152 x 576 matrix once, packed. Rows equal ``dequantize()``'s bit for bit.
+    """
+
+    packed: torch.Tensor
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, fmt: QuantFormat | str,
+                 packed: torch.Tensor) -> None:
+        super().__init__()
+        self.shape = PackedShape(num_embeddings, embedding_dim, QuantFormat.parse(fmt))
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != (num_embeddings, self.shape.row_bytes):
+            raise UsageError(
+                f"packed {self.shape.fmt.label} embedding {num_embeddings}x{embedding_dim} must be "
+                f"uint8 of shape ({num_embeddings}, {self.shape.row_bytes}), got "
+                f"{packed.dtype} {tuple(packed.shape)}"
+            )
+        self.register_buffer("packed", aligned(packed))
+
+    @classmethod
+    def from_linear(cls, head: QuantLinear) -> QuantEmbedding:
+        """The embedding tied to ``head``: the same packed tensor, not a copy."""
+        return cls(head.out_features, head.in_features, head.fmt, head.packed)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(..., ) token ids -> (..., embedding_dim) float32."""
+        if ids.dtype not in (torch.int64, torch.int32) or ids.numel() and (
+                int(ids.min()) < 0 or int(ids.max()) >= self.shape.out_features):
+            raise UsageError(f"token ids must be integers in [0, {self.shape.out_features})")
+        return dequantize_rows(self.packed, self.shape.fmt, ids, self.shape.in_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.shape.out_features}, {self.shape.in_features}, fmt={self.shape.fmt.label}"
