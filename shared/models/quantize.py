@@ -50,7 +50,7 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = self.table
-        out = dequantize_rows(t.packed, t.fmt, ids, t.in_features).to(self.dtype)  # (..., H)
+        out = dequantize_rows(t.packed, t.fmt, ids, t.in_features, t.group_size).to(self.dtype)  # (..., H)
         if self.embed_scale is not None:
             out = out * self.embed_scale.to(self.dtype)
         return out
