@@ -153,21 +153,32 @@ static inline __attribute__((always_inline)) void dot_rows(int fmt, int R, const
         acc_lo[r] = _mm512_setzero_ps();
         acc_hi[r] = _mm512_setzero_ps();
     }
-    for (int64_t i0 = 0, g = 0; i0 < nblocks; i0 += step, g++) {
-        float d, c;
-        group_scale(fmt, w, nblocks, g, &d, &c);
-        const __m512 table = group_table(fmt, d, c);
-        const int64_t i1 = i0 + step < nblocks ? i0 + step : nblocks;
-        for (int64_t i = i0; i < i1; i++) {
-            __m512 lo, hi;
-            dequant_block(fmt, block_values(fmt, w, i), table, &lo, &hi);
-            const float *xb = x + i * QK;
-            for (int r = 0; r < R; r++) {
-                acc_lo[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb + r * xs), acc_lo[r]);
-                acc_hi[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + r * xs + 16), acc_hi[r]);
-            }
+#define ACC_BLOCK(i, table)                                                                      \
+    do {                                                                                         \
+        __m512 lo, hi;                                                                           \
+        dequant_block(fmt, block_values(fmt, w, i), table, &lo, &hi);                            \
+        const float *xb = x + (i) * QK;                                                          \
+        for (int r = 0; r < R; r++) {                                                            \
+            acc_lo[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb + r * xs), acc_lo[r]);            \
+            acc_hi[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + r * xs + 16), acc_hi[r]);       \
+        }                                                                                        \
+    } while (0)
+    if (step == 1) { /* GGUF's formats: one loop over blocks, as before groups existed */
+        for (int64_t i = 0; i < nblocks; i++) {
+            float d, c;
+            group_scale(fmt, w, nblocks, i, &d, &c);
+            ACC_BLOCK(i, group_table(fmt, d, c));
+        }
+    } else {
+        for (int64_t i0 = 0, g = 0; i0 < nblocks; i0 += step, g++) {
+            float d, c;
+            group_scale(fmt, w, nblocks, g, &d, &c);
+            const __m512 table = group_table(fmt, d, c);
+            const int64_t i1 = i0 + step < nblocks ? i0 + step : nblocks;
+            for (int64_t i = i0; i < i1; i++) ACC_BLOCK(i, table);
         }
     }
+#undef ACC_BLOCK
     for (int r = 0; r < R; r++) {
         y[r * ys] = _mm512_reduce_add_ps(_mm512_add_ps(acc_lo[r], acc_hi[r])) + bias;
     }
@@ -220,25 +231,36 @@ static inline __attribute__((always_inline)) void dot_rows(int fmt, int R, const
         acc_a[r] = _mm256_setzero_ps();
         acc_b[r] = _mm256_setzero_ps();
     }
-    for (int64_t i0 = 0, g = 0; i0 < nblocks; i0 += step, g++) {
-        float d, c;
-        group_scale(fmt, w, nblocks, g, &d, &c);
-        const __m256 vd = _mm256_set1_ps(d);
-        const __m256 vc = _mm256_set1_ps(c);
-        const int64_t i1 = i0 + step < nblocks ? i0 + step : nblocks;
-        for (int64_t i = i0; i < i1; i++) {
-            __m256 v[4];
-            dequant_block(fmt, block_values(fmt, w, i), vd, vc, v);
-            const float *xb = x + i * QK;
-            for (int r = 0; r < R; r++) {
-                const float *xr = xb + r * xs;
-                acc_a[r] = _mm256_fmadd_ps(v[0], _mm256_loadu_ps(xr), acc_a[r]);
-                acc_b[r] = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xr + 8), acc_b[r]);
-                acc_a[r] = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xr + 16), acc_a[r]);
-                acc_b[r] = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xr + 24), acc_b[r]);
-            }
+#define ACC_BLOCK(i, vd, vc)                                                                     \
+    do {                                                                                         \
+        __m256 v[4];                                                                             \
+        dequant_block(fmt, block_values(fmt, w, i), vd, vc, v);                                  \
+        const float *xb = x + (i) * QK;                                                          \
+        for (int r = 0; r < R; r++) {                                                            \
+            const float *xr = xb + r * xs;                                                       \
+            acc_a[r] = _mm256_fmadd_ps(v[0], _mm256_loadu_ps(xr), acc_a[r]);                     \
+            acc_b[r] = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xr + 8), acc_b[r]);                 \
+            acc_a[r] = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xr + 16), acc_a[r]);                \
+            acc_b[r] = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xr + 24), acc_b[r]);                \
+        }                                                                                        \
+    } while (0)
+    if (step == 1) { /* GGUF's formats: one loop over blocks, as before groups existed */
+        for (int64_t i = 0; i < nblocks; i++) {
+            float d, c;
+            group_scale(fmt, w, nblocks, i, &d, &c);
+            ACC_BLOCK(i, _mm256_set1_ps(d), _mm256_set1_ps(c));
+        }
+    } else {
+        for (int64_t i0 = 0, g = 0; i0 < nblocks; i0 += step, g++) {
+            float d, c;
+            group_scale(fmt, w, nblocks, g, &d, &c);
+            const __m256 vd = _mm256_set1_ps(d);
+            const __m256 vc = _mm256_set1_ps(c);
+            const int64_t i1 = i0 + step < nblocks ? i0 + step : nblocks;
+            for (int64_t i = i0; i < i1; i++) ACC_BLOCK(i, vd, vc);
         }
     }
+#undef ACC_BLOCK
     for (int r = 0; r < R; r++) {
         y[r * ys] = hsum256(_mm256_add_ps(acc_a[r], acc_b[r])) + bias;
     }
