@@ -35,7 +35,7 @@ def _parts(path, plan: tuple[int, int], precision: Precision):  # type: ignore[n
 @pytest.mark.parametrize(("kind", "weights"), [
     ("gpt2", "bfloat16"), ("gpt2", "int8"), ("gpt2", "int4"),  # GPT-2: Conv1D layers, biases
     ("llama", "int4"), ("gemma2", "bfloat16"), ("gemma2", "int8"),  # each precision on 2 families or more
-    ("llama", "int4/g128"),  # --group-size 128: the grouped q4_1g, tied embedding included
+    ("llama", "int4/g128"), ("gemma2", "int8/g64"),  # --group-size: the grouped q4_1g and q8_0g
 ])
 def test_split_equals_full_at_the_same_precision(tiny_models, kind, weights) -> None:  # type: ignore[no-untyped-def]
     precision = precision_named(weights, CPU)
