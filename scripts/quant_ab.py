@@ -8,7 +8,12 @@ as in a decode step of a whole model, not from the cache. Each median is also gi
 of its bandwidth floor: the weight's bytes over the read bandwidth measured here, torch summing a
 ``--bandwidth-mib`` tensor at the same threads.
 
-Usage: ``python scripts/quant_ab.py [--threads N] [--rounds R] [--rows 1,4,64] [--json OUT]``.
+``--groups 64,128`` adds ``q4_1`` and ``q8_0`` at those group sizes (``q4_1/g128``: the grouped
+``q4_1g``, one scale and min per 128 weights) to the products, ``--agreement`` and ``--steps``;
+``--variants`` keeps only the named ones.
+
+Usage: ``python scripts/quant_ab.py [--threads N] [--rounds R] [--rows 1,4,64] [--groups 64,128]
+[--variants q4_1,q4_1/g128] [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -45,7 +50,14 @@ def bandwidth_gbs(mib: int, rounds: int) -> float:
     return big.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def variants(out: int, inp: int, cold_bytes: int) -> dict[str, tuple[int, list[Callable[[Any], Any]]]]:
+def _fmt_group(name: str) -> tuple[str, int]:
+    """``q4_1/g128`` -> (``q4_1``, 128); ``q8_0`` -> (``q8_0``, 32)."""
+    fmt, _, group = name.partition("/g")
+    return fmt, int(group) if group else 32
+
+
+def variants(out: int, inp: int, cold_bytes: int, groups: tuple[int, ...] = (),
+             keep: set[str] | None = None) -> dict[str, tuple[int, list[Callable[[Any], Any]]]]:
     """Per variant: the weight's bytes and one callable ``x -> y`` per weight copy."""
     import torch
     import torch.nn.functional as F
@@ -68,16 +80,19 @@ def variants(out: int, inp: int, cold_bytes: int) -> dict[str, tuple[int, list[C
     qs = [(q8.clone(), scale.clone()) for _ in range(copies(q8.numel()))]
     found["torch-int8"] = (q8.numel() + out * 4,
                            [lambda x, q=q, s=s: torch._weight_int8pack_mm(x, q, s) for q, s in qs])
-    for fmt in ("q8_0", "q4_0", "q4_1"):
-        layer = QuantLinear.from_float(w, None, fmt)
-        layers = [QuantLinear(inp, out, fmt, layer.packed.clone()) for _ in range(copies(layer.nbytes))]
-        found[fmt] = (layer.nbytes, list(layers))
-    return found
+    names = ["q8_0", "q4_0", "q4_1"] + [f"{f}/g{g}" for g in groups for f in ("q8_0", "q4_1")]
+    for name in names:
+        fmt, group = _fmt_group(name)
+        layer = QuantLinear.from_float(w, None, fmt, group)
+        layers = [QuantLinear(inp, out, layer.fmt, layer.packed.clone(), None, group)
+                  for _ in range(copies(layer.nbytes))]
+        found[name] = (layer.nbytes, list(layers))
+    return {k: v for k, v in found.items() if keep is None or k in keep}
 
 
-def quantize_linears(model: Any, fmt: str) -> int:
+def quantize_linears(model: Any, fmt: str, group: int = 32) -> int:
     """Replace every ``nn.Linear`` under ``model`` (decoder layers and the head) by a
-    ``QuantLinear`` in ``fmt``; returns how many."""
+    ``QuantLinear`` in ``fmt`` at ``group`` weights per scale; returns how many."""
     from torch import nn
 
     from splitlm.shared.models.quant import QuantLinear
@@ -85,7 +100,7 @@ def quantize_linears(model: Any, fmt: str) -> int:
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, m in found:
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        setattr(parent, name.rpartition(".")[2], QuantLinear.from_float(m.weight, m.bias, fmt))
+        setattr(parent, name.rpartition(".")[2], QuantLinear.from_float(m.weight, m.bias, fmt, group))
     return len(found)
 
 
@@ -100,7 +115,8 @@ def _int8_activations(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (back.reshape(x.shape).to(x.dtype),)
 
 
-def agreement(tokens: int, threads: int) -> dict[str, Any]:
+def agreement(tokens: int, threads: int, groups: tuple[int, ...] = (),
+              keep: set[str] | None = None) -> dict[str, Any]:
     """Greedy decodes of SmolLM2 with the decoder layers' linears quantized (and the head, where
     the name says), against float32: the tokens that agree before the first difference, per
     prompt, and the median decode step.
@@ -120,24 +136,30 @@ def agreement(tokens: int, threads: int) -> dict[str, Any]:
     model, full = load_full("smollm2", threads)
     emb = full.model.get_input_embeddings().weight.detach()
     weight_err = {}
-    for fmt in ("q8_0", "q4_0", "q4_1"):
-        back = QuantLinear.from_float(emb, None, fmt).dequantize()
-        weight_err[fmt] = float((back - emb).pow(2).mean() / emb.pow(2).mean())
+    for name in ("q8_0", "q4_0", "q4_1", *(f"{f}/g{g}" for g in groups for f in ("q8_0", "q4_1"))):
+        fmt, group = _fmt_group(name)
+        back = QuantLinear.from_float(emb, None, fmt, group).dequantize()
+        weight_err[name] = float((back - emb).pow(2).mean() / emb.pow(2).mean())
     prompts = [prompt_ids(24), [int(t) for t in model.tokenizer("The capital of France is")["input_ids"]],
                [int(t) for t in model.tokenizer("def fibonacci(n):")["input_ids"]]]
     out: dict[str, Any] = {"weight_rel_mse_on_embedding": weight_err, "tokens": tokens}
     with torch.inference_mode():
         ref = [timed_decode(full, p, tokens) for p in prompts]
         out["float32_step_ms"] = [round(r.per_token_ms, 2) for r in ref]
-        for name in ("q8_0", "q4_0", "q4_1", "q4_1+head-q8_0", "q4_1+head-q4_1",
-                     "q4_1+head-q8_0+int8-activations"):
+        names = ["q8_0", "q4_0", "q4_1", "q4_1+head-q8_0", "q4_1+head-q4_1",
+                 "q4_1+head-q8_0+int8-activations"]
+        names += [f"{f}/g{g}" for g in groups for f in ("q8_0", "q4_1")]
+        names += [f"q4_1/g{g}+head-q4_1/g{g}" for g in groups]  # what --weights int4 --group-size g runs
+        for name in names:
+            if keep is not None and name not in keep:
+                continue
             fmt, _, head = name.partition("+head-")
             head, _, act = head.partition("+")
             part = copy.deepcopy(full)
             for layer in decoder_layers(part.model):
-                quantize_linears(layer, fmt)
+                quantize_linears(layer, *_fmt_group(fmt))
             if head:
-                part.model.lm_head = QuantLinear.from_float(part.model.lm_head.weight, None, head)
+                part.model.lm_head = QuantLinear.from_float(part.model.lm_head.weight, None, *_fmt_group(head))
             if act:  # what integer (VNNI) dot products would compute, up to summation order
                 for m in part.model.modules():
                     if isinstance(m, QuantLinear):
@@ -153,7 +175,8 @@ def agreement(tokens: int, threads: int) -> dict[str, Any]:
     return out
 
 
-def model_steps(steps: int, threads: int) -> dict[str, Any]:
+def model_steps(steps: int, threads: int, groups: tuple[int, ...] = (),
+                keep: set[str] | None = None) -> dict[str, Any]:
     """One-token decode steps of the whole SmolLM2 (30 layers and the head) per variant,
     interleaved step by step so the machine's load falls on all alike; medians in ms, and each
     variant's weight bytes read per step (the layers' linears and the head)."""
@@ -170,12 +193,16 @@ def model_steps(steps: int, threads: int) -> dict[str, Any]:
     bf16 = copy.deepcopy(full)
     bf16.model.to(torch.bfloat16)
     parts["bfloat16"] = bf16
-    for name in ("q8_0", "q4_1+head-q8_0", "q4_0+head-q8_0"):
+    names = ["q8_0", "q4_1+head-q8_0", "q4_0+head-q8_0"]
+    names += [f"q4_1/g{g}+head-q4_1/g{g}" for g in (32, *groups)]
+    for name in names:
+        if keep is not None and name not in keep:
+            continue
         fmt, _, head = name.partition("+head-")
         part = copy.deepcopy(full)
         for layer in decoder_layers(part.model):
-            quantize_linears(layer, fmt)
-        part.model.lm_head = QuantLinear.from_float(part.model.lm_head.weight, None, head or fmt)
+            quantize_linears(layer, *_fmt_group(fmt))
+        part.model.lm_head = QuantLinear.from_float(part.model.lm_head.weight, None, *_fmt_group(head or fmt))
         parts[name] = part
 
     def linear_bytes(part: Any) -> int:
@@ -216,12 +243,17 @@ def main() -> None:
                     help="instead: greedy SmolLM2 decodes with quantized linears vs float32")
     ap.add_argument("--steps", type=int, default=0,
                     help="instead: whole-SmolLM2 one-token steps per variant, interleaved")
+    ap.add_argument("--groups", default="", help="group sizes besides 32, comma-separated (64,128)")
+    ap.add_argument("--variants", default="", help="only these variants, comma-separated")
     a = ap.parse_args()
+    groups = tuple(int(g) for g in a.groups.split(",") if g)
+    keep = set(a.variants.split(",")) if a.variants else None
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     if a.agreement or a.steps:
-        found = agreement(a.agreement, a.threads) if a.agreement else model_steps(a.steps, a.threads)
+        found = (agreement(a.agreement, a.threads, groups, keep) if a.agreement
+                 else model_steps(a.steps, a.threads, groups, keep))
         print(json.dumps(found, indent=1))
         if a.json:
             a.json.write_text(json.dumps(found, indent=1) + "\n")
@@ -241,7 +273,7 @@ def main() -> None:
         overhead = {"quant_linear_32x32_us": _median_ms(lambda: tiny(xt), 2000) * 1e3,
                     "f_linear_32x32_us": _median_ms(lambda: torch.nn.functional.linear(xt, tiny_w), 2000) * 1e3}
         for out, inp in SHAPES:
-            found = variants(out, inp, a.cold_mib << 20)
+            found = variants(out, inp, a.cold_mib << 20, groups, keep)
             for rows in rows_list:
                 x = torch.randn(rows, inp)
                 times: dict[str, list[float]] = {k: [] for k in found}

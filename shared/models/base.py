@@ -453,10 +453,12 @@ def build_parts(
                 module._buffers[attr] = buf.to(device)
         parts.append(Part(source, family, spec, model, config, dtype, device))
     if precision is not None and precision.quantized:
-        from .precision import FORMAT_OF
+        from .precision import FORMAT_OF, HEAD_FORMAT_OF
         from .quantize import quantize_parts
 
-        counts = quantize_parts(parts, FORMAT_OF.get(precision.weights), precision.group_size, blocks)
+        counts = quantize_parts(
+            parts, FORMAT_OF.get(precision.weights), precision.group_size, blocks, HEAD_FORMAT_OF.get(precision.weights)
+        )
         for part, n in zip(parts, counts):
             log.info("%s [%d, %d): %d products in %s", part.spec.name, part.spec.start, part.spec.end, n, precision.tag)
         state.clear()  # the float weights that were quantised go now, not when this returns

@@ -48,6 +48,12 @@ QUANTIZED = ("int8", "int4", "gguf")
 FORMAT_OF = {"int8": "q8_0", "int4": "q4_1"}
 """The block format each quantising precision packs float weights into (``shared.models.quant``)."""
 
+HEAD_FORMAT_OF = {"int8": "q8_0", "int4": "q8_0"}
+"""The LM head's (and a tied embedding's) format: 8 bits under int4 too, as llama.cpp's 4-bit
+files keep their output matrix wider. On SmolLM2 a q4_1 head left float32's greedy tokens at once
+(0/10/13 of 33 agreeing on three prompts), q4_1 layers with a q8_0 head kept 33/33/33
+(``scripts/quant_ab.py --agreement``)."""
+
 DEFAULT_GROUP_SIZE = 32
 """Weights per scale (and minimum) along a row: GGUF's block, llama.cpp's choice for Q4/Q8."""
 

@@ -5,9 +5,10 @@ What a part owns is swapped module by module, so the family adapters run unchang
 
 - every ``nn.Linear`` of its decoder layers (GPT-2's ``Conv1D`` first becomes the equal
   ``nn.Linear``) becomes a ``QuantLinear``;
-- with the head, the LM head becomes a ``QuantLinear``; a tied embedding becomes a
-  ``ScaledQuantEmbedding`` over the very same blocks, so the client holds one quantised matrix for both
-  (a lookup dequantises the rows it needs), not a float32 embedding beside a quantised head.
+- with the head, the LM head becomes a ``QuantLinear`` (8-bit under int4 too:
+  ``precision.HEAD_FORMAT_OF``); a tied embedding becomes a ``ScaledQuantEmbedding`` over the very
+  same blocks, so the client holds one quantised matrix for both (a lookup dequantises the rows it
+  needs), not a float32 embedding beside a quantised head.
 
 Norms, biases, position embeddings (GPT-2's ``wpe``), rotary tables and the cache stay in the
 part's float dtype.
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
-from .precision import conv1d_to_linear, decoder_layers
+from .precision import DEFAULT_GROUP_SIZE, conv1d_to_linear, decoder_layers
 from .quant import QuantEmbedding, QuantLinear
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ class ScaledQuantEmbedding(QuantEmbedding):
     embedding multiplies its rows by ``embed_scale`` (sqrt(hidden)) in the model's dtype."""
 
     def __init__(self, table: QuantLinear, dtype: torch.dtype, embed_scale: torch.Tensor | None) -> None:
-        super().__init__(table.out_features, table.in_features, table.fmt, table.packed)
+        super().__init__(table.out_features, table.in_features, table.fmt, table.packed, table.group_size)
         self.dtype = dtype
         self.embed_scale = embed_scale
 
@@ -59,13 +60,23 @@ class QuantMaker:
     client's bottom and top, which share that tensor) share its blocks too.
     """
 
-    def __init__(self, fmt: str | None, group_size: int, blocks: dict[str, QuantLinear], made: dict[int, QuantLinear]) -> None:
+    def __init__(
+        self,
+        fmt: str | None,
+        group_size: int,
+        blocks: dict[str, QuantLinear],
+        made: dict[int, QuantLinear],
+        head_fmt: str | None = None,
+    ) -> None:
         self.fmt = fmt
         self.group_size = group_size
         self.blocks = blocks
         self.made = made
+        self.head_fmt = head_fmt or fmt
 
-    def __call__(self, weight_name: str, mod: nn.Linear, shared: bool = False) -> nn.Module:
+    def __call__(self, weight_name: str, mod: nn.Linear, end: bool = False) -> nn.Module:
+        """The module for ``mod``; ``end``: it is the LM head or the embedding, quantised into
+        ``head_fmt`` (at the format's own group of 32) and shared by parts built together."""
         found = self.blocks.get(weight_name)
         if found is not None:
             if mod.bias is None:
@@ -73,17 +84,22 @@ class QuantMaker:
             return QuantLinear(found.in_features, found.out_features, found.fmt, found.packed, mod.bias.detach())
         if self.fmt is None:
             return mod
-        if not shared:
+        if not end:
             return QuantLinear.from_float(mod.weight.detach(), mod.bias, self.fmt, self.group_size)
         # a weight the loaded state holds for the parts' life (so its address is its identity)
         key = mod.weight.data_ptr()
         if key not in self.made:
-            self.made[key] = QuantLinear.from_float(mod.weight.detach(), mod.bias, self.fmt, self.group_size)
+            group = self.group_size if self.head_fmt == self.fmt else DEFAULT_GROUP_SIZE
+            self.made[key] = QuantLinear.from_float(mod.weight.detach(), mod.bias, self.head_fmt, group)
         return self.made[key]
 
 
 def quantize_parts(
-    parts: list[Part], fmt: str | None, group_size: int, blocks: dict[str, QuantLinear] | None = None
+    parts: list[Part],
+    fmt: str | None,
+    group_size: int,
+    blocks: dict[str, QuantLinear] | None = None,
+    head_fmt: str | None = None,
 ) -> list[int]:
     """Quantise what each part owns (see the module's docstring); returns the count of quantised
     products per part.
@@ -92,8 +108,9 @@ def quantize_parts(
         fmt: the block format for float weights (``q8_0``, ``q4_1``...); ``None`` with a GGUF's
             ``blocks``: weights the file holds as floats stay float.
         blocks: a GGUF's quantised weights by transformers name, already in their formats.
+        head_fmt: the LM head's (and a tied embedding's) format, when not ``fmt``.
     """
-    make = QuantMaker(fmt, group_size, blocks or {}, {})
+    make = QuantMaker(fmt, group_size, blocks or {}, {}, head_fmt)
     return [_quantize(part, make) for part in parts]
 
 
@@ -125,7 +142,7 @@ def _quantize_ends(part: Part, make: QuantMaker) -> int:
     n = 0
     table: nn.Module | None = None
     if part.spec.head and isinstance(head, nn.Linear):
-        table = make(emb_name if tied else part.family.lm_head_name, head, shared=tied)
+        table = make(emb_name if tied else part.family.lm_head_name, head, end=True)
         if table is not head:
             model.set_output_embeddings(table)
             n += 1
@@ -136,7 +153,7 @@ def _quantize_ends(part: Part, make: QuantMaker) -> int:
         if not isinstance(table, QuantLinear) or not tied:
             as_linear = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device="meta")
             as_linear.weight = emb.weight
-            table = make(emb_name, as_linear, shared=True) if (tied or emb_name in make.blocks) else None
+            table = make(emb_name, as_linear, end=True) if (tied or emb_name in make.blocks) else None
         if isinstance(table, QuantLinear):
             model.set_input_embeddings(ScaledQuantEmbedding(table, part.dtype, getattr(emb, "embed_scale", None)))
     return n

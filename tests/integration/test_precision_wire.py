@@ -69,6 +69,20 @@ def test_split_through_daemon_equals_full_at_the_same_precision(  # type: ignore
         assert "products in int8" in d.log_text()
 
 
+def test_split_through_daemon_equals_full_at_a_group_size(tiny_models, daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """``--weights int4 --group-size 128``: the daemon's trunk holds q4_1g, the client's parts take
+    the daemon's ``int4/g128``, and the split equals the full model at that precision."""
+    d = daemon_factory(tiny_models["llama"], "--split", "2:4", "--weights", "int4", "--group-size", "128")
+    model = _model(tiny_models["llama"])
+    with closing(TrunkClient(d.address)) as client:
+        assert client.info().plan.weights == "int4/g128"
+    split, _ = _split_run(d.address, model, N)
+    full = generate(prepare.full_pipeline(model, torch.float32, CPU, weights="int4", group_size=128), _NoText(),
+                    list(PROMPT), GenerationSettings(max_new_tokens=N), [])
+    assert len(split.token_ids) == N
+    assert split.token_ids == full.token_ids
+
+
 def test_each_side_its_own_precision_and_the_trunks_is_the_daemons(tiny_models, daemon_factory) -> None:  # type: ignore[no-untyped-def]
     d = daemon_factory(tiny_models["llama"], "--split", "2:4", "--weights", "int8")
     model = _model(tiny_models["llama"])

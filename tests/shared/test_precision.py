@@ -14,6 +14,7 @@ from splitlm.shared.models.precision import (
     precision_named,
     resolve_precision,
 )
+from splitlm.shared.models.quant import QuantLinear
 from splitlm.shared.models.quantize import quantized_count
 from splitlm.shared.plan import Fingerprint
 from tests.shared.test_engine import PROMPT, _InProcessSplit, _NoText
@@ -34,6 +35,7 @@ def _parts(path, plan: tuple[int, int], precision: Precision):  # type: ignore[n
 @pytest.mark.parametrize(("kind", "weights"), [
     ("gpt2", "bfloat16"), ("gpt2", "int8"), ("gpt2", "int4"),  # GPT-2: Conv1D layers, biases
     ("llama", "int4"), ("gemma2", "bfloat16"), ("gemma2", "int8"),  # each precision on 2 families or more
+    ("llama", "int4/g128"), ("gemma2", "int8/g64"),  # --group-size: the grouped q4_1g and q8_0g
 ])
 def test_split_equals_full_at_the_same_precision(tiny_models, kind, weights) -> None:  # type: ignore[no-untyped-def]
     precision = precision_named(weights, CPU)
@@ -50,6 +52,9 @@ def test_split_equals_full_at_the_same_precision(tiny_models, kind, weights) -> 
         assert quantized_count(parts[3].model) == 6 * n_linear + 1  # all 6 of the full model's + the head
         assert quantized_count(parts[2].model) == 2 * n_linear + 1
         assert {p.dtype for p in parts[3].model.parameters()} == {torch.float32}  # norms stay float32
+        group = precision.group_size  # the layers really hold the grouped bytes at --group-size
+        layouts = {(m.fmt.grouped, m.group_size) for m in parts[3].model.modules() if isinstance(m, QuantLinear)}
+        assert layouts == {(group != 32, group)}
     else:
         assert {p.dtype for p in parts[3].model.parameters()} == {torch.bfloat16}
 

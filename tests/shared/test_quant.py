@@ -17,7 +17,6 @@ from splitlm.shared.errors import UsageError
 from splitlm.shared.models.quant import (
     Kernel,
     KernelBuildError,
-    PackedShape,
     QuantEmbedding,
     QuantFormat,
     QuantLinear,
@@ -27,7 +26,10 @@ from splitlm.shared.models.quant import (
 )
 from splitlm.shared.models.quant.build import build
 
-FORMATS = list(QuantFormat)
+FORMATS = [f for f in QuantFormat if f.gguf]
+GROUPED = [(QuantFormat.Q4_1, 128), (QuantFormat.Q8_0, 64), (QuantFormat.Q4_1, 256)]
+"""--group-size above 32: the numbers of q4_1/q8_0 packed in Q4_1G/Q8_0G."""
+EVERY = [(f, 32) for f in FORMATS] + GROUPED
 
 
 @pytest.fixture
@@ -37,11 +39,12 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _layer(out: int, inp: int, fmt: QuantFormat, seed: int = 0, bias: bool = True) -> QuantLinear:
+def _layer(out: int, inp: int, fmt: QuantFormat, seed: int = 0, bias: bool = True,
+           group_size: int = 32) -> QuantLinear:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=g)
     b = torch.randn(out, generator=g) if bias else None
-    return QuantLinear.from_float(w, b, fmt)
+    return QuantLinear.from_float(w, b, fmt, group_size)
 
 
 @pytest.mark.realmodel
@@ -65,10 +68,10 @@ def test_dequantize_equals_gguf_on_smollm2(smollm2_path: Path) -> None:
     assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q4_1"
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("fmt", "group"), EVERY)
 @pytest.mark.parametrize(("out", "inp"), [(96, 64), (37, 160), (200, 32)])
-def test_product_matches_dequantized_matmul(fmt: QuantFormat, out: int, inp: int) -> None:
-    layer = _layer(out, inp, fmt)
+def test_product_matches_dequantized_matmul(fmt: QuantFormat, group: int, out: int, inp: int) -> None:
+    layer = _layer(out, inp, fmt, group_size=group)
     w = layer.dequantize()
     assert layer.bias is not None
     for rows in (1, 2, 5, 17, 64):
@@ -99,12 +102,12 @@ def test_odd_in_features_are_padded_exactly(fmt: QuantFormat) -> None:
     with pytest.raises(UsageError, match="multiple"):
         QuantLinear.from_blocks(layer.packed, fmt, 24, 50)  # GGUF bytes always hold whole blocks
     with pytest.raises(UsageError, match="group size"):
-        quantize(torch.randn(4, 64), fmt, group_size=64)
+        quantize(torch.randn(4, 64), fmt, group_size=64)  # GGUF's formats: 32 only (q4_1g is 64's)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_rows_do_not_depend_on_threads_or_batch(fmt: QuantFormat, one_thread: None) -> None:
-    layer = _layer(1000, 576, fmt)  # 63 tiles of 16 outputs: uneven across threads
+@pytest.mark.parametrize(("fmt", "group"), EVERY)
+def test_rows_do_not_depend_on_threads_or_batch(fmt: QuantFormat, group: int, one_thread: None) -> None:
+    layer = _layer(1000, 576, fmt, group_size=group)  # 63 tiles of 16 outputs: uneven across threads
     x = torch.randn(13, 576)
     solo = torch.cat([quant_linear(x[i : i + 1], layer.packed, layer.shape, layer.bias, threads=1)
                       for i in range(13)])
@@ -173,10 +176,10 @@ def test_missing_compiler_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.M
 def test_avx2_and_portable_paths(march: str, isa: str, tmp_path: Path) -> None:
     lib = build(march, directory=tmp_path)
     assert lib.isa == isa
-    for fmt in FORMATS:
-        layer = _layer(40, 96, fmt)
-        x = torch.randn(11, 96)
-        shape = PackedShape(40, 96, fmt)
+    for fmt, group in EVERY:
+        layer = _layer(40, 160, fmt, group_size=group)  # at 128: a group of 4 blocks and one of 1
+        x = torch.randn(11, 160)
+        shape = layer.shape
         y = quant_linear(x, layer.packed, shape, layer.bias, threads=2, lib=lib)
         torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-4)
         solo = torch.cat([quant_linear(x[i : i + 1], layer.packed, shape, layer.bias, threads=1, lib=lib)
@@ -192,3 +195,42 @@ def test_tied_embedding_shares_the_head_bytes() -> None:
     assert torch.equal(emb(ids), head.dequantize()[ids])
     with pytest.raises(UsageError, match="token ids"):
         emb(torch.tensor([100]))
+
+
+@pytest.mark.parametrize(("fmt", "group"), GROUPED)
+def test_grouped_formats_take_fewer_bytes_and_keep_each_groups_scale(fmt: QuantFormat, group: int) -> None:
+    """576 inputs (SmolLM2's hidden size) at 128: four groups of 128 and a short one of 64."""
+    w = torch.randn(24, 576, generator=torch.Generator().manual_seed(3))
+    layer = QuantLinear.from_float(w, None, fmt, group)
+    assert layer.fmt is fmt.with_group(group) and layer.fmt.grouped and layer.group_size == group
+    groups = -(-576 // group)
+    values = 576 // 2 if fmt is QuantFormat.Q4_1 else 576
+    assert layer.packed.shape == (24, values + groups * layer.fmt.scale_bytes)
+    assert layer.nbytes < QuantLinear.from_float(w, None, fmt).nbytes
+    # a group is quantized on its own: the short last group as if it were a matrix by itself
+    last = (groups - 1) * group
+    alone = QuantLinear.from_float(w[:, last:], None, fmt, group).dequantize()
+    assert torch.equal(layer.dequantize()[:, last:], alone)
+    # at 32 the grouped layout holds the very numbers of GGUF's block format
+    as32 = QuantLinear(576, 24, layer.fmt, quantize(w, layer.fmt, 32), None, 32)
+    assert torch.equal(as32.dequantize(), QuantLinear.from_float(w, None, fmt).dequantize())
+    err = (layer.dequantize() - w).pow(2).mean() / w.pow(2).mean()
+    assert err < (1e-4 if fmt is QuantFormat.Q8_0 else 2e-2)
+    emb = QuantEmbedding.from_linear(layer)
+    ids = torch.tensor([[0, 23, 5]])
+    assert torch.equal(emb(ids), layer.dequantize()[ids])
+    x = torch.randn(3, 576)
+    torch.testing.assert_close(layer(x), x @ layer.dequantize().T, rtol=1e-5, atol=1e-4)
+
+
+def test_bad_group_sizes_are_refused() -> None:
+    w = torch.randn(4, 64)
+    with pytest.raises(UsageError, match="q4_0 has one scale per block"):
+        QuantLinear.from_float(w, None, "q4_0", 64)
+    with pytest.raises(UsageError, match="not a multiple of 32"):
+        QuantLinear.from_float(w, None, "q4_1", 48)
+    layer = QuantLinear.from_float(w, None, "q8_0", 64)
+    with pytest.raises(UsageError, match="not a GGUF tensor type"):
+        QuantLinear.from_blocks(layer.packed, layer.fmt, 4, 64)
+    with pytest.raises(UsageError, match="one scale per block"):
+        dequantize_rows(layer.packed, "q8_0", torch.tensor([0]), 64, 64)

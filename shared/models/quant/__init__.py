@@ -1,4 +1,5 @@
-"""Weight-only quantized linear layers for the CPU: GGUF's Q4_0, Q4_1 and Q8_0 blocks kept packed.
+"""Weight-only quantized linear layers for the CPU: GGUF's Q4_0, Q4_1 and Q8_0 blocks kept packed,
+and the grouped Q4_1G and Q8_0G (one scale per 64, 128 or 256 weights: ``--group-size``).
 
 ``QuantLinear`` holds a packed weight and runs ``y = x @ W.T + b`` in a small C kernel
 (``kernel.c``, built once per machine by ``build``) that streams the packed bytes once per call,
@@ -17,7 +18,7 @@ from splitlm.shared.models.quant.formats import (
 )
 from splitlm.shared.models.quant.linear import QuantEmbedding, QuantLinear, quant_linear
 
-SUPPORTED_GGUF = tuple(f.name for f in QuantFormat)
+SUPPORTED_GGUF = tuple(f.name for f in QuantFormat if f.gguf)
 """GGUF tensor types kept quantised (``--weights gguf``): ``Q4_0``, ``Q4_1``, ``Q8_0``."""
 
 __all__ = [

@@ -177,7 +177,7 @@ def _load(path: Path) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.splitlm_quant_linear.restype = ctypes.c_int
     lib.splitlm_quant_linear.argtypes = [
-        ctypes.c_int, ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int,
+        ctypes.c_int, ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int,
     ]
     lib.splitlm_quant_layer_run.restype = ctypes.c_int
     lib.splitlm_quant_layer_run.argtypes = [ptr, ptr, i64, ptr, ctypes.c_int]
@@ -194,6 +194,7 @@ class LayerArgs(ctypes.Structure):
         ("out", ctypes.c_int64),
         ("nblocks", ctypes.c_int64),
         ("bias", ctypes.c_void_p),
+        ("group_blocks", ctypes.c_int64),
     ]
 
 

@@ -72,9 +72,10 @@ class QuantLinear(nn.Module):
     _cached_plan: _Plan | None
 
     def __init__(self, in_features: int, out_features: int, fmt: QuantFormat | str,
-                 packed: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+                 packed: torch.Tensor, bias: torch.Tensor | None = None,
+                 group_size: int = BLOCK) -> None:
         super().__init__()
-        self.shape = PackedShape(out_features, in_features, QuantFormat.parse(fmt))
+        self.shape = PackedShape(out_features, in_features, QuantFormat.parse(fmt), group_size)
         if packed.dtype != torch.uint8 or tuple(packed.shape) != (out_features, self.shape.row_bytes):
             raise UsageError(
                 f"packed {self.shape.fmt.label} weight for {out_features}x{in_features} must be "
@@ -107,13 +108,25 @@ class QuantLinear(nn.Module):
     def fmt(self) -> QuantFormat:
         return self.shape.fmt
 
+    @property
+    def group_size(self) -> int:
+        """Weights per scale: 32 for GGUF's formats."""
+        return self.shape.group_size
+
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    fmt: QuantFormat | str = QuantFormat.Q4_1, group_size: int = BLOCK) -> QuantLinear:
-        """Quantize a float (out, in) weight (see ``formats.quantize`` for each format's rule)."""
-        fmt = QuantFormat.parse(fmt)
+        """Quantize a float (out, in) weight (see ``formats.quantize`` for each format's rule).
+
+        ``fmt`` names the numbers (``q4_1``, ``q8_0``); a ``group_size`` other than 32 packs them
+        in the grouped twin (``q4_1g``, ``q8_0g``), one scale per ``group_size`` weights.
+
+        Raises:
+            UsageError: ``q4_0`` at a group size other than 32, or a size not a multiple of 32.
+        """
+        fmt = QuantFormat.parse(fmt).with_group(group_size)
         packed = quantize(weight, fmt, group_size)
-        return cls(weight.shape[1], weight.shape[0], fmt, packed, bias)
+        return cls(weight.shape[1], weight.shape[0], fmt, packed, bias, group_size)
 
     @classmethod
     def from_blocks(cls, raw: torch.Tensor | np.ndarray[Any, Any], fmt: QuantFormat | str,
@@ -132,6 +145,8 @@ class QuantLinear(nn.Module):
                 warnings.simplefilter("ignore", UserWarning)
                 raw = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8))
         shape = PackedShape(out_features, in_features, QuantFormat.parse(fmt))
+        if not shape.fmt.gguf:
+            raise UsageError(f"{shape.fmt.label} is splitlm's own format, not a GGUF tensor type")
         if shape.padded_in != in_features:
             raise UsageError(
                 f"GGUF {shape.fmt.label} rows hold whole blocks of {BLOCK}: in_features "
@@ -147,7 +162,7 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 (out, in) weight the packed blocks stand for."""
-        return dequantize(self.packed, self.fmt, self.in_features)
+        return dequantize(self.packed, self.fmt, self.in_features, self.group_size)
 
     def _plan(self) -> _Plan:
         """The kernel's fixed arguments for the current buffers (rebuilt after ``.to()`` or a
@@ -162,7 +177,7 @@ class QuantLinear(nn.Module):
             lib = kernel()
             args = LayerArgs(self.fmt.value, packed.data_ptr(), self.shape.row_bytes,
                              self.out_features, self.shape.blocks_per_row,
-                             None if bias32 is None else bias32.data_ptr())
+                             None if bias32 is None else bias32.data_ptr(), self.shape.group_blocks)
             plan = self._cached_plan = _Plan(packed, bias, bias32, args, ctypes.byref(args),
                                              lib.lib.splitlm_quant_layer_run)
         return plan
@@ -185,7 +200,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"fmt={self.fmt.label}, bias={self.bias is not None}")
+                f"fmt={self.fmt.label}, bias={self.bias is not None}"
+                + (f", group_size={self.group_size}" if self.fmt.grouped else ""))
 
 
 
@@ -228,7 +244,7 @@ def quant_linear(x: torch.Tensor, packed: torch.Tensor, shape: PackedShape,
             threads = _threads(shape.out_features, shape.in_features, rows)
         rc = (lib or kernel()).lib.splitlm_quant_linear(
             shape.fmt.value, packed.data_ptr(), shape.row_bytes, shape.out_features,
-            shape.blocks_per_row, x2.data_ptr(), rows, shape.padded_in,
+            shape.blocks_per_row, shape.group_blocks, x2.data_ptr(), rows, shape.padded_in,
             None if bias is None else bias.data_ptr(), y.data_ptr(), shape.out_features, threads,
         )
         if rc != 0:
@@ -246,9 +262,9 @@ class QuantEmbedding(nn.Module):
     packed: torch.Tensor
 
     def __init__(self, num_embeddings: int, embedding_dim: int, fmt: QuantFormat | str,
-                 packed: torch.Tensor) -> None:
+                 packed: torch.Tensor, group_size: int = BLOCK) -> None:
         super().__init__()
-        self.shape = PackedShape(num_embeddings, embedding_dim, QuantFormat.parse(fmt))
+        self.shape = PackedShape(num_embeddings, embedding_dim, QuantFormat.parse(fmt), group_size)
         if packed.dtype != torch.uint8 or tuple(packed.shape) != (num_embeddings, self.shape.row_bytes):
             raise UsageError(
                 f"packed {self.shape.fmt.label} embedding {num_embeddings}x{embedding_dim} must be "
@@ -260,7 +276,7 @@ class QuantEmbedding(nn.Module):
     @classmethod
     def from_linear(cls, head: QuantLinear) -> QuantEmbedding:
         """The embedding tied to ``head``: the same packed tensor, not a copy."""
-        return cls(head.out_features, head.in_features, head.fmt, head.packed)
+        return cls(head.out_features, head.in_features, head.fmt, head.packed, head.group_size)
 
     @property
     def nbytes(self) -> int:
@@ -271,7 +287,8 @@ class QuantEmbedding(nn.Module):
         if ids.dtype not in (torch.int64, torch.int32) or ids.numel() and (
                 int(ids.min()) < 0 or int(ids.max()) >= self.shape.out_features):
             raise UsageError(f"token ids must be integers in [0, {self.shape.out_features})")
-        return dequantize_rows(self.packed, self.shape.fmt, ids, self.shape.in_features)
+        return dequantize_rows(self.packed, self.shape.fmt, ids, self.shape.in_features,
+                               self.shape.group_size)
 
     def extra_repr(self) -> str:
         return f"{self.shape.out_features}, {self.shape.in_features}, fmt={self.shape.fmt.label}"
