@@ -53,8 +53,11 @@ def test_split_equals_full_at_the_same_precision(tiny_models, kind, weights) -> 
         assert quantized_count(parts[2].model) == 2 * n_linear + 1
         assert {p.dtype for p in parts[3].model.parameters()} == {torch.float32}  # norms stay float32
         group = precision.group_size  # the layers really hold the grouped bytes at --group-size
-        layouts = {(m.fmt.grouped, m.group_size) for m in parts[3].model.modules() if isinstance(m, QuantLinear)}
+        layers = parts[3].model.model.layers if kind != "gpt2" else parts[3].model.transformer.h
+        layouts = {(m.fmt.grouped, m.group_size) for m in layers.modules() if isinstance(m, QuantLinear)}
         assert layouts == {(group != 32, group)}
+        head = parts[3].model.get_output_embeddings()  # 8 bits at the format's own group under int4
+        assert (head.fmt.label, head.group_size) == (("q8_0", 32) if weights.startswith("int4") else (head.fmt.label, group))
     else:
         assert {p.dtype for p in parts[3].model.parameters()} == {torch.bfloat16}
 
