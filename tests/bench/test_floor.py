@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -70,19 +69,24 @@ def test_bfloat16_halves_and_a_declared_nbytes_wins(tiny_models: dict[str, Path]
     assert floor.decode_bytes(bf16_part).layers == bf16.layers - before + 1000
 
 
-def test_int8_weights_count_their_int8_data(tiny_models: dict[str, Path]) -> None:
-    pytest.importorskip("torchao")
-    from splitlm.shared.models.precision import apply_precision, precision_named
+def test_quantised_weights_count_their_packed_bytes(tiny_models: dict[str, Path]) -> None:
+    from splitlm.shared.models.precision import precision_named
 
-    part = _full(tiny_models["llama"])
-    f32 = floor.decode_bytes(part)
-    apply_precision([part], precision_named("int8", torch.device("cpu")))
+    f32 = floor.decode_bytes(_full(tiny_models["llama"]))
+    int8 = precision_named("int8", torch.device("cpu"))
+    source = resolve(str(tiny_models["llama"]))
+    n = int(source.config.num_hidden_layers)
+    part = build_parts(source, family_for(source.config), [PartSpec.full(n)], torch.float32, torch.device("cpu"), int8)[0]
     q = floor.decode_bytes(part)
     linear = sum(m.in_features * m.out_features for m in part.model.model.layers.modules()
-                 if isinstance(m, torch.nn.Linear))
-    # each linear weight: 1 byte per element instead of 4, plus a float scale per output row
-    assert f32.layers - 3 * linear < q.layers < f32.layers - 3 * linear + linear // 8
-    assert q.head == f32.head and q.embed == f32.embed
+                 if type(m).__name__ == "QuantLinear")
+    # each linear weight: 34 bytes per block of 32 (q8_0) instead of 4 bytes a weight
+    assert q.layers == f32.layers - 4 * linear + linear * 34 // 32
+    head = part.model.get_output_embeddings()
+    assert q.head == f32.head - 4 * head.in_features * head.out_features + head.nbytes
+    tied = bool(getattr(source.config, "tie_word_embeddings", False))
+    # a tied table is the head's packed rows; an untied embedding stays float32
+    assert q.embed == (head.nbytes // head.out_features if tied else f32.embed)
 
 
 def test_probe_and_summary() -> None:

@@ -279,6 +279,14 @@ class QuantEmbedding(nn.Module):
         return cls(head.out_features, head.in_features, head.fmt, head.packed, head.group_size)
 
     @property
+    def num_embeddings(self) -> int:
+        return self.shape.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.shape.in_features
+
+    @property
     def nbytes(self) -> int:
         return self.packed.numel()
 
