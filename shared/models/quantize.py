@@ -72,7 +72,7 @@ class QuantMaker:
         self.group_size = group_size
         self.blocks = blocks
         self.made = made
-        self.head_fmt = head_fmt or fmt
+        self.head_fmt: str | None = head_fmt or fmt
 
     def __call__(self, weight_name: str, mod: nn.Linear, end: bool = False) -> nn.Module:
         """The module for ``mod``; ``end``: it is the LM head or the embedding, quantised into
@@ -89,8 +89,9 @@ class QuantMaker:
         # a weight the loaded state holds for the parts' life (so its address is its identity)
         key = mod.weight.data_ptr()
         if key not in self.made:
-            group = self.group_size if self.head_fmt == self.fmt else DEFAULT_GROUP_SIZE
-            self.made[key] = QuantLinear.from_float(mod.weight.detach(), mod.bias, self.head_fmt, group)
+            fmt = self.head_fmt or self.fmt
+            group = self.group_size if fmt == self.fmt else DEFAULT_GROUP_SIZE
+            self.made[key] = QuantLinear.from_float(mod.weight.detach(), mod.bias, fmt, group)
         return self.made[key]
 
 
