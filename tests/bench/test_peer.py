@@ -83,7 +83,7 @@ def test_llama_cpp_on_smollm2(smollm2_path: Path) -> None:
     ticks: list[str] = []
     prompt = [1, 9690, 198, 2683, 359, 253, 5356, 30]  # SmolLM2 ids: a short chat prefix
     samples, version = peer.run_peer(smollm2_path, {8: prompt}, 4, 0, 2, 1, ticks.append)
-    assert version and ticks == ["round 1 llama.cpp 8 tokens", "round 2 llama.cpp 8 tokens"]
+    assert version and ticks == ["llama.cpp (its own process)"]  # out of the bench's OMP_WAIT_POLICY
     assert [len(s.token_ids) for s in samples] == [4, 4] and [len(s.per_token_s) for s in samples] == [3, 3]
     assert samples[0].token_ids == samples[1].token_ids  # a fresh state each run: the same greedy reply
     assert all(s.eval_tokens == 3 and s.eval_ms > 0 and s.prompt_eval_ms > 0 for s in samples)

@@ -157,19 +157,64 @@ def run_peer(
     tick: Callable[[str], None],
 ) -> tuple[list[PeerSample], str]:
     """Every prompt length, ``warmup`` dropped rounds then ``repeats`` recorded ones, as the
-    bench's single-session runs; returns the samples and llama-cpp-python's version."""
+    bench's single-session runs; returns the samples and llama-cpp-python's version.
+
+    llama.cpp runs in a child process with OpenMP's wait policy as llama.cpp's own tools leave it:
+    the bench process sets ``OMP_WAIT_POLICY=PASSIVE`` (for torch, so idle threads do not spin on
+    the daemon's core), and ggml, whose threads meet at a barrier after every graph node, runs 3x
+    slower under it (SmolLM2 Q4_1, 2 threads: 32.5 ms a token against 10.7). Nothing else runs
+    while it does.
+
+    Raises:
+        RuntimeError: the child failed (its stderr's end in the message).
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tick("llama.cpp (its own process)")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    request = {"path": str(path), "prompts": {str(n): ids for n, ids in prompts.items()}, "new_tokens": new_tokens,
+               "warmup": warmup, "repeats": repeats, "threads": threads}
+    r = subprocess.run([sys.executable, "-m", "splitlm.tui.bench.peer"], input=json.dumps(request),
+                       capture_output=True, text=True, env=env, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"llama.cpp's run exited {r.returncode}: {r.stderr[-1500:]}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    samples = [PeerSample(d["round"], d["prompt_len"], d["ttft_s"], tuple(d["per_token_s"]), d["eval_ms"],
+                          d["eval_tokens"], d["prompt_eval_ms"], tuple(d["token_ids"])) for d in out["samples"]]
+    return samples, str(out["version"])
+
+
+def _run_here(
+    path: Path, prompts: dict[int, list[int]], new_tokens: int, warmup: int, repeats: int, threads: int
+) -> tuple[list[PeerSample], str]:
+    """``run_peer``'s runs, in this process (the child's side)."""
     peer = LlamaCppPeer(path, max(prompts) + new_tokens, threads)
     try:
         samples = []
         for r in range(-warmup, repeats):
             for n in sorted(prompts):
-                tick(f"{'warm-up' if r < 0 else f'round {r + 1}'} llama.cpp {n} tokens")
                 s = peer.generate(prompts[n], new_tokens, r)
                 if r >= 0:
                     samples.append(s)
         return samples, peer.version
     finally:
         peer.close()
+
+
+def _child() -> int:
+    """``python -m splitlm.tui.bench.peer``: a JSON request on stdin, the samples as JSON on stdout."""
+    import dataclasses
+    import json
+    import sys
+
+    req = json.loads(sys.stdin.read())
+    samples, version = _run_here(Path(req["path"]), {int(n): ids for n, ids in req["prompts"].items()},
+                                 req["new_tokens"], req["warmup"], req["repeats"], req["threads"])
+    print(json.dumps({"version": version, "samples": [dataclasses.asdict(s) for s in samples]}))
+    return 0
 
 
 class PeerLengthFigures(TypedDict):
@@ -302,3 +347,9 @@ def markdown_lines(peer: PeerSummary | None, skipped: str | None) -> list[str]:
              "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in table_rows(peer)]
     return lines
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_child())
