@@ -20,6 +20,16 @@ if TYPE_CHECKING:
     from splitlm.shared.launcher import OwnedDaemon
 
 
+def median_ms(fn: Callable[[], object], n: int) -> float:
+    """The median wall time of ``n`` calls of ``fn``, in milliseconds."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
 def ab_setup(doc: str | None, **ints: int) -> tuple[argparse.Namespace, Any, Any]:
     """What every in-process A/B script starts with: its options (--model, --threads, --rounds,
     then ``--NAME`` for each of ``ints``, an int defaulting to its value) parsed, and

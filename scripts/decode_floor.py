@@ -35,16 +35,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from _common import median_ms
+
 GIB = 2**30
-
-
-def _median_ms(fn: Callable[[], object], n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def bandwidth(reps: int) -> dict[str, float]:
@@ -54,7 +47,7 @@ def bandwidth(reps: int) -> dict[str, float]:
 
     big = torch.ones(GIB // 4, dtype=torch.float32)
     big.sum()
-    read = GIB / _median_ms(big.sum, reps) / 1e6
+    read = GIB / median_ms(big.sum, reps) / 1e6
     del big
     ws = [torch.randn(1536, 576) for _ in range(GIB // (1536 * 576 * 4))]
     x = torch.randn(1, 576)
@@ -64,7 +57,7 @@ def bandwidth(reps: int) -> dict[str, float]:
             F.linear(x, w)
 
     stream()
-    products = len(ws) * ws[0].numel() * 4 / _median_ms(stream, reps) / 1e6
+    products = len(ws) * ws[0].numel() * 4 / median_ms(stream, reps) / 1e6
     return {"read_gbs": read, "matvec_gbs": products}
 
 

@@ -27,17 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _common import median_ms
+
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
 """SmolLM2's products: q/o projections, k/v, gate/up, down, and the tied LM head."""
-
-
-def _median_ms(fn: Callable[[], object], n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def bandwidth_gbs(mib: int, rounds: int) -> float:
@@ -46,7 +39,7 @@ def bandwidth_gbs(mib: int, rounds: int) -> float:
 
     big = torch.ones(mib * (1 << 20) // 4)
     big.sum()
-    ms = _median_ms(lambda: big.sum(), rounds)
+    ms = median_ms(lambda: big.sum(), rounds)
     return big.numel() * 4 / (ms * 1e-3) / 1e9
 
 
@@ -270,8 +263,8 @@ def main() -> None:
         tiny = QuantLinear.from_float(torch.randn(32, 32), None, "q4_1")
         tiny_w = torch.randn(32, 32)
         xt = torch.randn(1, 32)
-        overhead = {"quant_linear_32x32_us": _median_ms(lambda: tiny(xt), 2000) * 1e3,
-                    "f_linear_32x32_us": _median_ms(lambda: torch.nn.functional.linear(xt, tiny_w), 2000) * 1e3}
+        overhead = {"quant_linear_32x32_us": median_ms(lambda: tiny(xt), 2000) * 1e3,
+                    "f_linear_32x32_us": median_ms(lambda: torch.nn.functional.linear(xt, tiny_w), 2000) * 1e3}
         for out, inp in SHAPES:
             found = variants(out, inp, a.cold_mib << 20, groups, keep)
             for rows in rows_list:

@@ -26,12 +26,9 @@ import dataclasses
 import json
 import logging
 import math
-import shlex
 import sys
-import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from ...shared.errors import ExitCode, SplitlmError, UsageError
@@ -308,11 +305,7 @@ def run_precisions(
     from .report import load_text
 
     meta: dict[str, Any] = {
-        "command": "splitlm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "started": started.strftime("%Y-%m-%d %H:%M UTC"),
-        "elapsed_s": time.perf_counter() - t_start,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
-        "prompt_lengths": sorted(prompts),
+        **run.command_meta(opts, started, t_start, prompts),
         "plan": {"model": model.source.model_id, "layers": model.num_layers, "split": list(plan)},
         "threads": {"client": torch.get_num_threads(),
                     "daemon": opts.daemon_threads if opts.daemon_threads else "default"},

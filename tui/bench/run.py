@@ -207,6 +207,18 @@ def _finite(x: Any) -> Any:
     return x
 
 
+def command_meta(opts: BenchOptions, started: Any, t_start: float, prompts: Any) -> dict[str, Any]:
+    """The head of a run's ``meta``: the command line, when it started and took, every option and
+    the prompt lengths measured."""
+    return {
+        "command": "splitlm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "started": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "elapsed_s": time.perf_counter() - t_start,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
+        "prompt_lengths": sorted(prompts),
+    }
+
+
 def _one_precision(weights: str | None, group_size: int, info: pb.InfoReply, device: Any) -> None:
     """The bench compares the split with the full model at one precision on both sides: a client
     precision other than the daemon's (which ``generate`` and ``compare`` accept) is refused here.
@@ -388,11 +400,7 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
     summary = report.summarise(samples, conc, hidden, torch.empty((), dtype=wire_torch).element_size(), memory, chat,
                                floor_summary, peer_summary, peer_run.skipped)
     meta: dict[str, Any] = {
-        "command": "splitlm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "started": started.strftime("%Y-%m-%d %H:%M UTC"),
-        "elapsed_s": time.perf_counter() - t_start,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
-        "prompt_lengths": sorted(prompts),
+        **command_meta(opts, started, t_start, prompts),
         "concurrency_prompt_length": conc_len,
         "plan": {
             "model": model.source.model_id, "layers": model.num_layers, "hidden_size": hidden,
