@@ -72,12 +72,16 @@ def tiny_config(kind: str):  # type: ignore[no-untyped-def]
     raise ValueError(kind)
 
 
-def save_tiny(kind: str, path: Path, seed: int = 0) -> Path:
-    """Build a random model of ``kind`` and ``save_pretrained`` it (weights + config) to ``path``."""
+def save_tiny(kind: str, path: Path, seed: int = 0, **config_overrides: object) -> Path:
+    """Build a random model of ``kind`` and ``save_pretrained`` it (weights + config) to ``path``;
+    ``config_overrides`` set attributes of the tiny config first (more layers, a longer context)."""
     from transformers import AutoModelForCausalLM
 
+    config = tiny_config(kind)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind))
+    model = AutoModelForCausalLM.from_config(config)
     # larger weights than the default init: the logits spread out, so greedy choices are decisive
     with torch.no_grad():
         for p in model.parameters():

@@ -13,7 +13,7 @@ import torch
 from splitlm.shared.client import TrunkClient, TrunkStream
 from splitlm.shared.models import PartSpec, build_part, family_for, resolve
 from splitlm.shared.plan import Fingerprint
-from tests.conftest import reference_generate, tiny_config
+from tests.conftest import reference_generate, save_tiny
 from tests.integration.test_split import split_generate
 
 PREFILL = 2000
@@ -23,18 +23,7 @@ step's round trip on the tiny model."""
 
 def _long_model(path: Path) -> Path:
     """The tiny llama with 10 layers and room for the long prefill."""
-    from transformers import AutoModelForCausalLM
-
-    config = tiny_config("llama")
-    config.num_hidden_layers, config.max_position_embeddings = 10, PREFILL + 64
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
-    model.save_pretrained(path)
-    return path
+    return save_tiny("llama", path, num_hidden_layers=10, max_position_embeddings=PREFILL + 64)
 
 
 def test_decode_steps_are_served_during_a_long_prefill(tmp_path: Path, daemon_factory) -> None:  # type: ignore[no-untyped-def]
