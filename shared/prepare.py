@@ -121,7 +121,8 @@ def full_pipeline(
     here = precision_of(weights, device, group_size) if weights else Precision(str(dtype).removeprefix("torch."), dtype)
     check_source(here, model.source)
     trunk = precision_of(trunk_weights, device, group_size) if trunk_weights not in (None, "auto") else here
-    check_source(trunk, model.source)
+    if trunk != here:
+        check_source(trunk, model.source)  # the same precision was checked just above
     n = model.num_layers
     if trunk == here:
         return LocalPipeline(build_part(model.source, model.family, PartSpec.full(n), here.dtype, device, here))
