@@ -101,7 +101,9 @@ def wait_until(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-unt
 class TestPlans:
     """Row 1: a plan out of range is refused before any weight is loaded, with the valid range."""
 
-    @pytest.mark.parametrize("split", ["4:2", "3:3", "0:4", "2:6", "2:9", "x:y", "2"])
+    # A == B and B past L are the rule's cases (tests/shared/test_engine.py): one daemon start each is
+    # kept for the shapes that reach different code (order, bounds, syntax)
+    @pytest.mark.parametrize("split", ["4:2", "0:4", "2:6", "x:y", "2"])
     def test_daemon_refuses_bad_split(self, tiny_models: dict[str, Path], split: str) -> None:
         r = run_trunkd("--model", str(tiny_models["llama"]), "--split", split, "--listen", "unix:/nonexistent/x")
         assert r.returncode == 2, r.stderr

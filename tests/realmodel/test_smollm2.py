@@ -86,7 +86,8 @@ def test_stdin_prompt_and_stop_string(smol_daemon) -> None:  # type: ignore[no-u
 def test_bad_plan_is_refused_with_the_range() -> None:
     from tests.conftest import run_trunkd
 
-    for plan in ("0:5", "20:10", "5:5", "3:99"):
-        r = run_trunkd("--model", "smollm2", "--split", plan, "--listen", "unix:/tmp/splitlm-never.sock")
-        assert r.returncode == 2, (plan, r.stderr)
-        assert "0 < A < B < 30" in r.stderr and "Traceback" not in r.stderr
+    # one daemon start: the other shapes of a bad plan are tests/shared/test_engine.py's (the rule)
+    # and tests/integration/test_bad_input.py's (the daemon's refusal, on a tiny model)
+    r = run_trunkd("--model", "smollm2", "--split", "3:99", "--listen", "unix:/tmp/splitlm-never.sock")
+    assert r.returncode == 2, r.stderr
+    assert "0 < A < B < 30" in r.stderr and "Traceback" not in r.stderr
