@@ -22,7 +22,7 @@ from splitlm.shared.cache import ROLLBACK_DEPTH, SlidingLayer
 from splitlm.shared.errors import TrunkError
 from splitlm.shared.generation import LocalPipeline, SplitPipeline
 from splitlm.shared.models import PartSpec, build_part, family_for, resolve
-from tests.conftest import SLIDING_WINDOW, Daemon, reference_generate, start_daemon, tiny_config
+from tests.conftest import SLIDING_WINDOW, Daemon, reference_generate, save_tiny, start_daemon
 
 from .helpers import FAST_RETRY, Factory, TokenEvent, connect, prompt_of, run_ids
 
@@ -35,22 +35,8 @@ log = logging.getLogger(__name__)
 @pytest.fixture(scope="module")
 def long_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny Gemma 2 and 3 as in conftest, with room for 1024 positions."""
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("long")
-    out = {}
-    for kind in ("gemma2", "gemma3"):
-        config = tiny_config(kind)
-        config.max_position_embeddings = 1024
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.normal_(0.0, 0.08)
-        model.save_pretrained(root / kind)
-        out[kind] = root / kind
-    return out
+    return {kind: save_tiny(kind, root / kind, max_position_embeddings=1024) for kind in ("gemma2", "gemma3")}
 
 
 def full_pipeline(model: Path) -> LocalPipeline:
