@@ -231,6 +231,8 @@ def daemon_plan(args: DaemonSettings, source: ModelSource) -> tuple[SplitPlan, l
         if stage > stages:
             raise UsageError(f"--stage {stage} is out of range: --stages {stages} has stages 1 to {stages}")
         whole = plan(cost, args.strategy, stages, None, args.client_memory, args.layers if args.strategy == "custom" else None)
+        if len(whole.trunk) != stages:
+            raise UsageError(f"--stages {stages}, but --layers {args.layers} gives {len(whole.trunk)} stage(s)")
         mine = whole.trunk[stage - 1]
         split = SplitPlan(n, mine.start, mine.end)
         log.info("--split auto: strategy %s gives stage %d of %d: layers %s (%s)", args.strategy, stage, stages,

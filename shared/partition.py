@@ -40,7 +40,8 @@ device (``--devices``):
 
 Balancing is exact, not greedy: among all contiguous cuts, the one whose largest stage cost
 (divided by the stage's device share, when devices of different sizes are given) is smallest
-(dynamic programming over layers x stages; ties go to the earliest cut).
+(dynamic programming over layers x stages; among equal cuts the earliest, so with identical
+layers the earlier stages are the lighter ones, where ``uniform`` gives the first ones more).
 
 The client's bottom and top are not stages the strategy moves: they are the family's default
 split (``shared.plan.default_split``: 2 layers each end for SmolLM2), unless ``--client-memory``
@@ -758,25 +759,30 @@ def _check_fits(stages: Sequence[Stage], devices: Sequence[Device] | None, clien
                           " (a smaller --max-context, --weights int8/int4, or more devices)")
 
 
+def _short(v: float) -> str:
+    """3 significant figures, never in exponent form (``1020``, ``15.9``)."""
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
 def fmt_bytes(n: float) -> str:
     """Bytes in binary units, 3 significant figures (``15.9 MiB``)."""
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
+            return f"{_short(n / size)} {unit}"
     return f"{int(n)} B"
 
 
 def fmt_flops(n: float) -> str:
     for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
-            return f"{n / size:.3g} {unit}"
+            return f"{_short(n / size)} {unit}"
     return f"{int(n)}"
 
 
 def fmt_count(n: float) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
-            return f"{n / size:.3g}{unit}"
+            return f"{_short(n / size)}{unit}"
     return str(int(n))
 
 

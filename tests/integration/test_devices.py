@@ -72,6 +72,8 @@ def test_a_device_that_does_not_exist_is_refused_at_start(tiny_models: dict[str,
     (("--split", "auto", "--stages", "2"), "--stage 1 to 2"),
     (("--split", "auto", "--strategy", "custom", "--layers", "2:3,4:5"), "gap"),
     (("--split", "auto", "--strategy", "custom"), "needs --layers"),
+    (("--split", "auto", "--strategy", "custom", "--layers", "1:3,3:5", "--stages", "3", "--stage", "3"),
+     "gives 2 stage(s)"),
 ])
 def test_bad_devices_or_stages_are_refused_before_weights_load(
     tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], words: str
