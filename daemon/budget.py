@@ -105,3 +105,15 @@ class CacheBudget:
             f"{self.max_bytes / GIB:.2f} GiB of trunk cache buffers "
             f"({self.max_bytes // self.per_position} positions at {self.per_position} B each)"
         )
+
+
+def auto_budget_spread(placement: list[tuple[str, int, int]]) -> int:
+    """``auto_budget`` for a trunk cut over devices (``--devices``): each device holds its layers'
+    share of every session's cache, so the budget is what the tightest device allows for its
+    share (90% of each GPU's free memory; the host's, once, for CPU devices)."""
+    total = sum(b - a for _, a, b in placement)
+    per_device: dict[str, int] = {}
+    for d, a, b in placement:
+        key = "cpu" if torch.device(d).type == "cpu" else d
+        per_device[key] = per_device.get(key, 0) + (b - a)
+    return min(auto_budget(torch.device(k)) * total // layers for k, layers in per_device.items())

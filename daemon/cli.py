@@ -132,11 +132,14 @@ class LoadedTrunk:
 
 
 def load_trunk(args: DaemonSettings, notifier: Notifier) -> LoadedTrunk:
-    """Resolve the model and the plan (a bad ``--split`` fails before torch loads), then build
-    the trunk layers at the chosen precision, telling systemd the start takes longer meanwhile.
+    """Resolve the model and the plan (a bad ``--split``, ``--stages`` or ``--devices`` fails
+    before torch loads any weight), then build the trunk layers at the chosen precision, on one
+    device or cut over ``--devices`` (``SpreadPart``), telling systemd the start takes longer
+    meanwhile.
 
     Raises:
-        SplitlmError: the model does not resolve, the plan or the precision is invalid.
+        SplitlmError: the model does not resolve, the plan, a device or the precision is invalid,
+            or the plan does not fit the devices.
     """
     from ..shared.models import (
         PartSpec,
@@ -146,45 +149,129 @@ def load_trunk(args: DaemonSettings, notifier: Notifier) -> LoadedTrunk:
         resolve_device,
         resolve_dtype,
     )
-    from ..shared.plan import Fingerprint, SplitPlan, default_split
+    from ..shared.plan import Fingerprint
 
     source = resolve(args.model)
     family = family_for(source.config)
-    num_layers = int(source.config.num_hidden_layers)
-    plan = SplitPlan.parse(args.split, num_layers, default_split(num_layers, source.config.model_type))
+    plan, placement = daemon_plan(args, source)
 
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    devices = [torch.device(d) for d, _, _ in placement] if placement else [resolve_device(args.device)]
+    device = devices[0]
     from ..shared.models.precision import check_source, resolve_precision
 
     precision = resolve_precision(
         args.weights, resolve_dtype(args.dtype, device), args.dtype != "auto", device, args.group_size
     )
+    for other in devices[1:]:  # one precision on every device (a quantised one must be CPU-only)
+        resolve_precision(args.weights, precision.dtype, True, other, args.group_size)
     check_source(precision, source)
-    with notifier.extending(f"loading {source.spec} trunk layers {plan} on {device}"):
-        part = build_part(source, family, PartSpec.trunk(plan.start, plan.end), precision.dtype, device, precision)
+    where = ", ".join(f"{d} {a}:{b}" for d, a, b in placement) if placement else str(device)
+    with notifier.extending(f"loading {source.spec} trunk layers {plan} on {where}"):
+        part: Part
+        if placement:
+            from ..shared.models.spread import SpreadPart
+
+            part = SpreadPart([
+                build_part(source, family, PartSpec.trunk(a, b), precision.dtype, torch.device(d), precision)
+                for d, a, b in placement
+            ])
+        else:
+            part = build_part(source, family, PartSpec.trunk(plan.start, plan.end), precision.dtype, device, precision)
         fingerprint = Fingerprint(
             source.config_digest(), source.weights_digest(), plan.start, plan.end, precision.tag
         )
     return LoadedTrunk(source, family, plan, device, precision, part, fingerprint)
 
 
+def daemon_plan(args: DaemonSettings, source: ModelSource) -> tuple[SplitPlan, list[tuple[str, int, int]]]:
+    """The trunk range this daemon serves, and its cut over ``--devices`` (empty: one device).
+
+    - ``--split A:B`` (or unset: the family's default): that range.
+    - ``--split auto``: a plan by ``--strategy`` (``shared.partition``): the client keeps the
+      family's default bottom and top (or what ``--client-memory`` holds); with ``--stages N
+      --stage I`` the trunk is cut into N stages and this daemon serves the I-th (1 to N), so N
+      daemons started alike but for ``--stage`` tile the trunk; with ``--strategy custom``,
+      ``--layers`` names those stages.
+    - ``--devices D1,D2,...``: the range is cut over the devices by ``--strategy`` (``custom``:
+      ``--layers`` gives one range per device), each device's free memory checked.
+
+    Raises:
+        UsageError: a bad combination, a device that does not exist; ``NothingFits`` when a
+            device cannot hold its layers (how much is missing is said).
+    """
+    from ..shared.errors import UsageError
+    from ..shared.partition import model_cost, parse_devices, plan, probe_devices
+    from ..shared.plan import SplitPlan, default_split
+
+    config = source.config
+    n = int(config.num_hidden_layers)
+    auto = (args.split or "").strip().lower() == "auto"
+    if (args.stages is not None or args.stage is not None) and not auto:
+        raise UsageError("--stages and --stage go with --split auto (the planner picks this daemon's range)")
+    if args.devices and args.device not in ("auto", None):
+        raise UsageError(f"give --device {args.device} or --devices {args.devices}, not both")
+    custom_devices = args.strategy == "custom" and bool(args.devices)
+    if args.strategy == "custom" and not args.layers:
+        raise UsageError("--strategy custom needs --layers (e.g. 2:15,15:28)")
+    if args.layers and args.strategy != "custom":
+        raise UsageError(f"--layers goes with --strategy custom, not {args.strategy}")
+    weights = args.weights if args.weights != "auto" else ("bfloat16" if args.dtype == "bfloat16" else "float32")
+    cost = model_cost(config, source.spec, weights if weights != "float16" else "float32", args.group_size,
+                      args.max_context, source.path if source.kind == "gguf" else None)
+    names = parse_devices(args.devices) if args.devices else None
+    devices = probe_devices(names) if names else None
+    if auto and not custom_devices:
+        stages, stage = args.stages or 1, args.stage or 1
+        if stages > 1 and args.stage is None:
+            raise UsageError(f"--stages {stages}: say which stage this daemon serves with --stage 1 to {stages}")
+        if stage > stages:
+            raise UsageError(f"--stage {stage} is out of range: --stages {stages} has stages 1 to {stages}")
+        whole = plan(cost, args.strategy, stages, None, args.client_memory, args.layers if args.strategy == "custom" else None)
+        if len(whole.trunk) != stages:
+            raise UsageError(f"--stages {stages}, but --layers {args.layers} gives {len(whole.trunk)} stage(s)")
+        mine = whole.trunk[stage - 1]
+        split = SplitPlan(n, mine.start, mine.end)
+        log.info("--split auto: strategy %s gives stage %d of %d: layers %s (%s)", args.strategy, stage, stages,
+                 split, mine.reason)
+    elif auto:
+        split = None
+    else:
+        split = SplitPlan.parse(args.split, n, default_split(n, config.model_type))
+    if devices is None:
+        assert split is not None
+        return split, []
+    if custom_devices:
+        cut = plan(cost, "custom", None, devices, None, args.layers, (split.start, split.end) if split else None)
+        split = SplitPlan(n, *cut.split)
+    else:
+        assert split is not None
+        strategy = args.strategy if args.strategy != "custom" else "memory"
+        cut = plan(cost, strategy, None, devices, None, None, (split.start, split.end))
+    placement = [(s.device or "cpu", s.start, s.end) for s in cut.trunk]
+    log.info("--devices: layers %s cut by %s: %s", split, cut.strategy,
+             "; ".join(f"{d} {a}:{b} ({s.reason})" for (d, a, b), s in zip(placement, cut.trunk)))
+    return split, placement
+
+
 def limits_for(args: DaemonSettings, trunk: LoadedTrunk) -> Limits:
     """The service's limits: the settings', with the model's context and the device's memory
     filling in what is left to ``auto``."""
-    from .budget import auto_budget
+    from .budget import auto_budget, auto_budget_spread
     from .service import Limits
 
     model_context = int(getattr(trunk.source.config, "max_position_embeddings", 0) or 0) or 8192
+    placement = getattr(trunk.part, "placement", None)
     return Limits(
         max_sessions=args.max_sessions,
         max_context=args.max_context or model_context,
         max_message_bytes=args.max_message_bytes,
         max_cache_bytes=(
-            auto_budget(trunk.device) if args.max_cache_bytes == "auto" else int(args.max_cache_bytes)
+            (auto_budget_spread(placement) if placement else auto_budget(trunk.device))
+            if args.max_cache_bytes == "auto" else int(args.max_cache_bytes)
         ),
         idle_timeout_s=args.idle_timeout,
     )
@@ -207,6 +294,9 @@ def log_start(trunk: LoadedTrunk, service: TrunkService, batching: BatchPolicy |
         limits.max_sessions, limits.max_context, service.budget.describe(),
         f"{limits.idle_timeout_s:g} s" if limits.idle_timeout_s else "none",
     )
+    placement = getattr(trunk.part, "placement", None)
+    if placement:
+        log.info("devices: %s", "; ".join(f"layers {a}:{b} on {d}" for d, a, b in placement))
     if batching is not None:
         log.info("batching: decode steps of concurrent sessions run as one batch (window %g s)", batching.window_s)
 

@@ -24,9 +24,8 @@ Threads: ``SlicedStep.advance`` runs on the compute executor; ``run_sliced`` on 
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager, nullcontext
 from typing import TypeVar
@@ -56,19 +55,6 @@ def layers_per_slice(positions: int, layers: int, work: int) -> int:
     return max(1, min(layers, work // max(1, positions)))
 
 
-@contextlib.contextmanager
-def layer_range(cache: PartCache, start: int, end: int) -> Iterator[PartCache]:
-    """``cache`` as the cache of layers ``[start, end)`` only, for one ``Family.run_layers``
-    call (the families loop over ``range(cache.start, cache.end)``). The session's own cache:
-    no other step touches it while this one runs."""
-    was = cache.start, cache.end
-    cache.start, cache.end = start, end
-    try:
-        yield cache
-    finally:
-        cache.start, cache.end = was
-
-
 class SlicedStep:
     """One step of a trunk part over ``[position, position + t)``, a slice of layers at a time.
 
@@ -93,7 +79,7 @@ class SlicedStep:
         self.per_slice = max(1, per_slice)
         self.start, self.end = cache.start, cache.end
         self._next = self.start
-        self._position_ids: torch.Tensor | None = None
+        self._begun = False
 
     @property
     def slices(self) -> int:
@@ -108,13 +94,11 @@ class SlicedStep:
             changed (``Part.begin_step``).
         """
         part, t = self.part, int(self.h.shape[1])
-        if self._position_ids is None:
+        if not self._begun:
             part.begin_step(self.h, self.position, self.cache, self.max_context)
-            self._position_ids = torch.arange(self.position, self.position + t, device=part.device).unsqueeze(0)
-            self.h = self.h.to(device=part.device, dtype=part.dtype)  # (1, t, H)
+            self._begun = True
         a, b = self._next, min(self.end, self._next + self.per_slice)
-        with layer_range(self.cache, a, b) as sub:
-            self.h = part.family.run_layers(part.model, self.h, self._position_ids, sub)
+        self.h = part.run_span(self.h, self.position, self.cache, a, b)  # (1, t, H), on the last layer's device
         self._next = b
         if b < self.end:
             return None

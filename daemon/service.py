@@ -67,6 +67,10 @@ class TrunkService(pb_grpc.TrunkServicer):
             device=str(part.device),
             weights="" if fingerprint.precision == "float32" else fingerprint.precision,
         )
+        placement = getattr(part, "placement", None)  # a trunk cut over --devices (SpreadPart)
+        if placement:
+            self.plan.device = ",".join(f"{d}[{a}:{b}]" for d, a, b in placement)
+            self.plan.placement.extend(pb.DeviceLayers(device=d, start=a, end=b) for d, a, b in placement)
 
     @property
     def sessions(self) -> SessionStore:

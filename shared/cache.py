@@ -23,6 +23,8 @@ step then grows by no more than that (``allocated_bytes`` counts the buffers' st
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -386,3 +388,17 @@ class PartCache(Cache):
             if layer.is_initialized and layer.keys is not None:  # type: ignore[attr-defined]
                 total += layer.keys.numel() * layer.keys.element_size() * 2
         return total
+
+
+@contextmanager
+def layer_range(cache: PartCache, start: int, end: int) -> Iterator[PartCache]:
+    """``cache`` as the cache of layers ``[start, end)`` only, for one ``Family.run_layers``
+    call (the families loop over ``range(cache.start, cache.end)``): a prefill slice of the
+    daemon, or one device's layers of a trunk spread over devices. The caller owns the cache for
+    the call: no other step touches it meanwhile."""
+    was = cache.start, cache.end
+    cache.start, cache.end = start, end
+    try:
+        yield cache
+    finally:
+        cache.start, cache.end = was

@@ -531,7 +531,11 @@ DISTILL = "distill"
 """``splitlm distill``: trains a draft here from the model's own weights (``tui/distill``)."""
 RELAY = "relay"
 """``splitlm relay``: the bench's slow link, standalone (no session, no model)."""
-COMMANDS = (TRUNKD, SPLITLM, *CLIENT_COMMANDS, RELAY)
+COMMANDS: tuple[str, ...] = (TRUNKD, SPLITLM, *CLIENT_COMMANDS, RELAY)
+PLAN = "plan"
+"""``splitlm plan``: where to cut a model into stages, from its config alone (``shared.partition``);
+no daemon, no weights."""
+COMMANDS = (*COMMANDS, PLAN)
 
 # ---- the precision names, spelled here and nowhere else
 
@@ -542,6 +546,19 @@ WEIGHT_PRECISIONS = ("float32", "bfloat16", "int8", "int4", "gguf")
 GROUP_SIZES = (32, 64, 128, 256)
 """``--group-size``: weights per scale of int8/int4 (multiples of the kernels' 32-weight block)."""
 NARROW_WIRE_DTYPES = ("bfloat16", "float16")
+PARTITION_STRATEGIES = ("uniform", "memory", "compute", "mixed", "custom")
+"""``--strategy`` (``shared.partition``): how a plan cuts the trunk into stages or over devices."""
+_STRATEGY_HELP = (
+    "how the trunk is cut into stages or over --devices: uniform (as many layers each), memory "
+    "(weights + KV cache at --max-context), compute (FLOPs per token), mixed (half of each share), "
+    "custom (--layers)"
+)
+_DEVICES_HELP = "devices the trunk is cut over, one contiguous range of layers each, e.g. cuda:0,cuda:1 or cpu,cpu"
+_LAYERS_HELP = "with --strategy custom: the trunk stages, A:B separated by commas, e.g. 2:15,15:28"
+_CLIENT_MEMORY_HELP = (
+    "bound the client's bottom + top (embedding, head, their layers, KV at --max-context) to this "
+    "size; unset: the family's default split"
+)
 """``--wire-dtype`` besides ``exact``: half the bytes of float32."""
 
 _LOG_LEVELS = Choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", fold_case=True)
@@ -641,6 +658,19 @@ class DaemonSettings:
         metavar="HOST:PORT",
     )
     log_level: str = setting("INFO", _LOG_LEVELS, _LOG_HELP, metavar="LEVEL")
+    # ---- plans (shared.partition): --split auto and --devices
+    strategy: str = setting("memory", Choice(*PARTITION_STRATEGIES), _STRATEGY_HELP)
+    stages: int | None = setting(
+        None, Integer(1), "with --split auto: the trunk is this many stages (daemons); this one serves --stage",
+        metavar="N",
+    )
+    stage: int | None = setting(
+        None, Integer(1), "with --split auto --stages N: which stage this daemon serves, 1 to N", metavar="I"
+    )
+    devices: str | None = setting(None, Text(), _DEVICES_HELP + " (unset: --device alone)", metavar="DEV,DEV,...")
+    layers: str | None = setting(None, Text(), _LAYERS_HELP + " (with --devices: one range per device)",
+                                 metavar="A:B,...")
+    client_memory: int | None = setting(None, ByteSize(1), "with --split auto: " + _CLIENT_MEMORY_HELP, metavar="SIZE")
 
 
 @dataclass(frozen=True)
@@ -916,6 +946,26 @@ CLIENT_FLAGS: tuple[Option, ...] = (
 )
 """The client's options that are flags alone (no environment variable, no TOML key) but that
 several commands take, or whose flag another program spells too."""
+
+PLAN_FLAGS: tuple[Option, ...] = (
+    Option("model", Text(), "smollm2, a .gguf file, or a directory with config.json (no weights needed)",
+           commands=(PLAN,)),
+    Option("strategy", Choice(*PARTITION_STRATEGIES), _STRATEGY_HELP, default="memory", commands=(PLAN,)),
+    Option("stages", Integer(1), "trunk stages (the client's bottom and top come extra; default: one per "
+           "--devices entry, else 1)", commands=(PLAN,), metavar="N"),
+    Option("devices", Text(), _DEVICES_HELP + "; their free memory is checked", commands=(PLAN,),
+           metavar="DEV,DEV,..."),
+    Option("client_memory", ByteSize(1), _CLIENT_MEMORY_HELP, commands=(PLAN,), metavar="SIZE"),
+    Option("max_context", Integer(1), "positions per session the KV cache must hold (unset: the model's)",
+           commands=(PLAN,), metavar="N"),
+    Option("weights", _WEIGHTS, "the precision the bytes are counted at (unset: float32)", commands=(PLAN,)),
+    Option("group_size", IntChoice(*GROUP_SIZES), _GROUP_SIZE, default=32, commands=(PLAN,), metavar="N"),
+    Option("layers", Text(), _LAYERS_HELP, commands=(PLAN,), metavar="A:B,..."),
+    Option("json", Boolean(), "print one JSON object (strategy, stages) instead of the table", default=False,
+           commands=(PLAN,)),
+)
+"""``splitlm plan``'s options (``shared.partition``)."""
+CLIENT_FLAGS = (*CLIENT_FLAGS, *PLAN_FLAGS)
 
 DAEMON_FLAGS: tuple[Option, ...] = (
     Option("config", PathValue(),

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="train a draft (a student) from the model's own weights, here; "
                        "use it with --draft student:DIR")
     add_flags(d, "distill")
+    pl = sub.add_parser("plan", help="where to cut a model into stages (bottom, trunk stages or devices, top), "
+                        "from its config alone: layers, bytes, KV per position, FLOPs per token")
+    add_flags(pl, "plan")
     ch = sub.add_parser("chat", help="the terminal chat app (what bare `splitlm` opens)")
     from .app.launch import add_chat_arguments  # no Textual import: the flags only
 
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler = {"generate": cmd_generate, "compare": cmd_compare, "info": cmd_info, "monitor": cmd_monitor,
                    "chat": cmd_chat, "bench": cmd_bench, "relay": cmd_relay,
-                   "distill": cmd_distill}[args.command]
+                   "distill": cmd_distill, "plan": cmd_plan}[args.command]
         return handler(args)
     except SplitlmError as e:
         print(f"splitlm: error: {e}", file=sys.stderr)
@@ -585,6 +588,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args, lambda: _client(args), "the default socket" if source == "default" else source)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``splitlm plan`` (``shared.partition``): a table, or with ``--json`` one object; no
+    weights load, no daemon is asked. A plan that does not fit is a usage error (exit 2)."""
+    from ..shared.partition import partition_for, render
+
+    _quiet_libraries()
+    p = partition_for(
+        args.model, args.strategy, args.stages, args.devices, args.client_memory, args.max_context,
+        args.weights, args.group_size, args.layers,
+    )
+    print(json.dumps(p.to_dict()) if args.json else render(p))
+    return ExitCode.OK
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
@@ -599,6 +616,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"daemon      {client.address} (splitlm-trunkd {info.server_version})")
     print(f"model       {p.model_id} ({p.family}/{p.model_type}, {p.num_layers} layers, hidden {p.hidden_size})")
     print(f"trunk       layers {p.trunk_start}:{p.trunk_end} on {p.device}, {d['plan']['dtype'].lower()}")
+    for dl in p.placement:  # a trunk cut over several devices (splitlm-trunkd --devices)
+        print(f"  device    {dl.device}: layers {dl.start}:{dl.end}")
     print(f"fingerprint {p.fingerprint}")
     print(f"limits      {lim.max_sessions} sessions, {lim.max_context} tokens each, {lim.max_message_bytes} B messages")
     print(f"sessions    {info.sessions_open} open")

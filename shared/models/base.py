@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from ..cache import PartCache, layer_types
+from ..cache import PartCache, layer_range, layer_types
 from ..errors import ContextExhausted, InvalidStep, PositionError
 from .rows import RowsCache, rows_attention_for
 from .small_rows import pad_small_products
@@ -205,6 +205,17 @@ class Part:
             n = max(1, min(logits_for, t))
             return self.family.head(self.model, h[:, -n:, :])  # (1, n, V)
         return h
+
+    def run_span(self, h: torch.Tensor, position: int, cache: PartCache, start: int, end: int) -> torch.Tensor:
+        """Layers ``[start, end)`` of this trunk part over hidden states ``h`` ``(1, t, H)`` at
+        positions ``[position, position + t)``, moved to this part's device and dtype first;
+        the cache's other layers and its length are left to the caller (a prefill slice of the
+        daemon, one device's share of a ``SpreadPart``). The step must have passed ``begin_step``."""
+        t = int(h.shape[1])
+        position_ids = torch.arange(position, position + t, device=self.device).unsqueeze(0)  # (1, t)
+        h = h.to(device=self.device, dtype=self.dtype)  # (1, t, H)
+        with layer_range(cache, start, end) as sub:
+            return self.family.run_layers(self.model, h, position_ids, sub)
 
     def begin_step(self, x: torch.Tensor, position: int, cache: PartCache, max_context: int | None = None) -> None:
         """Check a step against its session and roll ``cache`` back to ``position``.

@@ -29,7 +29,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("model_id", "family", "model_type", "num_layers", "hidden_size", "trunk_start", "trunk_end", "fingerprint", "config_digest", "weights_digest", "dtype", "device", "weights")
+    __slots__ = ("model_id", "family", "model_type", "num_layers", "hidden_size", "trunk_start", "trunk_end", "fingerprint", "config_digest", "weights_digest", "dtype", "device", "weights", "placement")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class Plan(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     family: str
     model_type: str
@@ -56,7 +57,18 @@ class Plan(_message.Message):
     dtype: DType
     device: str
     weights: str
-    def __init__(self, model_id: _Optional[str] = ..., family: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., fingerprint: _Optional[str] = ..., config_digest: _Optional[str] = ..., weights_digest: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., weights: _Optional[str] = ...) -> None: ...
+    placement: _containers.RepeatedCompositeFieldContainer[DeviceLayers]
+    def __init__(self, model_id: _Optional[str] = ..., family: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., fingerprint: _Optional[str] = ..., config_digest: _Optional[str] = ..., weights_digest: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., device: _Optional[str] = ..., weights: _Optional[str] = ..., placement: _Optional[_Iterable[_Union[DeviceLayers, _Mapping]]] = ...) -> None: ...
+
+class DeviceLayers(_message.Message):
+    __slots__ = ("device", "start", "end")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    start: int
+    end: int
+    def __init__(self, device: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_sessions", "max_context", "max_message_bytes", "max_cache_bytes", "rollback_depth")
