@@ -226,7 +226,7 @@ class TrunkClient:
 
         if self.replicas:
             return DaemonUnreachable(
-                f"no replica of {self.address} (from {self.source}) answers as serving: {detail}\n"
+                f"no replica of {self.address} (from {self.source}) answered: {detail}\n"
                 "  each replica is a splitlm-trunkd with the same model and split; one that is "
                 "stopping reports NOT_SERVING and gets no sessions\n"
                 "  or run the whole model here without a daemon: --full"
@@ -317,9 +317,10 @@ class TrunkClient:
 
     def _open_stream(self, open_one: Callable[[], TrunkStream]) -> TrunkStream:
         """``open_one()``; on a replica set, a replica that refuses the new session (full,
-        another plan, stopping) passes it on to the next one round_robin picks, once per
-        replica, and the last refusal, naming how many replicas refused, is raised."""
-        tries = (self.replica_count or DNS_REPLICA_TRIES) if self.replicas else 1
+        another plan, stopping) passes it on to the next one round_robin picks, up to twice per
+        replica (a replica still connecting is not in the rotation yet: the first round may
+        miss it), and the last refusal, naming every code, is raised."""
+        tries = 2 * (self.replica_count or DNS_REPLICA_TRIES) if self.replicas else 1
         refusals: list[str] = []
         for attempt in range(tries):
             try:
@@ -329,8 +330,8 @@ class TrunkClient:
                 if attempt + 1 == tries or code not in REPLICA_REFUSALS:
                     if refusals and isinstance(e, TrunkError):
                         raise TrunkError(
-                            e.code, f"{e.details} ({len(refusals) + 1} replicas tried, each refused "
-                            f"the session: {', '.join([*refusals, code])})",
+                            e.code, f"{e.details} (no replica took the session: {len(refusals) + 1} "
+                            f"tries, refused with {', '.join([*refusals, code])})",
                         ) from None
                     raise
                 log.info("a replica of %s refused a new session (%s); trying the next", self.address, e)
