@@ -187,6 +187,7 @@ class TrunkClient:
         self.address = address
         self.source = source
         self.connect_timeout_s = connect_timeout_s
+        self._settings = (max_message_bytes, token, tls_ca)  # for replica_set's copy of them
         self.step_deadline = step_deadline or StepDeadline()
         self.watchdog = Watchdog()  # one thread bounds every wait of this client's streams
         self.tls = tls_ca is not None and unix_path(address) is None
@@ -219,6 +220,27 @@ class TrunkClient:
         return cls(
             settings.trunk, source=source, token=token, tls_ca=ca, step_deadline=deadline,
             **kwargs,  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def replica_set(cls, clients: Sequence[TrunkClient]) -> TrunkClient:
+        """One client for daemons that serve the same stage (the route's replicas): its target
+        is ``replica_target`` of their addresses, its settings (token, CA, step deadline,
+        timeouts) the first client's. The given clients stay open; the caller closes them.
+
+        Raises:
+            UsageError: the addresses cannot form one target (see ``replica_target``).
+        """
+        first = clients[0]
+        max_message_bytes, token, tls_ca = first._settings
+        return cls(
+            replica_target([c.address for c in clients]),
+            source=first.source,
+            max_message_bytes=max_message_bytes,
+            connect_timeout_s=first.connect_timeout_s,
+            token=token,
+            tls_ca=tls_ca,
+            step_deadline=first.step_deadline,
         )
 
     def unreachable(self, detail: str) -> DaemonUnreachable:

@@ -152,3 +152,27 @@ def test_a_single_address_keeps_pick_first(
         assert set(_who(client.channel, 6)) == {2}
     finally:
         client.close()
+
+
+def test_replica_set_of_clients_keeps_the_first_ones_settings(
+    health_servers: list[tuple[str, health.HealthServicer]],
+) -> None:
+    """``TrunkClient.replica_set``: the route's hook for a stage served by several daemons."""
+    from splitlm.shared.deadline import StepDeadline
+
+    deadline = StepDeadline(floor_s=7.0)
+    singles = [TrunkClient(a, source="--trunk", step_deadline=deadline, connect_timeout_s=3.0) for a, _ in health_servers]
+    both = TrunkClient.replica_set(singles)
+    try:
+        assert both.replicas and both.replica_count == 3
+        assert both.address == replica_target([a for a, _ in health_servers])
+        assert both.step_deadline is deadline and both.connect_timeout_s == 3.0
+        grpc.channel_ready_future(both.channel).result(timeout=10)
+        for _ in range(200):
+            if set(_who(both.channel, 3)) == {0, 1, 2}:
+                break
+        assert set(_who(both.channel, 6)) == {0, 1, 2}
+    finally:
+        both.close()
+        for c in singles:
+            c.close()
