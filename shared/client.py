@@ -248,7 +248,7 @@ class TrunkClient:
 
         if self.replicas:
             return DaemonUnreachable(
-                f"no replica of {self.address} (from {self.source}) answered: {detail}\n"
+                f"no replica of {self.address} answered (from {self.source}): {detail}\n"
                 "  each replica is a splitlm-trunkd with the same model and split; one that is "
                 "stopping reports NOT_SERVING and gets no sessions\n"
                 "  or run the whole model here without a daemon: --full"
