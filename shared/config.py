@@ -460,7 +460,8 @@ class Targets(Addresses):
 
     A target may be any gRPC name (``unix:``, ``host:port``, ``dns:///name``...); a string that
     starts with ``ipv4:`` or ``ipv6:`` is one target, commas and all (gRPC's own list of
-    addresses, one replica set), so it is never split.
+    addresses, one replica set), so it is never split; nor is ``unix:/a.sock,/b.sock`` (a path
+    after a comma continues a ``unix:`` list).
     """
 
     allowed = (
@@ -480,7 +481,11 @@ class Targets(Addresses):
             pieces = [text] if text.startswith(("ipv4:", "ipv6:")) else [p.strip() for p in text.split(",")]
             if not all(pieces):
                 raise ValueError
-            out.extend(pieces)
+            for piece in pieces:
+                if piece.startswith("/") and out and out[-1].startswith("unix:"):
+                    out[-1] += "," + piece  # unix:/a.sock,/b.sock: one replica set (shared.replicas)
+                else:
+                    out.append(piece)
         return tuple(out)
 
     def show(self, value: Any) -> str:

@@ -396,7 +396,9 @@ def connect(
         if a in seen:
             raise RouteError(f"--trunk {a} is given twice")
         seen.add(a)
-    return RouteClient([make(a) for a in addresses])
+    from .client import TrunkClient
+
+    return RouteClient([make(a) for a in addresses], stage_client=TrunkClient.replica_set)
 
 
 def from_settings(settings: ClientSettings, source: str = "--trunk") -> TrunkClient | RouteClient:

@@ -55,6 +55,7 @@ def test_trunk_lists() -> None:
     assert read("unix:/a.sock, unix:/b.sock") == ("unix:/a.sock", "unix:/b.sock")
     assert read(["unix:/a.sock", "h:1,h:2"]) == ("unix:/a.sock", "h:1", "h:2")
     assert read("ipv4:127.0.0.1:1,127.0.0.1:2") == ("ipv4:127.0.0.1:1,127.0.0.1:2",)
+    assert read("unix:/a.sock,/b.sock,h:1") == ("unix:/a.sock,/b.sock", "h:1")
     for bad in ("", "a,,b", [], [3]):
         with pytest.raises(ValueError):
             read(bad)
