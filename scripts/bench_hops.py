@@ -12,8 +12,9 @@ link RTT, mode):
 - ``forward``: the client talks to the forwarder through one delayed relay; the forwarder steps
   the hops over local sockets: the slow link is crossed once per step.
 
-Prints a table (median per-token latency, tokens/s, wire bytes per token at the client) and
-writes JSON. Every run's tokens are checked against the 1-hop run of the same round.
+Prints a table (median per-token latency, tokens/s, the overhead: a decode token's wall time
+less all compute, the added overhead per extra hop, and wire bytes per decode token at the
+client) and writes JSON. Every run's tokens are checked against the 1-hop run of the same round.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_hops.py --rtt 0,20,50 --rounds 3 --json hops.json
 """
@@ -127,8 +128,12 @@ def main() -> int:
             finally:
                 client.close()
             decode = res.per_token_s
+            # a decode token's wall time less all compute (bottom, top, every hop's trunk): the
+            # link, serialisation and scheduling a hop adds, less sensitive to a busy CPU
+            overhead = [w - c - t for w, c, t in zip(decode, res.client_compute_s[1:], res.trunk_compute_s[1:])]
             return {
                 "per_token_ms": statistics.median(decode) * 1e3,
+                "overhead_ms": statistics.median(overhead) * 1e3,
                 "tokens_per_s": (len(decode)) / sum(decode),
                 "ttft_ms": res.ttft_s * 1e3,
                 "total_s": total,
@@ -166,15 +171,16 @@ def main() -> int:
                               f"{fig['per_token_ms']:.1f} ms/token", file=sys.stderr, flush=True)
     load1 = os.getloadavg()
     table = []
-    base = {rtt: statistics.median(f["per_token_ms"] for f in rows[(hops_wanted[0], rtt, "client")]) for rtt in rtts}
-    print(f"{'hops':>4} {'RTT ms':>7} {'mode':>8} {'ms/token':>9} {'tokens/s':>9} {'per extra hop ms':>17} "
-          f"{'decode B/token':>14}")
+    base = {rtt: statistics.median(f["overhead_ms"] for f in rows[(hops_wanted[0], rtt, "client")]) for rtt in rtts}
+    print(f"{'hops':>4} {'RTT ms':>7} {'mode':>8} {'ms/token':>9} {'tokens/s':>9} {'overhead ms':>12} "
+          f"{'per extra hop ms':>17} {'decode B/token':>14}")
     for (h, rtt, mode), figs in sorted(rows.items()):
         med = {k: statistics.median(f[k] for f in figs) for k in figs[0]}
-        extra = (med["per_token_ms"] - base[rtt]) / (h - hops_wanted[0]) if h > hops_wanted[0] else None
+        extra = (med["overhead_ms"] - base[rtt]) / (h - hops_wanted[0]) if h > hops_wanted[0] else None
         table.append({"hops": h, "rtt_ms": rtt, "mode": mode, "runs": len(figs), **med,
                       "per_extra_hop_ms": extra})
         print(f"{h:>4} {rtt:>7g} {mode:>8} {med['per_token_ms']:>9.1f} {med['tokens_per_s']:>9.2f} "
+              f"{med['overhead_ms']:>12.1f} "
               f"{'' if extra is None else f'{extra:.1f}':>17} {med['bytes_per_token']:>14.0f}")
     print(f"tokens identical across every route and mode: {not mismatches}"
           + (f" (differ: {mismatches})" if mismatches else ""))
