@@ -206,19 +206,33 @@ class TrunkClient:
         self.stub = pb_grpc.TrunkStub(self.channel)
 
     @classmethod
-    def from_settings(cls, settings: ClientSettings, source: str = "--trunk", **kwargs: float) -> TrunkClient:
-        """A client for ``settings.trunk`` with its token file, CA and step deadline.
+    def from_settings(
+        cls, settings: ClientSettings, source: str = "--trunk", address: str | None = None, **kwargs: float
+    ) -> TrunkClient:
+        """A client for ``address`` (default: the one address of ``settings.trunk``) with the
+        settings' token file, CA and step deadline. Several ``--trunk`` addresses are a route:
+        ``shared.route.from_settings``.
 
         Raises:
-            UsageError: the token file or the CA file cannot be read.
+            UsageError: the token file or the CA file cannot be read, or ``settings.trunk``
+                holds several addresses and ``address`` is None.
         """
         from .auth import read_pem, read_token
+        from .errors import UsageError
+
+        if address is None:
+            if len(settings.trunk) != 1:
+                raise UsageError(
+                    f"this command talks to one trunk daemon; {len(settings.trunk)} --trunk addresses "
+                    f"were given ({', '.join(settings.trunk)}): give one"
+                )
+            address = settings.trunk[0]
 
         token = read_token(settings.token_file) if settings.token_file else None
         ca = read_pem(settings.tls_ca, "tls_ca") if settings.tls_ca else None
         deadline = StepDeadline(floor_s=settings.step_deadline)
         return cls(
-            settings.trunk, source=source, token=token, tls_ca=ca, step_deadline=deadline,
+            address, source=source, token=token, tls_ca=ca, step_deadline=deadline,
             **kwargs,  # type: ignore[arg-type]
         )
 
