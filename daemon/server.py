@@ -157,6 +157,7 @@ async def serve(
     server, health_servicer = build_server(service, security, keepalive_s)
     sockets = listen_on(server, security, listen)
     exporter = await start_metrics(metrics, service)
+    Drain(health_servicer, notifier).install()  # before the port opens: a USR1 never kills it
     await server.start()
     await set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s (%s)", service.plan.model_id, ", ".join(listen), describe_security(security))
@@ -222,6 +223,48 @@ def describe_security(security: Security) -> str:
     """What the serving log line says about who may connect."""
     on = [w for w, enabled in (("TLS on TCP", security.tls), ("token required", security.token)) if enabled]
     return ", ".join(on) or "no TLS, no token"
+
+
+class Drain:
+    """Take the daemon out of its replica set's rotation and back, without stopping it.
+
+    ``SIGUSR1`` sets the trunk's health NOT_SERVING: clients that reach it as one replica of
+    several (gRPC's round_robin with health checking, ``shared.replicas``) send it no new
+    sessions, while the sessions it holds go on to their end; ``SIGUSR2`` sets SERVING again.
+    An operator drains a replica this way before maintenance, so stopping it later cuts no
+    session (SIGTERM alone also turns NOT_SERVING first, but then ends the open sessions, which
+    their clients rebuild elsewhere by replay). A client given this daemon's address alone does
+    not health-check and still opens sessions here. Loop only.
+    """
+
+    def __init__(self, health_servicer: health.aio.HealthServicer, notifier: Notifier) -> None:
+        self.health = health_servicer
+        self.notifier = notifier
+        self.draining = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def install(self) -> None:
+        """SIGUSR1 drains, SIGUSR2 undrains (the loop's signal handlers)."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR1, self.signal, True)
+        loop.add_signal_handler(signal.SIGUSR2, self.signal, False)
+
+    def signal(self, draining: bool) -> None:
+        """Called from the loop's signal handler: set the health off the handler."""
+        task = asyncio.get_running_loop().create_task(self.set(draining))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def set(self, draining: bool) -> None:
+        self.draining = draining
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if draining else health_pb2.HealthCheckResponse.SERVING
+        await set_health(self.health, status)
+        text = (
+            "draining (SIGUSR1): health NOT_SERVING, no new sessions from replica-set clients; "
+            "open sessions go on" if draining else "serving again (SIGUSR2): health SERVING"
+        )
+        log.info("%s", text)
+        self.notifier.status(text)
 
 
 async def until_signalled() -> None:

@@ -23,10 +23,19 @@ from ..protos import trunk_pb2 as pb
 from ..protos import trunk_pb2_grpc as pb_grpc
 from .deadline import StepClock, StepDeadline, StepDeadlineExceeded, Watchdog
 from .errors import DaemonUnreachable, StepRefused, TrunkError
+from .replicas import (
+    DNS_REPLICA_TRIES,
+    is_replica_set,
+    replica_addresses,
+    replica_target,
+    service_config,
+)
 from .version import __version__
 
+__all__ = ["TrunkClient", "TrunkStream", "RemoteSession", "MonitorStream", "replica_target"]
+
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     import torch
 
@@ -53,6 +62,11 @@ MONITOR_LATE_S = 10.0
 
 RECONNECT_BACKOFF_MAX_MS = 2_000
 """The longest a channel waits between connection attempts (= failover's default max delay)."""
+
+REPLICA_REFUSALS = frozenset({"RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "UNAVAILABLE"})
+"""A replica's answers to an open that another replica of the set may not give: its session
+table is full, it serves another plan, it is shutting down. A new session on a replica set then
+tries the next replica ``round_robin`` picks, up to once per replica."""
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -139,8 +153,13 @@ class RemoteSession(Protocol):
 class TrunkClient:
     """A connection to one trunk daemon.
 
+    A target with several daemons (``ipv4:a:p,b:p``, ``unix:/a.sock,/b.sock``, ``dns:///name:port``;
+    ``replica_target`` builds one) is a replica set of one stage: the channel uses gRPC's
+    ``round_robin`` with health checking, so each new session goes to the next healthy replica
+    and stays there for its life (see ``splitlm.shared.replicas``).
+
     Args:
-        address: ``unix:/path`` or ``host:port``.
+        address: ``unix:/path`` or ``host:port`` (one daemon), or a replica set's target.
         source: where the address came from, for error messages ("--trunk", "SPLITLM_TRUNK"...).
         max_message_bytes: limit for messages in both directions.
         connect_timeout_s: how long ``info`` waits for the daemon to answer.
@@ -168,10 +187,15 @@ class TrunkClient:
         self.address = address
         self.source = source
         self.connect_timeout_s = connect_timeout_s
+        self._settings = (max_message_bytes, token, tls_ca)  # for replica_set's copy of them
         self.step_deadline = step_deadline or StepDeadline()
         self.watchdog = Watchdog()  # one thread bounds every wait of this client's streams
         self.tls = tls_ca is not None and unix_path(address) is None
-        options = channel_options(max_message_bytes)
+        self.replicas = is_replica_set(address)
+        """Whether the target is a replica set (round_robin, health-checked), not one daemon."""
+        options: list[tuple[str, int | str]] = [*channel_options(max_message_bytes)]
+        if self.replicas:
+            options.append(("grpc.service_config", service_config()))
         if self.tls:
             creds = grpc.ssl_channel_credentials(root_certificates=tls_ca)
             self.channel = grpc.secure_channel(address, creds, options=options)
@@ -182,25 +206,67 @@ class TrunkClient:
         self.stub = pb_grpc.TrunkStub(self.channel)
 
     @classmethod
-    def from_settings(cls, settings: ClientSettings, source: str = "--trunk", **kwargs: float) -> TrunkClient:
-        """A client for ``settings.trunk`` with its token file, CA and step deadline.
+    def from_settings(
+        cls, settings: ClientSettings, source: str = "--trunk", address: str | None = None, **kwargs: float
+    ) -> TrunkClient:
+        """A client for ``address`` (default: the one address of ``settings.trunk``) with the
+        settings' token file, CA and step deadline. Several ``--trunk`` addresses are a route:
+        ``shared.route.from_settings``.
 
         Raises:
-            UsageError: the token file or the CA file cannot be read.
+            UsageError: the token file or the CA file cannot be read, or ``settings.trunk``
+                holds several addresses and ``address`` is None.
         """
         from .auth import read_pem, read_token
+        from .errors import UsageError
+
+        if address is None:
+            if len(settings.trunk) != 1:
+                raise UsageError(
+                    f"this command talks to one trunk daemon; {len(settings.trunk)} --trunk addresses "
+                    f"were given ({', '.join(settings.trunk)}): give one"
+                )
+            address = settings.trunk[0]
 
         token = read_token(settings.token_file) if settings.token_file else None
         ca = read_pem(settings.tls_ca, "tls_ca") if settings.tls_ca else None
         deadline = StepDeadline(floor_s=settings.step_deadline)
         return cls(
-            settings.trunk, source=source, token=token, tls_ca=ca, step_deadline=deadline,
+            address, source=source, token=token, tls_ca=ca, step_deadline=deadline,
             **kwargs,  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def replica_set(cls, clients: Sequence[TrunkClient]) -> TrunkClient:
+        """One client for daemons that serve the same stage (the route's replicas): its target
+        is ``replica_target`` of their addresses, its settings (token, CA, step deadline,
+        timeouts) the first client's. The given clients stay open; the caller closes them.
+
+        Raises:
+            UsageError: the addresses cannot form one target (see ``replica_target``).
+        """
+        first = clients[0]
+        max_message_bytes, token, tls_ca = first._settings
+        return cls(
+            replica_target([c.address for c in clients]),
+            source=first.source,
+            max_message_bytes=max_message_bytes,
+            connect_timeout_s=first.connect_timeout_s,
+            token=token,
+            tls_ca=tls_ca,
+            step_deadline=first.step_deadline,
         )
 
     def unreachable(self, detail: str) -> DaemonUnreachable:
         from .paths import unix_path
 
+        if self.replicas:
+            return DaemonUnreachable(
+                f"no replica of {self.address} answered (from {self.source}): {detail}\n"
+                "  each replica is a splitlm-trunkd with the same model and split; one that is "
+                "stopping reports NOT_SERVING and gets no sessions\n"
+                "  or run the whole model here without a daemon: --full"
+            )
         tls_hint = ""
         if unix_path(self.address) is None:
             tls_hint = (
@@ -261,20 +327,52 @@ class TrunkClient:
                 RESOURCE_EXHAUSTED for a full session table).
         """
         clock = StepClock(self.step_deadline)  # one per logical session: a resume keeps it
-        session = TrunkStream(self, fingerprint, wire_dtype, clock=clock, client_weights=client_weights)
+
+        def open_stream(timeout_s: float | None) -> TrunkStream:
+            return self._open_stream(
+                lambda: TrunkStream(
+                    self, fingerprint, wire_dtype, open_timeout_s=timeout_s, clock=clock,
+                    client_weights=client_weights,
+                )
+            )
+
+        session = open_stream(None)
         if retry is None or not retry.enabled:
             return session
         from .failover import FailoverSession
 
-        return FailoverSession(
-            session,
-            lambda timeout_s: TrunkStream(
-                self, fingerprint, wire_dtype, open_timeout_s=timeout_s, clock=clock,
-                client_weights=client_weights,
-            ),
-            retry,
-            on_reconnect,
-        )
+        # on a replica set another replica is most likely READY already: the first reopen goes
+        # at once (round_robin picks only READY, healthy replicas), the backoff only after it
+        return FailoverSession(session, open_stream, retry, on_reconnect, retry_at_once=self.replicas)
+
+    @property
+    def replica_count(self) -> int | None:
+        """Replicas in the target (1 for one daemon); None when only DNS knows (``dns:``)."""
+        found = replica_addresses(self.address)
+        return None if found is None else len(found)
+
+    def _open_stream(self, open_one: Callable[[], TrunkStream]) -> TrunkStream:
+        """``open_one()``; on a replica set, a replica that refuses the new session (full,
+        another plan, stopping) passes it on to the next one round_robin picks, up to twice per
+        replica (a replica still connecting is not in the rotation yet: the first round may
+        miss it), and the last refusal, naming every code, is raised."""
+        tries = 2 * (self.replica_count or DNS_REPLICA_TRIES) if self.replicas else 1
+        refusals: list[str] = []
+        for attempt in range(tries):
+            try:
+                return open_one()
+            except (TrunkError, DaemonUnreachable) as e:
+                code = e.code if isinstance(e, TrunkError) else "UNAVAILABLE"
+                if attempt + 1 == tries or code not in REPLICA_REFUSALS:
+                    if refusals and isinstance(e, TrunkError):
+                        raise TrunkError(
+                            e.code, f"{e.details} (no replica took the session: {len(refusals) + 1} "
+                            f"tries, refused with {', '.join([*refusals, code])})",
+                        ) from None
+                    raise
+                log.info("a replica of %s refused a new session (%s); trying the next", self.address, e)
+                refusals.append(code)
+        raise AssertionError("unreachable: the last try raises")  # pragma: no cover
 
     def close(self) -> None:
         self.watchdog.close()

@@ -454,6 +454,45 @@ class Addresses(Reader):
         return ",".join(value)
 
 
+class Targets(Addresses):
+    """The trunk daemons (``--trunk``): gRPC targets, one per repeated flag or TOML list item,
+    or comma-separated in one string (``SPLITLM_TRUNK=unix:/a.sock,unix:/b.sock``).
+
+    A target may be any gRPC name (``unix:``, ``host:port``, ``dns:///name``...); a string that
+    starts with ``ipv4:`` or ``ipv6:`` is one target, commas and all (gRPC's own list of
+    addresses, one replica set), so it is never split; nor is ``unix:/a.sock,/b.sock`` (a path
+    after a comma continues a ``unix:`` list).
+    """
+
+    allowed = (
+        "daemon addresses like unix:/path/trunk.sock or host:port (repeat --trunk, a TOML list, "
+        "or comma-separated)"
+    )
+
+    def __call__(self, raw: object) -> tuple[str, ...]:
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ValueError
+        out: list[str] = []
+        for item in items:
+            if not isinstance(item, str):
+                raise ValueError
+            text = item.strip()
+            pieces = [text] if text.startswith(("ipv4:", "ipv6:")) else [p.strip() for p in text.split(",")]
+            if not all(pieces):
+                raise ValueError
+            for piece in pieces:
+                if piece.startswith("/") and out and out[-1].startswith("unix:"):
+                    out[-1] += "," + piece  # unix:/a.sock,/b.sock: one replica set (shared.replicas)
+                else:
+                    out.append(piece)
+        return tuple(out)
+
+    def show(self, value: Any) -> str:
+        """One target as given, or a list comma-separated (as ``SPLITLM_TRUNK`` takes it)."""
+        return value if isinstance(value, str) else ",".join(value)
+
+
 class HostPort(Reader):
     """One TCP address, ``host:port`` (``[::1]:port`` for IPv6)."""
 
@@ -511,10 +550,10 @@ def _default_listen() -> tuple[str, ...]:
     return (default_address(),)
 
 
-def _default_trunk() -> str:
+def _default_trunk() -> tuple[str, ...]:
     from .paths import default_address
 
-    return default_address()
+    return (default_address(),)
 
 
 # ---- the commands: `trunkd` is splitlm-trunkd; `splitlm` the client's top-level parser (before
@@ -680,9 +719,11 @@ class ClientSettings:
     COMMANDS: ClassVar[tuple[str, ...]] = SESSIONS
     """The commands of a key that names none: those that hold split sessions."""
 
-    trunk: str = setting(
-        None, Text(), "the daemon: unix:/path or host:port", default_factory=_default_trunk,
-        commands=(*CLIENT_COMMANDS, RELAY), metavar="ADDR",
+    trunk: tuple[str, ...] = setting(
+        None, Targets(),
+        "the daemon: unix:/path or host:port; repeatable: daemons serving consecutive layer "
+        "ranges are a chain (the route is built from their plans)",
+        default_factory=_default_trunk, commands=(*CLIENT_COMMANDS, RELAY), metavar="ADDR", repeat=True,
     )
     model: str | None = setting(
         None, Text(),

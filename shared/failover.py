@@ -24,6 +24,7 @@ answer, not an outage, and surfaces at once.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -254,6 +255,9 @@ class FailoverSession:
         policy: backoff and deadline.
         on_reconnect: told of each attempt and of the resume.
         rng: the jitter's source (seeded in tests).
+        retry_at_once: make the first attempt without waiting (a replica set: another replica
+            is most likely up, and gRPC's round_robin hands the reopen to it); the backoff
+            applies from the second attempt on.
     """
 
     def __init__(
@@ -263,8 +267,11 @@ class FailoverSession:
         policy: RetryPolicy,
         on_reconnect: OnReconnect | None = None,
         rng: random.Random | None = None,
+        *,
+        retry_at_once: bool = False,
     ) -> None:
         self._stream = stream
+        self.retry_at_once = retry_at_once
         self._reopen = reopen
         self.policy = policy
         self.on_reconnect = on_reconnect
@@ -325,7 +332,10 @@ class FailoverSession:
         log.info("session %s broke: %s; reconnecting", self._stream.session_id, describe(error))
         self._retire(self._stream)
         last, stalled = describe(error), isinstance(error, StepDeadlineExceeded)
-        for attempt, delay in enumerate(self.policy.delays(self._rng), start=1):
+        delays = self.policy.delays(self._rng)
+        if self.retry_at_once:
+            delays = itertools.chain([0.0], delays)
+        for attempt, delay in enumerate(delays, start=1):
             elapsed = time.monotonic() - broke
             if elapsed + delay > self.policy.deadline_s:
                 raise self._gave_up(attempt - 1, last, stalled)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .generation import LocalPipeline, SplitPipeline
     from .models import Family, ModelSource, Part, PartChain
     from .models.precision import Precision
+    from .route import RouteClient
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,9 @@ def split_parts(
 ) -> SplitParts:
     """Bottom and top for the daemon's plan, after checking the plan matches this model.
 
+    ``info`` is one daemon's answer, or a route's (``RouteClient.info``: the range of the whole
+    chain, so the bottom and top follow from the route).
+
     Each side has its own precision: ``weights`` (``--weights``, or an explicit ``--dtype``; see
     ``precision.client_weights``) is the bottom's and top's, None takes the daemon's; the trunk's
     is the daemon's, which a client cannot change (``trunk_weights``, when given, must name it).
@@ -236,12 +240,12 @@ def _trunk_precision(tag: str, device: torch.device) -> Precision:
 
 def split_pipeline(
     parts: SplitParts,
-    client: TrunkClient,
+    client: TrunkClient | RouteClient,
     wire_dtype: torch.dtype | None = None,
     retry: RetryPolicy | None = None,
     on_reconnect: OnReconnect | None = None,
 ) -> SplitPipeline:
-    """A split pipeline on a new session.
+    """A split pipeline on a new session (over a route: one session per hop, ``shared.route``).
 
     Args:
         retry: failover policy (default ``RetryPolicy()``: reconnect for up to 180 s and rebuild

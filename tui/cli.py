@@ -150,14 +150,30 @@ _CLIENTS: list[Any] = []
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from ..shared.client import TrunkClient
+    """The trunk of ``--trunk``: one daemon's ``TrunkClient``, or a ``RouteClient`` over several
+    (``shared.route``), which every face uses the same way."""
+    from ..shared import route
 
     loaded = args.client_config
     source = loaded.source("trunk")
     source = "the default socket" if source == "default" else source
-    client = TrunkClient.from_settings(loaded.settings, source=source)
+    client = route.from_settings(loaded.settings, source=source)
     _CLIENTS.append(client)
     return client
+
+
+def _one_trunk(args: argparse.Namespace, command: str) -> str:
+    """The one ``--trunk`` address of a command that talks to one daemon (monitor, relay).
+
+    Raises:
+        UsageError: several were given.
+    """
+    if len(args.trunk) != 1:
+        raise UsageError(
+            f"splitlm {command} talks to one daemon; {len(args.trunk)} --trunk addresses were given "
+            f"({', '.join(args.trunk)}): give one (splitlm info takes several and shows the route)"
+        )
+    return str(args.trunk[0])
 
 
 def _settings(args: argparse.Namespace) -> GenerationSettings:
@@ -552,14 +568,15 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    relay = Relay(args.trunk, rtt_s=args.rtt, bandwidth=args.bandwidth, listen=args.relay_listen)
+    target = _one_trunk(args, "relay")
+    relay = Relay(target, rtt_s=args.rtt, bandwidth=args.bandwidth, listen=args.relay_listen)
     try:
         relay.start()
     except OSError as e:
         raise UsageError(f"relay: cannot listen at {args.relay_listen or 'a new address'}: {e}") from None
     with relay:
         cap = "no bandwidth cap" if args.bandwidth is None else f"{args.bandwidth} bytes/s each way"
-        print(f"splitlm relay: {relay.address} -> {args.trunk}, RTT {args.rtt * 1e3:g} ms, {cap}; "
+        print(f"splitlm relay: {relay.address} -> {target}, RTT {args.rtt * 1e3:g} ms, {cap}; "
               f"point the client at --trunk {relay.address} (Ctrl-C stops)", file=sys.stderr, flush=True)
         try:
             while not stop.wait(0.5):
@@ -606,6 +623,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     client = _client(args)
+    if len(args.trunk) > 1:
+        return _info_route(args, client)
     info = client.info()
     d = MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     d["address"] = client.address
@@ -624,11 +643,71 @@ def cmd_info(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _info_route(args: argparse.Namespace, client: Any) -> int:
+    """``splitlm info`` with several ``--trunk``: each daemon's plan (or why it did not answer),
+    then the route they make (or why they make none).
+
+    Returns:
+        0 when every daemon answered and they make a route; 1 when one did not answer; 2 when
+        they make no route (gap, overlap, another model).
+    """
+    from google.protobuf.json_format import MessageToDict
+
+    from ..shared import route as rt
+
+    answers = rt.ask_each(client.clients)
+    daemons: list[dict[str, Any]] = []
+    for c, a in zip(client.clients, answers):
+        if isinstance(a, SplitlmError):
+            daemons.append({"address": c.address, "error": str(a).splitlines()[0]})
+        else:
+            d = MessageToDict(a, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+            daemons.append({"address": c.address, **d})
+    code, problem = ExitCode.OK, None
+    route_out: dict[str, Any] | None = None
+    failed = [a for a in answers if isinstance(a, SplitlmError)]
+    if failed:
+        code, problem = ExitCode.FAILURE, "no route: not every daemon answered"
+    else:
+        try:
+            replies = [a for a in answers if not isinstance(a, SplitlmError)]
+            route = rt.build_route([(c.address, a) for c, a in zip(client.clients, replies)])
+        except rt.RouteError as e:
+            code, problem = ExitCode.USAGE, f"no route: {e}"
+        else:
+            route_out = {
+                "layers": [route.start, route.end],
+                "fingerprint": route.fingerprint().digest,
+                "stages": [{"layers": [s.start, s.end], "addresses": list(s.addresses),
+                            "fingerprint": route.fingerprint(s.start, s.end).digest} for s in route.stages],
+            }
+    if args.json:
+        print(json.dumps({"daemons": daemons, "route": route_out, "error": problem}))
+        return code
+    for d in daemons:
+        if "error" in d:
+            print(f"daemon      {d['address']}: {d['error']}")
+            continue
+        p = d["plan"]
+        print(f"daemon      {d['address']} (splitlm-trunkd {d['server_version']}): {p['model_id']}, layers "
+              f"{p['trunk_start']}:{p['trunk_end']} of {p['num_layers']} on {p['device']}, {p['dtype'].lower()}, "
+              f"{d['sessions_open']} sessions open")
+    if route_out is not None:
+        hops = " -> ".join(f"{s['layers'][0]}:{s['layers'][1]}" for s in route_out["stages"])
+        print(f"route       layers {route_out['layers'][0]}:{route_out['layers'][1]} in "
+              f"{len(route_out['stages'])} hop{'s' if len(route_out['stages']) != 1 else ''}: {hops}")
+        print(f"fingerprint {route_out['fingerprint']}")
+    else:
+        print(f"splitlm: error: {problem}", file=sys.stderr)
+    return code
+
+
 def cmd_monitor(args: argparse.Namespace) -> int:
     """Print the daemon's monitor stream until Ctrl-C (exit 0) or the reader goes away."""
     from ..shared.monitor import check_interval, format_line
 
     interval = check_interval(args.interval)
+    _one_trunk(args, "monitor")
     client = _client(args)
     stream = client.monitor(interval)
     try:

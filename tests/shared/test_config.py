@@ -206,7 +206,7 @@ def test_client_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch, tmp_p
         env={"SPLITLM_TRUNK": "gpu:50051", "SPLITLM_TLS_CA": "~/ca.pem"},
         file_name="client",
     )
-    assert loaded.settings.trunk == "gpu:50051" and loaded.sources["trunk"] == "SPLITLM_TRUNK"
+    assert loaded.settings.trunk == ("gpu:50051",) and loaded.sources["trunk"] == "SPLITLM_TRUNK"
     assert loaded.settings.tls_ca == Path.home() / "ca.pem"
     assert loaded.settings.log_level == "WARNING"
 

@@ -218,7 +218,7 @@ def _run_chat(args: argparse.Namespace, connect: Callable[[], Any] | None, trunk
         return ExitCode.OK
     setup_logging(log_file, getattr(args, "log_level", None) or "WARNING")
     config = AppConfig(
-        trunk=args.trunk,
+        trunk=" -> ".join(args.trunk),  # shown; the client comes from ``connect`` (a route for several)
         trunk_source=trunk_source,
         model=args.model,
         data_dir=data_dir,

@@ -73,6 +73,9 @@ def check_options(opts: BenchOptions) -> None:
     if opts.chat_json is not None and not opts.chat_json.is_file():
         raise UsageError(f"--chat-json {opts.chat_json}: no such file")
     if opts.link:
+        if opts.trunk is not None and "," in opts.trunk:
+            raise UsageError("--link puts a relay in front of one daemon; with several --trunk addresses "
+                             "measure the hops with scripts/bench_hops.py")
         for flag, given in (("--plots", opts.plots is not None), ("--chat-json", opts.chat_json is not None)):
             if given:
                 raise UsageError(f"{flag} belongs to the full/split tables; the link rows (--link-rtt, "
@@ -331,15 +334,21 @@ def run(args: argparse.Namespace, client_factory: Callable[[], TrunkClient]) -> 
         client_factory: the CLI's client for ``--trunk`` (its token and TLS settings).
     """
     loaded = args.client_config
-    trunk = args.trunk if loaded.source("trunk") == "--trunk" else None
+    # several --trunk addresses: a route (shared.route); the bench names them comma-separated
+    trunk = ",".join(args.trunk) if loaded.source("trunk") == "--trunk" else None
     opts = BenchOptions.from_args(args, trunk, draft=loaded.settings.draft,
                                   draft_given=loaded.source("draft") == "--draft")
     check_options(opts)
+    if opts.load is not None and opts.trunk is not None and len(args.trunk) > 1:
+        raise UsageError("--load drives one daemon's sessions directly; give one --trunk address")
     if opts.load is not None:
         from .load import run as run_load
 
         return run_load(args, opts, client_factory)
     if opts.link:
+        if opts.trunk is not None and "," in opts.trunk:
+            raise UsageError("--link puts a relay in front of one daemon; with several --trunk addresses "
+                             "measure the hops with scripts/bench_hops.py")
         if loaded.settings.tls_ca is not None and opts.trunk is not None and any(opts.link_rtts or ()):
             raise UsageError("--link-rtt with --tls-ca: the relay listens on this machine, so the "
                              "daemon's certificate would not name it; measure a plain loopback or "
@@ -487,8 +496,7 @@ def _run_link(args: argparse.Namespace, opts: BenchOptions, client_factory: Call
         def client_at(address: str) -> TrunkClient:
             if daemon is not None:
                 return TrunkClient(address, source="the bench's relay")
-            return TrunkClient.from_settings(dataclasses.replace(loaded.settings, trunk=address),
-                                             source="the bench's relay")
+            return TrunkClient.from_settings(loaded.settings, source="the bench's relay", address=address)
 
         total = link.total_runs(len(prompts), len(drafters), len(rtts), opts.warmup, opts.repeats)
         tick, close_bar = _progress(total)
