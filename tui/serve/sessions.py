@@ -129,9 +129,11 @@ class SessionPool:
                              self._opened, self._hits, self._reused, self._evicted)
 
     def acquire(self, ids: Sequence[int], cancelled: Callable[[], bool] = lambda: False) -> Lease:
-        """The session for a request of ``ids``: the kept one sharing the longest prefix, else a
-        new one while under ``max_sessions``, else the least recently used kept one (rolled back
-        to where it agrees, often 0); waits while every session is replying.
+        """The session for a request of ``ids``: the kept one sharing the longest prefix (when
+        that is at least half of what it holds: the same conversation, extended or edited), else
+        a new one while under ``max_sessions``, else the kept one sharing the most (the least
+        recently used when none shares anything), rolled back to where it agrees; waits while
+        every session is replying.
 
         Raises:
             PoolClosed: the pool closed (shutdown), or ``cancelled()`` turned True while waiting.
@@ -146,6 +148,11 @@ class SessionPool:
                     if n > best_len:
                         best, best_len = s, n
                 total = self._in_use + self._opening + len(self._kept)
+                if best is not None and best_len * 2 < len(best.tokens) and total < self.max_sessions:
+                    # it shares less than half of what it holds (a shared system prompt, not this
+                    # conversation): rolling it back would cost its own conversation more than
+                    # this request saves, and there is room for a new session
+                    best = None
                 if best is None and total >= self.max_sessions and self._kept:
                     best = min(self._kept, key=lambda s: s.used)  # reuse the oldest: no new stream
                     best_len = common_prefix(best.tokens, ids)
