@@ -282,7 +282,7 @@ class Gateway:
 
         def work() -> None:  # a worker thread
             try:
-                put("done", self._run(req, ids, lambda ev: put("token", ev), gone))
+                put("done", self._run(req, ids, lambda ev: put("token", (ev, time.perf_counter())), gone))
             except ApiError as e:
                 put("error", e)
             except Exception as e:  # noqa: BLE001 - a bug: reported to the client, logged
@@ -300,13 +300,15 @@ class Gateway:
                 while True:
                     kind, item = await queue.get()
                     if kind == "token":
-                        ev: TokenEvent = item
+                        ev: TokenEvent = item[0]
                         if ev.index == 0:
                             m.ttft.observe(time.perf_counter() - t0)
                         if not ev.delta and ev.logprobs is None:
                             continue
                         sent += ev.delta
                         yield self._chunk(req, rid, created, ev.delta, ev, offset)
+                        # back here once the chunk was sent: the gateway's own cost of this token
+                        m.delivery.observe(time.perf_counter() - item[1])
                         offset += len(ev.delta)
                         continue
                     if kind == "error":

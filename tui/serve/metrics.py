@@ -21,7 +21,8 @@ class GatewayMetrics:
     Attributes mirror the exported names (``splitlm_serve_*``): ``requests`` by endpoint and
     HTTP status; ``prompt_tokens`` and ``completion_tokens`` as OpenAI's ``usage`` counts them;
     ``stepped`` the prompt positions actually sent through the trunk (a prompt that extends a
-    kept prefix steps only its new tokens); ``ttft`` and ``latency`` per request.
+    kept prefix steps only its new tokens); ``ttft`` and ``latency`` per request; ``delivery`` per
+    streamed token, from its sampling to its chunk sent (the gateway's own cost per token).
     """
 
     def __init__(self, pool: SessionPool) -> None:
@@ -42,6 +43,10 @@ class GatewayMetrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("splitlm_serve_request_seconds", "Request received to reply finished.",
                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.delivery = Histogram(
+            "splitlm_serve_token_delivery_seconds",
+            "A streamed token's way through the gateway: sampled (worker thread) to its chunk sent.",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1), registry=r)
         self.disconnects = Counter("splitlm_serve_client_disconnects",
                                    "Streamed replies stopped because the client went away.", registry=r)
 

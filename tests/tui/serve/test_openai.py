@@ -285,6 +285,7 @@ def test_health_and_metrics(served: Served) -> None:
     assert served.metric('splitlm_serve_requests_total{endpoint="/v1/chat/completions",status="200"}') > 0
     assert served.metric("splitlm_serve_ttft_seconds_count") > 0
     assert served.metric("splitlm_serve_prefix_hits") > 0
+    assert served.metric("splitlm_serve_token_delivery_seconds_count") > 0
 
 
 def test_beyond_loopback_needs_a_key() -> None:
