@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +22,8 @@ import openai
 import pytest
 
 from tests.conftest import Daemon, free_port, reference_generate, run_cli, start_daemon
+
+from .helpers import start_serve, stop_serve
 
 pytestmark = pytest.mark.slow
 
@@ -63,33 +63,16 @@ def served(chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     key_file = root / "key"
     key_file.write_text(KEY + "\n")
     key_file.chmod(0o600)
-    port = free_port()
     log = root / "serve.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "splitlm.tui.cli", "serve", "--trunk", daemon.address, "--model", str(chat_model),
-             "--listen", f"127.0.0.1:{port}", "--api-key-file", str(key_file), "--threads", "1"],
-            stdout=fh, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            assert proc.poll() is None, f"splitlm serve exited: {log.read_text()[-2000:]}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise AssertionError(f"splitlm serve never answered: {log.read_text()[-2000:]}")
+        proc, url = start_serve(daemon.address, chat_model, log, "--api-key-file", str(key_file))
+    except BaseException:
+        daemon.stop()
+        raise
+    try:
         yield Served(daemon, url, f"http://127.0.0.1:{mport}/metrics", chat_model, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_serve(proc)
         daemon.stop()
 
 
