@@ -57,8 +57,8 @@ def check_exposure(listen: str, api_key_file: Path | None) -> Exposure:
     """The listen address and key, refused before anything loads.
 
     Raises:
-        UsageError: a non-loopback address without ``--api-key-file`` (exit 2), or a key file
-            that cannot be read.
+        UsageError: a non-loopback address without ``--api-key-file`` (exit 2), a key file
+            that cannot be read, or an address that cannot be bound (in use, not here).
     """
     from ...shared.auth import read_token
     from ...shared.paths import is_loopback
@@ -73,7 +73,25 @@ def check_exposure(listen: str, api_key_file: Path | None) -> Exposure:
             "holding the key clients must send as Authorization: Bearer KEY), or listen on loopback "
             "(127.0.0.1:PORT) and reach it through ssh -L"
         )
+    _check_free(host, int(port), listen)
     return Exposure(host, int(port), loopback, key)
+
+
+def _check_free(host: str, port: int, listen: str) -> None:
+    """Bind the address once and let it go, so a port in use is said before the model loads.
+
+    Raises:
+        UsageError: it cannot be bound here.
+    """
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise UsageError(f"serve: cannot listen at {listen}: {e.strerror or e}") from None
 
 
 def reconnect_log(event: Any) -> None:
@@ -138,6 +156,9 @@ def serve(
     log.info("serving %s", exposure.describe())
     try:
         server.run()
+    except SystemExit:  # uvicorn's own exit when it cannot bind (taken since the check above)
+        if server.started:
+            raise
     finally:
         pool.close()
         gateway.close()

@@ -275,3 +275,9 @@ def test_beyond_loopback_needs_a_key() -> None:
     out = run_cli("serve", "--listen", "0.0.0.0:8000", "--trunk", "unix:/nonexistent.sock")
     assert out.returncode == 2
     assert "--api-key-file" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_port_in_use_is_said_before_loading(served: Served) -> None:
+    taken = served.url.removeprefix("http://")
+    out = run_cli("serve", "--listen", taken, "--trunk", "unix:/nonexistent.sock")
+    assert out.returncode == 2 and f"cannot listen at {taken}" in out.stderr and "Traceback" not in out.stderr
