@@ -521,6 +521,7 @@ def setting(
     commands: tuple[str, ...] | None = None,
     metavar: str | None = None,
     repeat: bool = False,
+    flag: str = "",
 ) -> Any:
     """Declare one key of a settings dataclass: its one definition, for every layer.
 
@@ -534,10 +535,12 @@ def setting(
         commands: the commands whose parsers get the flag (None: the class's ``COMMANDS``).
         metavar: the flag's value in ``--help`` (None: ``KEY``, or the choices).
         repeat: the flag may be given several times (a list, e.g. ``--listen``).
+        flag: the option string when it is not ``--key`` (``serve_listen`` is ``serve``'s
+            ``--listen``: its own key keeps it apart from the daemon's ``SPLITLM_LISTEN``).
     """
     meta = {
         "read": read, "help": help, "env": env, "commands": commands, "metavar": metavar,
-        "repeat": repeat,
+        "repeat": repeat, "flag": flag,
     }
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
@@ -561,10 +564,13 @@ def _default_trunk() -> tuple[str, ...]:
 
 TRUNKD = "trunkd"
 SPLITLM = "splitlm"
-CLIENT_COMMANDS = ("generate", "compare", "chat", "bench", "info", "monitor", "distill")
-LOCAL_PARTS = ("generate", "compare", "chat", "bench")
+SERVE = "serve"
+"""``splitlm serve``: the OpenAI-compatible HTTP gateway (``tui/serve``); its sampling flags are
+the defaults of requests that leave a field out."""
+CLIENT_COMMANDS = ("generate", "compare", "chat", "bench", "info", "monitor", "distill", SERVE)
+LOCAL_PARTS = ("generate", "compare", "chat", "bench", SERVE)
 """The commands that run parts of the model here."""
-SESSIONS = ("generate", "compare", "chat")
+SESSIONS = ("generate", "compare", "chat", SERVE)
 """The commands that hold split sessions: failover and sampling apply."""
 DISTILL = "distill"
 """``splitlm distill``: trains a draft here from the model's own weights (``tui/distill``)."""
@@ -806,6 +812,30 @@ class ClientSettings:
         "the step latency seen; then reconnect (or fail)",
         metavar="DURATION",
     )
+    # ---- splitlm serve (tui/serve): the OpenAI-compatible gateway
+    serve_listen: str = setting(
+        "127.0.0.1:8000", HostPort(),
+        "where the HTTP endpoint listens; any address but loopback needs --api-key-file",
+        commands=(SERVE,), metavar="HOST:PORT", flag="--listen",
+    )
+    api_key_file: Path | None = setting(
+        None, PathValue(),
+        "file holding the API key clients must send (Authorization: Bearer KEY); required to "
+        "listen beyond loopback",
+        commands=(SERVE,), metavar="PATH",
+    )
+    serve_max_sessions: int = setting(
+        16, Integer(1),
+        "trunk sessions the gateway holds at once, replying or kept for a conversation's next "
+        "turn; one request uses one (more wait for a free one)",
+        commands=(SERVE,), metavar="N", flag="--max-sessions",
+    )
+    keep_bytes: int = setting(
+        2**30, ByteSize(0),
+        "cache bytes (trunk and client, estimated from the model's shape) the conversations kept "
+        "between requests may hold; least recently used go first (0: keep none)",
+        commands=(SERVE,), metavar="SIZE",
+    )
 
 
 # ---- the registry
@@ -1027,7 +1057,7 @@ def options(cls: type) -> tuple[Option, ...]:
             default_factory=None if f.default_factory is dataclasses.MISSING else f.default_factory,
             commands=m.get("commands") or cls.COMMANDS,  # type: ignore[attr-defined]
             layered=True, env=m.get("env") or ENV_PREFIX + f.name.upper(),
-            metavar=m.get("metavar"), repeat=bool(m.get("repeat")),
+            metavar=m.get("metavar"), repeat=bool(m.get("repeat")), flag=m.get("flag") or "",
         ))
     return tuple(out)
 

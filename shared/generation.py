@@ -235,6 +235,31 @@ class GenerationSettings:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability under the model (the logits' log-softmax, before
+    temperature, top-k or top-p), and the most likely alternatives at its position.
+
+    Attributes:
+        logprob: the chosen token's.
+        top: the ``top_logprobs`` most likely tokens there, most likely first, as
+            ``(token_id, logprob)``; empty when none were asked for.
+    """
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+    """``token``'s log-probability in one position's ``logits`` ``(V,)`` and the ``top`` best."""
+    logp = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        values, ids = torch.topk(logp, min(top, logp.numel()))
+        best = tuple((int(i), float(v)) for i, v in zip(ids, values))
+    return TokenLogprobs(float(logp[token]), best)
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token, as the callback sees it.
 
@@ -249,6 +274,8 @@ class TokenEvent:
         drafted, accepted: draft tokens proposed and accepted in this reply so far (0 without a
             draft); ``accepted / drafted`` is the acceptance rate, ``index + 1`` over ``steps``
             the tokens per round trip.
+        logprobs: the token's log-probability and alternatives, when ``generate`` was asked
+            for them (``logprobs=``); None otherwise.
     """
 
     index: int
@@ -260,6 +287,7 @@ class TokenEvent:
     steps: int = 1
     drafted: int = 0
     accepted: int = 0
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass
@@ -405,6 +433,7 @@ def generate(
     draft_max: int = 8,
     history: Sequence[int] = (),
     draft_link: float | None = None,
+    logprobs: int | None = None,
 ) -> GenerationResult:
     """Generate a reply to ``ids``.
 
@@ -425,6 +454,9 @@ def generate(
         draft_link: the round trip as a multiple of a step's compute, for the draft's length
             control; None takes the pipeline's estimate after the prefill. Two runs given the
             same value verify the same chunks (``compare`` gives both the split's).
+        logprobs: None (the default) computes none; N gives each ``TokenEvent`` its token's
+            log-probability and the N most likely tokens at its position (``splitlm serve``'s
+            ``logprobs``/``top_logprobs``).
 
     Returns:
         The result, with per-token timings, wire bytes, steps and draft counts.
@@ -459,14 +491,17 @@ def generate(
         result.steps += 1
         result.draft_s += draft.seconds
         position += len(step_ids) - len(draft.tokens) + accepted  # the positions kept
-        for token in tokens:
+        for j, token in enumerate(tokens):
+            # a verified chunk's j-th token was chosen from its j-th row; a plain step's from the last
+            row = out.logits[j] if draft.tokens else out.logits[-1]
+            lp = None if logprobs is None else token_logprobs(row, token, logprobs)
             latency = clock.tick()
             result.add_token(token, latency, client_s, trunk_s)
             context.append(token)
             delta, stopped = ("", False) if token in eos else detok.push(result.token_ids)
             if on_token is not None:
                 on_token(TokenEvent(len(result.token_ids) - 1, token, delta, latency, client_s,
-                                    trunk_s, result.steps, result.drafted, result.accepted))
+                                    trunk_s, result.steps, result.drafted, result.accepted, lp))
             client_s = trunk_s = 0.0  # a step's compute is counted once, on its first token
             if token in eos or stopped:
                 result.finish_reason = "eos" if token in eos else "stop"

@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="where to cut a model into stages (bottom, trunk stages or devices, top), "
                         "from its config alone: layers, bytes, KV per position, FLOPs per token")
     add_flags(pl, "plan")
+
+    sv = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP endpoint (chat and text completions) on the split model",
+        epilog="Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, "
+        "GET /metrics. The sampling flags are the defaults of requests that leave a field out. "
+        "Exit status 2 for a usage error (a non-loopback --listen without --api-key-file).",
+    )
+    add_flags(sv, "serve")
     ch = sub.add_parser("chat", help="the terminal chat app (what bare `splitlm` opens)")
     from .app.launch import add_chat_arguments  # no Textual import: the flags only
 
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler = {"generate": cmd_generate, "compare": cmd_compare, "info": cmd_info, "monitor": cmd_monitor,
                    "chat": cmd_chat, "bench": cmd_bench, "relay": cmd_relay,
-                   "distill": cmd_distill, "plan": cmd_plan}[args.command]
+                   "distill": cmd_distill, "plan": cmd_plan, "serve": cmd_serve}[args.command]
         return handler(args)
     except SplitlmError as e:
         print(f"splitlm: error: {e}", file=sys.stderr)
@@ -595,6 +603,37 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     _quiet_libraries()
     return run(args, lambda: _client(args))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``splitlm serve`` (``splitlm.tui.serve``): the exposure is checked first (exit 2 before
+    anything loads), then the model is connected as ``generate --batch`` connects its lanes: the
+    client's parts shared under one lock, one trunk session (and drafter) per request in flight.
+    """
+    from ..shared import prepare
+    from ..shared.failover import RetryPolicy
+    from ..shared.serialised import Lock, SerialisedDrafter, serialised_parts
+    from .serve.run import check_exposure, reconnect_log, serve
+    from .serve.sessions import Kept
+
+    exposure = check_exposure(args.serve_listen, args.api_key_file)
+    retry = RetryPolicy.from_settings(args.client_config.settings)
+    client = _client(args)
+    info = client.info()
+    _quiet_libraries()
+    device = _device_dtype(args)[0]
+    model = prepare.load_model(prepare.client_model_spec(args.model, info))
+    lock = Lock()
+    own = prepare.split_parts(model, info, device, **_precisions(args))
+    parts = serialised_parts(own, lock)
+    wire = _wire_dtype(args)
+
+    def open_session() -> Kept:
+        pipeline = prepare.split_pipeline(parts, client, wire_dtype=wire, retry=retry, on_reconnect=reconnect_log)
+        drafter = _drafter(args, model, device, parts)
+        return Kept(pipeline, None if drafter is None else SerialisedDrafter(drafter, lock))
+
+    return serve(args, exposure, model, own, info, client, open_session)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
