@@ -115,6 +115,7 @@ class Secrets:
     (tls.crt/tls.key, token), readable by the image's user only."""
 
     def __init__(self, root: Path) -> None:
+        (root / "pki").mkdir()
         self.pki = make_pki(root / "pki")
         self.tls, self.token = root / "tls", root / "token"
         self.tls.mkdir()
