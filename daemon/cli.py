@@ -60,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return ExitCode.OK
+    if args.health_check:  # a container HEALTHCHECK: no settings, no torch
+        from .health import check
+
+        code, answer = check(args.health_check)
+        print(f"{args.health_check}: {answer}")
+        return code
     from ..shared import config
 
     try:
@@ -82,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     except SplitlmError as e:
         print(f"splitlm-trunkd: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a file or device the start needs, refused by the system: one line
+        log.debug("start failed", exc_info=True)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"splitlm-trunkd: error: {e.strerror or e}{where}", file=sys.stderr)
+        return ExitCode.FAILURE
     except KeyboardInterrupt:
         return ExitCode.OK
 
@@ -111,7 +122,8 @@ def run(loaded: Loaded[DaemonSettings]) -> int:
     log_start(trunk, service, batching)
     try:
         asyncio.run(serve(service, listen, args.shutdown_grace, security=security, notifier=notifier,
-                          keepalive_s=args.keepalive, metrics=args.metrics))
+                          keepalive_s=args.keepalive, metrics=args.metrics,
+                          health_listen=list(args.health_listen or ())))
     finally:
         notifier.close()
     return ExitCode.OK

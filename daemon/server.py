@@ -21,6 +21,7 @@ from ..shared.errors import SplitlmError
 from ..shared.paths import runtime_dir, unix_path
 from .auth import Security
 from .handlers import add_trunk_service
+from .health import build_health_server, listen_health
 from .notify import Notifier, heartbeat
 from .prometheus import MetricsServer
 from .service import TrunkService
@@ -140,6 +141,7 @@ async def serve(
     notifier: Notifier | None = None,
     keepalive_s: float = 30.0,
     metrics: str | None = None,
+    health_listen: list[str] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then let in-flight steps finish within ``grace_s``.
 
@@ -148,6 +150,8 @@ async def serve(
         notifier: systemd notifications: READY=1 once listening, WATCHDOG=1 from this loop,
             STATUS= lines, STOPPING=1 at shutdown.
         metrics: ``host:port`` to serve Prometheus metrics on (None: off).
+        health_listen: addresses of a plaintext, health-only server (``daemon.health``) for
+            probes that cannot do TLS or tokens; it opens and closes with the main server.
 
     Raises:
         SplitlmError: an address cannot be bound (in use, no permission).
@@ -156,9 +160,14 @@ async def serve(
     notifier = notifier or Notifier({})
     server, health_servicer = build_server(service, security, keepalive_s)
     sockets = listen_on(server, security, listen)
+    health_server = build_health_server(health_servicer) if health_listen else None
+    if health_server is not None:
+        listen_health(health_server, list(health_listen or ()))
     exporter = await start_metrics(metrics, service)
     Drain(health_servicer, notifier).install()  # before the port opens: a USR1 never kills it
     await server.start()
+    if health_server is not None:
+        await health_server.start()
     await set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s (%s)", service.plan.model_id, ", ".join(listen), describe_security(security))
     notifier.ready(session_status(service, listen))
@@ -173,6 +182,8 @@ async def serve(
         )
         await set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
         await stop_serving(service, server, grace_s, exporter, sockets)
+        if health_server is not None:  # last: probes see NOT_SERVING until the end
+            await health_server.stop(0)
         log.info("stopped")
 
 

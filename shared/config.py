@@ -717,6 +717,15 @@ class DaemonSettings:
                                  metavar="A:B,...")
     client_memory: int | None = setting(None, ByteSize(1), "with --split auto: " + _CLIENT_MEMORY_HELP, metavar="SIZE")
 
+    # containers and Kubernetes (deploy/): kubelet's grpc probes speak neither TLS nor tokens
+    health_listen: tuple[str, ...] | None = setting(
+        None, Addresses(),
+        "also serve grpc.health.v1 alone here, plaintext and without a token, for probes that "
+        "cannot do TLS (Kubernetes' grpc: probes); no trunk RPC is answered there; repeatable "
+        "(unset: health only on --listen)",
+        metavar="ADDR", repeat=True,
+    )
+
 
 @dataclass(frozen=True)
 class ClientSettings:
@@ -1043,6 +1052,11 @@ DAEMON_FLAGS: tuple[Option, ...] = (
            "TOML config file (unset: trunkd.toml in the user config dir; under systemd "
            "/etc/splitlm/trunkd.toml; it must exist when given)",
            commands=(TRUNKD,), metavar="PATH"),
+    Option("health_check", Text(),
+           "ask the daemon at ADDR (grpc.health.v1, plaintext: a --health-listen address or a "
+           "unix socket) whether it serves, print its answer and exit 0 when SERVING, 1 "
+           "otherwise; for container HEALTHCHECKs",
+           commands=(TRUNKD,), metavar="ADDR"),
 )
 
 

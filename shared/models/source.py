@@ -372,16 +372,37 @@ def resolve(spec: str | None) -> ModelSource:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelNotFound(f"no GGUF file at {p}")
+        _check_readable([p])
         return _gguf_source(spec, p)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelNotFound(f"{p} is a directory without config.json")
         if not list(p.glob("*.safetensors")):
             raise ModelNotFound(f"{p} holds no *.safetensors weights")
+        _check_readable([p / "config.json", *p.glob("*.safetensors")])
         return _dir_source(spec, p)
-    if p.exists() or spec.startswith((".", "/", "~")):
+    if not p.exists() and spec.startswith((".", "/", "~")):
+        # a path that is not there (in a container: a model volume that is not mounted)
+        raise ModelNotFound(f"{spec}: no such file or directory")
+    if p.exists():
         raise ModelNotFound(f"{spec} is neither a .gguf file nor a directory with config.json")
     return _dir_source(spec, _download(spec))
+
+
+def _check_readable(files: list[Path]) -> None:
+    """Refuse files this process may not read, before a loader reports them as missing (the
+    safetensors reader says "No such file or directory" for a file it may not open): a model
+    volume mounted for another user, a file saved 0600 by root.
+
+    Raises:
+        ModelNotFound: naming the first such file and who this process runs as.
+    """
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise ModelNotFound(
+                f"cannot read {f}: permission denied for uid {os.getuid()} (make the model "
+                "files readable by the user the daemon runs as)"
+            )
 
 
 def _gguf_source(spec: str, path: Path) -> ModelSource:
