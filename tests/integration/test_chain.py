@@ -110,13 +110,9 @@ def test_a_bad_route_is_refused_before_any_model_loads(
     assert words in r.stderr and "Traceback" not in r.stderr
     for n in names:  # the message names the addresses involved
         assert chain[n].address in r.stderr
-
-
-def test_another_model_names_what_differs(chain: dict[str, Daemon], tiny_text_models: dict[str, Path]) -> None:
-    r = run_cli("generate", "--max-new-tokens", "2", *_trunks(chain, "a13", "gpt2"), TEXT, timeout=120)
-    assert r.returncode == 2
-    assert f"the daemon at {chain['gpt2'].address} does not serve" in r.stderr
-    assert "model config digest" in r.stderr and "family gpt2/gpt2" in r.stderr
+    if "gpt2" in names:  # and what differs
+        assert f"the daemon at {chain['gpt2'].address} does not serve" in r.stderr
+        assert "model config digest" in r.stderr and "family gpt2/gpt2" in r.stderr
 
 
 def test_a_dead_address_is_named(chain: dict[str, Daemon], tmp_path: Path) -> None:
