@@ -25,7 +25,6 @@ from tests.conftest import Daemon, save_tiny, start_daemon
 from .helpers import (
     FAST_RETRY,
     PROMPT,
-    Factory,
     Models,
     Recording,
     TokenEvent,
@@ -111,57 +110,6 @@ def test_a_drained_replica_gets_no_new_sessions_while_its_own_go_on(
     wait_until(lambda: counts(three) == [0, 0, 0], what="sessions closed")
 
 
-def test_kill9_of_the_replica_holding_a_session_moves_it_token_identical(
-    tiny_models: Models, daemon_factory: Factory
-) -> None:
-    """One of three replicas is SIGKILLed mid-reply and not restarted: the session moves to
-    another at the first attempt, without a backoff wait, and every step's logits equal an
-    uninterrupted run's bit for bit."""
-    model = tiny_models["llama"]
-    ds = [daemon_factory(model, *SPLIT) for _ in range(3)]
-    n, kill_at = 30, 9
-    ref_split = connect(ds[0].address, model)
-    ref = Recording(ref_split.pipeline())
-    want = run_ids(ref, PROMPT, n)
-    ref.close()
-    ref_split.close()
-    wait_until(lambda: counts(ds) == [0, 0, 0], what="the reference session closed")
-
-    split = connect(replica_target([d.address for d in ds]), model)
-    events: list[object] = []
-    victims: list[int] = []
-
-    def on_token(ev: TokenEvent) -> None:
-        if ev.index == kill_at:
-            held = counts(ds)
-            victims.append(held.index(1))
-            ds[victims[0]].proc.kill()
-            ds[victims[0]].proc.wait()
-
-    pipe = Recording(split.pipeline(RetryPolicy(), events.append))  # the default backoff
-    try:
-        got = run_ids(pipe, PROMPT, n, on_token=on_token)
-        assert got.token_ids == want.token_ids
-        for i, (a, b) in enumerate(zip(pipe.logits, ref.logits)):
-            assert torch.equal(a, b), f"step {i} differs after moving replicas"
-        session = pipe.inner.session
-        assert isinstance(session, FailoverSession) and len(session.resumes) == 1
-        resumed = session.resumes[0]
-        attempts = [e for e in events if isinstance(e, Reconnecting)]
-        assert resumed.attempts == 1 and attempts[0].delay_s == 0.0  # round_robin had another READY
-        assert resumed.replayed_steps == kill_at + 2
-        survivors = [d for i, d in enumerate(ds) if i != victims[0]]
-        assert sum(counts(survivors)) == 1
-        log.info(
-            "replica %d of 3 killed after token %d: moved in %.0f ms (replay of %d steps, %.0f ms)",
-            victims[0], kill_at, resumed.downtime_s * 1e3, resumed.replayed_steps, resumed.replay_s * 1e3,
-        )
-        assert [e for e in events if isinstance(e, Resumed)] == [resumed]
-    finally:
-        pipe.close()
-        split.close()
-
-
 def test_replicas_that_refuse_sessions_pass_them_on_or_fail_clearly(
     three: list[Daemon], tiny_models: Models, tmp_path: Path
 ) -> None:
@@ -203,3 +151,54 @@ def test_replicas_that_refuse_sessions_pass_them_on_or_fail_clearly(
         for d in made:
             d.stop()
     wait_until(lambda: counts(three) == [0, 0, 0], what="sessions closed")
+
+
+def test_kill9_of_the_replica_holding_a_session_moves_it_token_identical(
+    three: list[Daemon], tiny_models: Models
+) -> None:
+    """One of three replicas is SIGKILLed mid-reply and not restarted: the session moves to
+    another at the first attempt, without a backoff wait, and every step's logits equal an
+    uninterrupted run's bit for bit. Last in the file: it kills one of the module's replicas."""
+    model = tiny_models["llama"]
+    ds = three
+    n, kill_at = 30, 9
+    ref_split = connect(ds[0].address, model)
+    ref = Recording(ref_split.pipeline())
+    want = run_ids(ref, PROMPT, n)
+    ref.close()
+    ref_split.close()
+    wait_until(lambda: counts(ds) == [0, 0, 0], what="the reference session closed")
+
+    split = connect(replica_target([d.address for d in ds]), model)
+    events: list[object] = []
+    victims: list[int] = []
+
+    def on_token(ev: TokenEvent) -> None:
+        if ev.index == kill_at:
+            held = counts(ds)
+            victims.append(held.index(1))
+            ds[victims[0]].proc.kill()
+            ds[victims[0]].proc.wait()
+
+    pipe = Recording(split.pipeline(RetryPolicy(), events.append))  # the default backoff
+    try:
+        got = run_ids(pipe, PROMPT, n, on_token=on_token)
+        assert got.token_ids == want.token_ids
+        for i, (a, b) in enumerate(zip(pipe.logits, ref.logits)):
+            assert torch.equal(a, b), f"step {i} differs after moving replicas"
+        session = pipe.inner.session
+        assert isinstance(session, FailoverSession) and len(session.resumes) == 1
+        resumed = session.resumes[0]
+        attempts = [e for e in events if isinstance(e, Reconnecting)]
+        assert resumed.attempts == 1 and attempts[0].delay_s == 0.0  # round_robin had another READY
+        assert resumed.replayed_steps == kill_at + 2
+        survivors = [d for i, d in enumerate(ds) if i != victims[0]]
+        assert sum(counts(survivors)) == 1
+        log.info(
+            "replica %d of 3 killed after token %d: moved in %.0f ms (replay of %d steps, %.0f ms)",
+            victims[0], kill_at, resumed.downtime_s * 1e3, resumed.replayed_steps, resumed.replay_s * 1e3,
+        )
+        assert [e for e in events if isinstance(e, Resumed)] == [resumed]
+    finally:
+        pipe.close()
+        split.close()
