@@ -202,3 +202,45 @@ def test_kill9_of_the_replica_holding_a_session_moves_it_token_identical(
     finally:
         pipe.close()
         split.close()
+
+
+def test_sigterm_of_the_replica_holding_a_session_moves_it_and_the_reply_is_identical(
+    three: list[Daemon], tiny_models: Models
+) -> None:
+    """A replica stopping on SIGTERM turns NOT_SERVING and ends the session it holds after its
+    step (UNAVAILABLE "daemon shutting down"); the session moves to a live replica by replay and
+    the reply equals an uninterrupted run. Runs after the kill -9 test: two replicas are left."""
+    model = tiny_models["llama"]
+    live = [d for d in three if d.proc.poll() is None]
+    assert len(live) >= 2
+    n, stop_at = 20, 6
+    ref_split = connect(live[0].address, model)
+    ref = Recording(ref_split.pipeline())
+    want = run_ids(ref, PROMPT, n)
+    ref.close()
+    ref_split.close()
+    wait_until(lambda: counts(live) == [0] * len(live), what="the reference session closed")
+
+    split = connect(replica_target([d.address for d in three]), model)
+    stopped: list[Daemon] = []
+
+    def on_token(ev: TokenEvent) -> None:
+        if ev.index == stop_at:
+            holder = live[counts(live).index(1)]
+            holder.proc.send_signal(signal.SIGTERM)
+            holder.proc.wait(60)
+            stopped.append(holder)
+
+    pipe = Recording(split.pipeline(FAST_RETRY))
+    try:
+        got = run_ids(pipe, PROMPT, n, on_token=on_token)
+        assert got.token_ids == want.token_ids
+        assert all(torch.equal(a, b) for a, b in zip(pipe.logits, ref.logits))
+        session = pipe.inner.session
+        assert isinstance(session, FailoverSession) and len(session.resumes) == 1
+        assert stopped[0].proc.returncode == 0  # a clean stop, not a crash
+        assert "stopping: 1 sessions open" in stopped[0].log.read_text()
+        assert sum(counts([d for d in live if d is not stopped[0]])) == 1
+    finally:
+        pipe.close()
+        split.close()
