@@ -25,7 +25,6 @@ from tests.conftest import Daemon, save_tiny, start_daemon
 from .helpers import (
     FAST_RETRY,
     PROMPT,
-    Factory,
     Models,
     Recording,
     TokenEvent,
@@ -111,14 +110,57 @@ def test_a_drained_replica_gets_no_new_sessions_while_its_own_go_on(
     wait_until(lambda: counts(three) == [0, 0, 0], what="sessions closed")
 
 
+def test_replicas_that_refuse_sessions_pass_them_on_or_fail_clearly(
+    three: list[Daemon], tiny_models: Models, tmp_path: Path
+) -> None:
+    """Replica A's session table is full (RESOURCE_EXHAUSTED), replica B serves other weights
+    (FAILED_PRECONDITION), C takes sessions: through the set every new session lands on C; with
+    only A and B the open fails at once, naming both refusals."""
+    model = tiny_models["llama"]
+    other = save_tiny("llama", tmp_path / "other", seed=1)
+    made: list[Daemon] = []
+    try:
+        for name, m, extra in (("a", model, ("--max-sessions", "1")), ("b", other, ())):
+            made.append(start_daemon(m, f"unix:{tmp_path / f'{name}.sock'}", tmp_path / f"{name}.log", *SPLIT, *extra))
+        a, b = made
+        c = three[0]
+        on_c = connect(c.address, model)  # the plan the sessions are for
+        on_a = connect(a.address, model)
+        filler = on_a.pipeline()  # fills A's one slot
+        every = TrunkClient(replica_target([a.address, b.address, c.address]))
+        every.info()  # as a front end does before it opens a session
+        pipes = [prepare.split_pipeline(on_c.parts, every, retry=FAST_RETRY) for _ in range(4)]
+        try:
+            assert counts([a, b, c]) == [1, 0, 4]
+        finally:
+            for p in pipes:
+                p.close()
+            every.close()
+        a_and_b = TrunkClient(replica_target([a.address, b.address]))
+        try:
+            with pytest.raises(TrunkError) as refused:
+                prepare.split_pipeline(on_c.parts, a_and_b, retry=FAST_RETRY)
+            assert "no replica took the session: 4 tries" in str(refused.value)
+            assert "RESOURCE_EXHAUSTED" in str(refused.value) and "FAILED_PRECONDITION" in str(refused.value)
+        finally:
+            a_and_b.close()
+        filler.close()
+        on_a.close()
+        on_c.close()
+    finally:
+        for d in made:
+            d.stop()
+    wait_until(lambda: counts(three) == [0, 0, 0], what="sessions closed")
+
+
 def test_kill9_of_the_replica_holding_a_session_moves_it_token_identical(
-    tiny_models: Models, daemon_factory: Factory
+    three: list[Daemon], tiny_models: Models
 ) -> None:
     """One of three replicas is SIGKILLed mid-reply and not restarted: the session moves to
     another at the first attempt, without a backoff wait, and every step's logits equal an
-    uninterrupted run's bit for bit."""
+    uninterrupted run's bit for bit. Last in the file: it kills one of the module's replicas."""
     model = tiny_models["llama"]
-    ds = [daemon_factory(model, *SPLIT) for _ in range(3)]
+    ds = three
     n, kill_at = 30, 9
     ref_split = connect(ds[0].address, model)
     ref = Recording(ref_split.pipeline())
@@ -162,44 +204,43 @@ def test_kill9_of_the_replica_holding_a_session_moves_it_token_identical(
         split.close()
 
 
-def test_replicas_that_refuse_sessions_pass_them_on_or_fail_clearly(
-    three: list[Daemon], tiny_models: Models, tmp_path: Path
+def test_sigterm_of_the_replica_holding_a_session_moves_it_and_the_reply_is_identical(
+    three: list[Daemon], tiny_models: Models
 ) -> None:
-    """Replica A's session table is full (RESOURCE_EXHAUSTED), replica B serves other weights
-    (FAILED_PRECONDITION), C takes sessions: through the set every new session lands on C; with
-    only A and B the open fails at once, naming both refusals."""
+    """A replica stopping on SIGTERM turns NOT_SERVING and ends the session it holds after its
+    step (UNAVAILABLE "daemon shutting down"); the session moves to a live replica by replay and
+    the reply equals an uninterrupted run. Runs after the kill -9 test: two replicas are left."""
     model = tiny_models["llama"]
-    other = save_tiny("llama", tmp_path / "other", seed=1)
-    made: list[Daemon] = []
+    live = [d for d in three if d.proc.poll() is None]
+    assert len(live) >= 2
+    n, stop_at = 20, 6
+    ref_split = connect(live[0].address, model)
+    ref = Recording(ref_split.pipeline())
+    want = run_ids(ref, PROMPT, n)
+    ref.close()
+    ref_split.close()
+    wait_until(lambda: counts(live) == [0] * len(live), what="the reference session closed")
+
+    split = connect(replica_target([d.address for d in three]), model)
+    stopped: list[Daemon] = []
+
+    def on_token(ev: TokenEvent) -> None:
+        if ev.index == stop_at:
+            holder = live[counts(live).index(1)]
+            holder.proc.send_signal(signal.SIGTERM)
+            holder.proc.wait(60)
+            stopped.append(holder)
+
+    pipe = Recording(split.pipeline(FAST_RETRY))
     try:
-        for name, m, extra in (("a", model, ("--max-sessions", "1")), ("b", other, ())):
-            made.append(start_daemon(m, f"unix:{tmp_path / f'{name}.sock'}", tmp_path / f"{name}.log", *SPLIT, *extra))
-        a, b = made
-        c = three[0]
-        on_c = connect(c.address, model)  # the plan the sessions are for
-        on_a = connect(a.address, model)
-        filler = on_a.pipeline()  # fills A's one slot
-        every = TrunkClient(replica_target([a.address, b.address, c.address]))
-        every.info()  # as a front end does before it opens a session
-        pipes = [prepare.split_pipeline(on_c.parts, every, retry=FAST_RETRY) for _ in range(4)]
-        try:
-            assert counts([a, b, c]) == [1, 0, 4]
-        finally:
-            for p in pipes:
-                p.close()
-            every.close()
-        a_and_b = TrunkClient(replica_target([a.address, b.address]))
-        try:
-            with pytest.raises(TrunkError) as refused:
-                prepare.split_pipeline(on_c.parts, a_and_b, retry=FAST_RETRY)
-            assert "no replica took the session: 4 tries" in str(refused.value)
-            assert "RESOURCE_EXHAUSTED" in str(refused.value) and "FAILED_PRECONDITION" in str(refused.value)
-        finally:
-            a_and_b.close()
-        filler.close()
-        on_a.close()
-        on_c.close()
+        got = run_ids(pipe, PROMPT, n, on_token=on_token)
+        assert got.token_ids == want.token_ids
+        assert all(torch.equal(a, b) for a, b in zip(pipe.logits, ref.logits))
+        session = pipe.inner.session
+        assert isinstance(session, FailoverSession) and len(session.resumes) == 1
+        assert stopped[0].proc.returncode == 0  # a clean stop, not a crash
+        assert "stopping: 1 sessions open" in stopped[0].log.read_text()
+        assert sum(counts([d for d in live if d is not stopped[0]])) == 1
     finally:
-        for d in made:
-            d.stop()
-    wait_until(lambda: counts(three) == [0, 0, 0], what="sessions closed")
+        pipe.close()
+        split.close()
