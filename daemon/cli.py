@@ -231,9 +231,9 @@ def daemon_plan(args: DaemonSettings, source: ModelSource) -> tuple[SplitPlan, l
         raise UsageError("--strategy custom needs --layers (e.g. 2:15,15:28)")
     if args.layers and args.strategy != "custom":
         raise UsageError(f"--layers goes with --strategy custom, not {args.strategy}")
-    weights = args.weights if args.weights != "auto" else ("bfloat16" if args.dtype == "bfloat16" else "float32")
-    cost = model_cost(config, source.spec, weights if weights != "float16" else "float32", args.group_size,
-                      args.max_context, source.path if source.kind == "gguf" else None)
+    weights = args.weights if args.weights != "auto" else (args.dtype if args.dtype != "auto" else "float32")
+    cost = model_cost(config, source.spec, weights, args.group_size, args.max_context,
+                      source.path if source.kind == "gguf" else None)
     names = parse_devices(args.devices) if args.devices else None
     devices = probe_devices(names) if names else None
     if auto and not custom_devices:

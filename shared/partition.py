@@ -149,6 +149,8 @@ class ModelCost:
     head: EndCost
     tied: bool
     default_split: tuple[int, int]
+    notes: tuple[str, ...] = ()
+    """What the figures rest on, in words (the GGUF's tensor types, a tied head)."""
 
     @property
     def num_layers(self) -> int:
@@ -359,13 +361,21 @@ def model_cost(
         embed_bytes = wte + (embed_params - vocab * h) * fb
         lm_head = 0 if tied else _matrix_bytes((vocab, h), precision, group_size, head=True)
         head_bytes = norm_params * fb + lm_head
+    notes = []
+    if gguf_bytes is not None:
+        kinds = ", ".join(f"{k} x{v}" for k, v in sorted(gguf_bytes[3].items()))
+        notes.append(f"--weights gguf: the file's own tensor types ({kinds}); F16/F32 ones load as float32")
+    if tied:
+        notes.append("tied head: the LM head is the embedding matrix, counted once at the bottom (its FLOPs at the top)")
+    if any(w is not None for w in windows):
+        notes.append(f"sliding-window layers hold at most their window + {ROLLBACK_DEPTH} positions of KV")
     return ModelCost(
         model=model, model_type=str(config.model_type),
         precision=precision if precision not in ("int8", "int4") or group_size == 32 else f"{precision}/g{group_size}",
         max_context=ctx, layers=tuple(layers),
         embed=EndCost(embed_params, embed_bytes, 0),
         head=EndCost(head_params, head_bytes, 2 * vocab * h),
-        tied=tied, default_split=default_split(n, str(config.model_type)),
+        tied=tied, default_split=default_split(n, str(config.model_type)), notes=tuple(notes),
     )
 
 
@@ -701,7 +711,7 @@ def plan(
     out += _with_reasons(cost, strategy, trunk_stages, devices)
     out.append(stage_of(cost, b, n, "top", "client", f"the client's: {why_client}"))
     _check_fits(out, devices, client_memory)
-    return Partition(strategy, cost, tuple(out), tuple(notes))
+    return Partition(strategy, cost, tuple(out), (*cost.notes, *notes))
 
 
 def _with_reasons(cost: ModelCost, strategy: str, stages: list[Stage], devices: Sequence[Device] | None) -> list[Stage]:

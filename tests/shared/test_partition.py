@@ -24,7 +24,7 @@ from splitlm.shared.partition import (
     plan,
     probe_devices,
 )
-from tests.conftest import FAMILY_KINDS, run_cli, save_tiny, tiny_config
+from tests.conftest import FAMILY_KINDS, save_tiny, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -187,10 +187,19 @@ def test_a_device_that_does_not_exist_is_refused() -> None:
     assert two[0].capacity == two[1].capacity and two[0].capacity  # the host's memory, shared
 
 
-def test_plan_json_of_smollm2_from_the_cli() -> None:
-    r = run_cli("plan", "--model", "smollm2", "--strategy", "mixed", "--stages", "3", "--json")
-    assert r.returncode == 0, r.stderr
-    d = json.loads(r.stdout)
+def _plan_here(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``splitlm plan ARGS`` through the CLI's entry point, in this process."""
+    from splitlm.tui.cli import main
+
+    rc = main(["plan", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_plan_json_of_smollm2_from_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = _plan_here(capsys, "--model", "smollm2", "--strategy", "mixed", "--stages", "3", "--json")
+    assert rc == 0, err
+    d = json.loads(out)
     assert d["strategy"] == "mixed" and d["num_layers"] == 30 and d["split"] == [2, 28]
     spans = [tuple(s["layers"]) for s in d["stages"]]
     assert spans[0] == (0, 2) and spans[-1] == (28, 30) and len(spans) == 5
@@ -201,14 +210,16 @@ def test_plan_json_of_smollm2_from_the_cli() -> None:
     assert d["stages"][1]["kv_bytes_per_position"] == 2 * 3 * 64 * 4 * (spans[1][1] - spans[1][0])
 
 
-def test_plan_of_a_7b_config_without_weights() -> None:
+def test_plan_of_a_7b_config_without_weights(capsys: pytest.CaptureFixture[str]) -> None:
     """docs/configs/llama-7b holds a config.json and nothing else."""
-    r = run_cli("plan", "--model", str(ROOT / "docs/configs/llama-7b"), "--strategy", "uniform", "--stages", "2")
-    assert r.returncode == 0, r.stderr
-    assert "trunk       2:16" in r.stdout and "top        30:32" in r.stdout
-    assert "6.61 G" in r.stdout  # FLOPs a token of 14 layers at --max-context 4096
-    tight = run_cli("plan", "--model", str(ROOT / "docs/configs/llama-7b"), "--client-memory", "100MiB")
-    assert tight.returncode == 2 and "missing" in tight.stderr and "Traceback" not in tight.stderr
+    assert [p.name for p in (ROOT / "docs/configs/llama-7b").iterdir()] == ["config.json"]
+    rc, out, err = _plan_here(capsys, "--model", str(ROOT / "docs/configs/llama-7b"), "--strategy", "uniform",
+                              "--stages", "2")
+    assert rc == 0, err
+    assert "trunk       2:16" in out and "top        30:32" in out
+    assert "6.61 G" in out  # FLOPs a token of 14 layers at --max-context 4096
+    rc, out, err = _plan_here(capsys, "--model", str(ROOT / "docs/configs/llama-7b"), "--client-memory", "100MiB")
+    assert rc == 2 and "missing" in err and "Traceback" not in err
 
 
 def test_gguf_bytes_are_the_files_own(smollm2_path: Path) -> None:
@@ -220,9 +231,8 @@ def test_gguf_bytes_are_the_files_own(smollm2_path: Path) -> None:
     assert f.layers[5].weight_bytes / 7 < q.layers[5].weight_bytes < f.layers[5].weight_bytes / 4  # ~5 bits a weight
 
 
-def test_a_longer_model_config_in_tests(tmp_path: Path) -> None:
-    """A saved model directory plans the same as its config in memory."""
+def test_a_saved_model_directory_plans(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = save_tiny("llama", tmp_path / "m", num_hidden_layers=9)
-    r = run_cli("plan", "--model", str(d), "--strategy", "compute", "--stages", "2", "--json")
-    assert r.returncode == 0, r.stderr
-    assert [tuple(s["layers"]) for s in json.loads(r.stdout)["stages"]] == [(0, 2), (2, 4), (4, 7), (7, 9)]
+    rc, out, err = _plan_here(capsys, "--model", str(d), "--strategy", "compute", "--stages", "2", "--json")
+    assert rc == 0, err
+    assert [tuple(s["layers"]) for s in json.loads(out)["stages"]] == [(0, 2), (2, 4), (4, 7), (7, 9)]
