@@ -748,6 +748,11 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     interval = check_interval(args.interval)
     _one_trunk(args, "monitor")
     client = _client(args)
+    if not args.json:  # a trunk cut over devices (splitlm-trunkd --devices): which serves which layers
+        placement = client.info().plan.placement
+        if placement:
+            print("trunk over devices: " + "; ".join(f"layers {p.start}:{p.end} on {p.device}" for p in placement),
+                  flush=True)
     stream = client.monitor(interval)
     try:
         for sample in stream:

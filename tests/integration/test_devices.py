@@ -5,6 +5,7 @@ serves the range the plan gives it; a device that does not exist is refused at s
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from splitlm.shared.client import TrunkClient
 from splitlm.shared.partition import partition_for
 from tests.conftest import reference_generate, run_cli, save_tiny
+from tests.integration.test_monitor import monitor_cli, read_lines
 from tests.integration.test_split import split_generate
 from tests.shared.test_engine import PROMPT
 
@@ -34,6 +36,14 @@ def test_three_cpu_devices_give_the_full_models_tokens(tiny_text_models: dict[st
     assert len(out["token_ids"]) == 16
     assert out["token_ids"] == reference_generate(model, out["prompt_token_ids"], 16)
     assert "layers 1:3 on cpu; layers 3:4 on cpu; layers 4:5 on cpu" in d.log.read_text()
+    proc = monitor_cli(d.address, "--interval", "0.25")
+    try:
+        header, sample = read_lines(proc, 2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert header == "trunk over devices: layers 1:3 on cpu; layers 3:4 on cpu; layers 4:5 on cpu\n"
+    assert "sessions 0" in sample
 
 
 @pytest.fixture(scope="module")
