@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..shared.errors import ExitCode, SplitlmError, UsageError
@@ -415,9 +416,7 @@ def _batch_lanes(args: argparse.Namespace, lines: int) -> tuple[Any, list[Any], 
     session per prompt; each lane has its own drafter, run under the same lock.
     """
     from ..shared import prepare
-    from ..shared.failover import RetryPolicy
     from ..shared.generation import LocalPipeline
-    from ..shared.serialised import Lock, SerialisedDrafter, serialised_parts
     from .batch import Lane
 
     if args.full:
@@ -428,6 +427,51 @@ def _batch_lanes(args: argparse.Namespace, lines: int) -> tuple[Any, list[Any], 
         return model, [Lane(lambda: LocalPipeline(full), _drafter(args, model, device))], prepare.plan_dict(
             model, None, None
         )
+    shared = _shared_split(args, _reconnect_notice)
+    lanes = []
+    # more sessions than the daemon holds would only fail lines with RESOURCE_EXHAUSTED
+    for _ in range(max(1, min(args.concurrency, lines, shared.info.limits.max_sessions))):
+        lanes.append(Lane(shared.open_pipeline, shared.drafter()))
+    own = shared.own
+    return shared.model, lanes, prepare.plan_dict(shared.model, own.plan.split, own.fingerprint.digest)
+
+
+@dataclasses.dataclass
+class _SharedSplit:
+    """The client's parts shared under one lock by several trunk sessions at once (``generate
+    --batch``'s lanes, ``serve``'s requests): each session is opened by ``open_pipeline`` on the
+    thread that runs it, each drafter runs under the same lock.
+
+    Attributes:
+        own: the parts themselves (unserialised: for their plan and cache sizes).
+        parts: the same parts behind the lock.
+    """
+
+    client: Any
+    model: Any
+    info: Any
+    device: Any
+    lock: Any
+    own: Any
+    parts: Any
+    open_pipeline: Callable[[], Any]
+    args: argparse.Namespace
+
+    def drafter(self) -> Any:
+        """A new drafter for one session (None without ``--draft``), serialised under the lock."""
+        from ..shared.serialised import SerialisedDrafter
+
+        d = _drafter(self.args, self.model, self.device, self.parts)
+        return None if d is None else SerialisedDrafter(d, self.lock)
+
+
+def _shared_split(args: argparse.Namespace, on_reconnect: Any) -> _SharedSplit:
+    """Connect (one daemon or a route), load the client's parts for its plan, and share them
+    under one lock (``shared.serialised``); sessions fail over by ``--retry-*``."""
+    from ..shared import prepare
+    from ..shared.failover import RetryPolicy
+    from ..shared.serialised import Lock, serialised_parts
+
     retry = RetryPolicy.from_settings(args.client_config.settings)
     client = _client(args)
     info = client.info()
@@ -439,15 +483,10 @@ def _batch_lanes(args: argparse.Namespace, lines: int) -> tuple[Any, list[Any], 
     parts = serialised_parts(own, lock)
     wire = _wire_dtype(args)
 
-    def open_session() -> Any:
-        return prepare.split_pipeline(parts, client, wire_dtype=wire, retry=retry, on_reconnect=_reconnect_notice)
+    def open_pipeline() -> Any:
+        return prepare.split_pipeline(parts, client, wire_dtype=wire, retry=retry, on_reconnect=on_reconnect)
 
-    lanes = []
-    # more sessions than the daemon holds would only fail lines with RESOURCE_EXHAUSTED
-    for _ in range(max(1, min(args.concurrency, lines, info.limits.max_sessions))):
-        drafter = _drafter(args, model, device, parts)
-        lanes.append(Lane(open_session, None if drafter is None else SerialisedDrafter(drafter, lock)))
-    return model, lanes, prepare.plan_dict(model, own.plan.split, own.fingerprint.digest)
+    return _SharedSplit(client, model, info, device, lock, own, parts, open_pipeline, args)
 
 
 def _summary(res: GenerationResult) -> dict[str, float]:
@@ -610,30 +649,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     anything loads), then the model is connected as ``generate --batch`` connects its lanes: the
     client's parts shared under one lock, one trunk session (and drafter) per request in flight.
     """
-    from ..shared import prepare
-    from ..shared.failover import RetryPolicy
-    from ..shared.serialised import Lock, SerialisedDrafter, serialised_parts
     from .serve.run import check_exposure, reconnect_log, serve
     from .serve.sessions import Kept
 
     exposure = check_exposure(args.serve_listen, args.api_key_file)
-    retry = RetryPolicy.from_settings(args.client_config.settings)
-    client = _client(args)
-    info = client.info()
-    _quiet_libraries()
-    device = _device_dtype(args)[0]
-    model = prepare.load_model(prepare.client_model_spec(args.model, info))
-    lock = Lock()
-    own = prepare.split_parts(model, info, device, **_precisions(args))
-    parts = serialised_parts(own, lock)
-    wire = _wire_dtype(args)
+    shared = _shared_split(args, reconnect_log)
 
     def open_session() -> Kept:
-        pipeline = prepare.split_pipeline(parts, client, wire_dtype=wire, retry=retry, on_reconnect=reconnect_log)
-        drafter = _drafter(args, model, device, parts)
-        return Kept(pipeline, None if drafter is None else SerialisedDrafter(drafter, lock))
+        return Kept(shared.open_pipeline(), shared.drafter())
 
-    return serve(args, exposure, model, own, info, client, open_session)
+    return serve(args, exposure, shared.model, shared.own, shared.info, shared.client, open_session)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
