@@ -43,8 +43,13 @@ install:
 $(STAMP): pyproject.toml
 	$(MAKE) install VENV=$(VENV)
 
+# two pytest workers (pytest-xdist), each taking whole files, so a file's module-scoped daemons
+# start once and its tests keep their order: most of the suite's time is spent waiting on the
+# daemons and CLI processes it starts (importing torch and transformers, one core each), so one
+# worker left the second core idle. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) $(CHECKOV)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # checkov's own venv, beside the project's; the stamp is its executable
 CHECKOV_VENV ?= .venv-checkov
