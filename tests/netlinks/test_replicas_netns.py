@@ -13,21 +13,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from splitlm.shared.client import replica_target
-from splitlm.shared.failover import FailoverSession, RetryPolicy
 from splitlm.shared.generation import SplitPipeline
 from splitlm.shared.launcher import OwnedDaemon
 
 from ..netns import Netns, netns_unavailable
 from ..reliability.helpers import (
     PROMPT,
-    Recording,
-    TokenEvent,
     connect,
+    reply_with_its_replica_killed,
     run_ids,
-    sessions_open,
+    sessions_per_replica,
     wait_until,
 )
 
@@ -52,9 +49,6 @@ def replicas(
         yield made
 
 
-def counts(daemons: list[OwnedDaemon]) -> list[int]:
-    return [sessions_open(d.address) for d in daemons]
-
 
 def test_a_replica_turned_not_serving_gets_no_new_sessions(
     replicas: list[OwnedDaemon], tiny_models: dict[str, Path]
@@ -73,7 +67,7 @@ def test_a_replica_turned_not_serving_gets_no_new_sessions(
             what="the NOT_SERVING replica out of the rotation",
         )
         pipes = [split.pipeline() for _ in range(4)]
-        got = counts(replicas)
+        got = sessions_per_replica(replicas)
         assert got[2] == 1 and got[0] + got[1] == 4, got  # only its own session
         run_ids(own, PROMPT, 2)
     finally:
@@ -83,43 +77,19 @@ def test_a_replica_turned_not_serving_gets_no_new_sessions(
         own.close()
         held.close()
         split.close()
-    wait_until(lambda: counts(replicas) == [0, 0, 0], what="sessions closed")
+    wait_until(lambda: sessions_per_replica(replicas) == [0, 0, 0], what="sessions closed")
 
 
 def test_kill9_of_a_replica_in_its_namespace_mid_reply_completes_identically(
     replicas: list[OwnedDaemon], tiny_models: dict[str, Path]
 ) -> None:
     """Runs last: it kills one replica of the module's three."""
-    model = tiny_models["llama"]
     n, kill_at = 24, 8
-    ref_split = connect(replicas[0].address, model)
-    ref = Recording(ref_split.pipeline())
-    want = run_ids(ref, PROMPT, n)
-    ref.close()
-    ref_split.close()
-    wait_until(lambda: counts(replicas) == [0, 0, 0], what="the reference session closed")
-
-    split = connect(replica_target([d.address for d in replicas]), model)
-    victims: list[int] = []
-
-    def on_token(ev: TokenEvent) -> None:
-        if ev.index == kill_at:
-            victims.append(counts(replicas).index(1))
-            replicas[victims[0]].proc.kill()
-            replicas[victims[0]].proc.wait()
-
-    pipe = Recording(split.pipeline(RetryPolicy()))
-    try:
-        got = run_ids(pipe, PROMPT, n, on_token=on_token)
-        assert got.token_ids == want.token_ids
-        assert all(torch.equal(a, b) for a, b in zip(pipe.logits, ref.logits))
-        session = pipe.inner.session
-        assert isinstance(session, FailoverSession) and len(session.resumes) == 1
-        assert session.resumes[0].attempts == 1
-        survivors = [d for i, d in enumerate(replicas) if i != victims[0]]
-        assert sum(counts(survivors)) == 1
-        log.info("netns: replica %d killed after token %d, moved in %.0f ms",
-                 victims[0], kill_at, session.resumes[0].downtime_s * 1e3)
-    finally:
-        pipe.close()
-        split.close()
+    moved = reply_with_its_replica_killed(
+        replicas, replica_target([d.address for d in replicas]), tiny_models["llama"], n, kill_at
+    )
+    assert moved.identical(), "the reply or a step's logits differ after moving replicas"
+    assert len(moved.session.resumes) == 1 and moved.session.resumes[0].attempts == 1
+    assert moved.survivor_sessions == 1
+    log.info("netns: replica %d killed after token %d, moved in %.0f ms",
+             moved.victim, kill_at, moved.session.resumes[0].downtime_s * 1e3)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 import torch
@@ -16,7 +16,7 @@ import torch
 from splitlm.protos import trunk_pb2 as pb
 from splitlm.shared import prepare
 from splitlm.shared.client import TrunkClient
-from splitlm.shared.failover import NO_FAILOVER, OnReconnect, RetryPolicy
+from splitlm.shared.failover import NO_FAILOVER, FailoverSession, OnReconnect, RetryPolicy
 from splitlm.shared.generation import (
     GenerationResult,
     GenerationSettings,
@@ -166,6 +166,82 @@ def hidden_tensor(t: int, width: int = HIDDEN, seed: int = 0) -> pb.Tensor:
 
 def step_request(step_id: int, position: int, tensor: pb.Tensor) -> pb.SessionRequest:
     return pb.SessionRequest(step=pb.Step(step_id=step_id, position=position, hidden=tensor))
+
+
+class Replica(Protocol):
+    """A replica daemon as the replica tests hold it (``conftest.Daemon`` or ``OwnedDaemon``)."""
+
+    address: str
+
+    @property
+    def proc(self) -> Any: ...
+
+
+def sessions_per_replica(daemons: Sequence[Replica]) -> list[int]:
+    return [sessions_open(d.address) for d in daemons]
+
+
+@dataclass
+class MovedReply:
+    """A reply whose replica was killed -9 mid-reply, beside the same reply uninterrupted.
+
+    Attributes:
+        want, ref: the uninterrupted reply (on the first replica alone) and its steps' logits.
+        got, pipe: the reply on the replica set, and its steps' logits.
+        session: the interrupted reply's ``FailoverSession`` (its ``resumes``).
+        victim: the index of the replica that held the session and was killed.
+        survivor_sessions: sessions open on the other replicas at the reply's end (before its
+            session closed): 1 when it moved to one of them.
+    """
+
+    want: GenerationResult
+    ref: Recording
+    got: GenerationResult
+    pipe: Recording
+    session: FailoverSession
+    victim: int
+    survivor_sessions: int
+
+    def identical(self) -> bool:
+        """Same tokens, and every step's logits equal bit for bit."""
+        return self.got.token_ids == self.want.token_ids and len(self.pipe.logits) == len(self.ref.logits) and all(
+            torch.equal(a, b) for a, b in zip(self.pipe.logits, self.ref.logits)
+        )
+
+
+def reply_with_its_replica_killed(
+    replicas: Sequence[Replica], target: str, model: Path, n: int, kill_at: int,
+    retry: RetryPolicy | None = None, on_reconnect: OnReconnect | None = None,
+) -> MovedReply:
+    """Generate ``n`` tokens through the replica set ``target``; when token ``kill_at`` arrives,
+    kill -9 the replica holding the session (the one with a session open) and let the reply
+    move. The reference reply runs first on ``replicas[0]`` alone, and is closed before."""
+    ref_split = connect(replicas[0].address, model)
+    ref = Recording(ref_split.pipeline())
+    want = run_ids(ref, PROMPT, n)
+    ref.close()
+    ref_split.close()
+    wait_until(lambda: sum(sessions_per_replica(replicas)) == 0, what="the reference session closed")
+    split = connect(target, model)
+    victims: list[int] = []
+
+    def on_token(ev: TokenEvent) -> None:
+        if ev.index == kill_at:
+            victims.append(sessions_per_replica(replicas).index(1))
+            replicas[victims[0]].proc.kill()
+            replicas[victims[0]].proc.wait()
+
+    pipe = Recording(split.pipeline(retry or RetryPolicy(), on_reconnect))
+    try:
+        got = run_ids(pipe, PROMPT, n, on_token=on_token)
+        survivors = [d for i, d in enumerate(replicas) if i != victims[0]]
+        survivor_sessions = sum(sessions_per_replica(survivors))
+    finally:
+        pipe.close()
+        split.close()
+    session = pipe.inner.session
+    assert isinstance(session, FailoverSession), session
+    return MovedReply(want, ref, got, pipe, session, victims[0], survivor_sessions)
 
 
 __all__ = ["PROMPT", "Daemon", "TokenEvent"]

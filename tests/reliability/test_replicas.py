@@ -29,17 +29,15 @@ from .helpers import (
     Recording,
     TokenEvent,
     connect,
+    reply_with_its_replica_killed,
     run_ids,
-    sessions_open,
+    sessions_per_replica,
     wait_until,
 )
 
 SPLIT = ("--split", "2:4")
 log = logging.getLogger(__name__)
 
-
-def counts(daemons: list[Daemon]) -> list[int]:
-    return [sessions_open(d.address) for d in daemons]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +59,7 @@ def test_round_robin_spreads_new_sessions_over_the_replicas(three: list[Daemon],
     assert split.client.replicas and split.client.replica_count == 3
     pipes = [split.pipeline() for _ in range(6)]
     try:
-        got = counts(three)
+        got = sessions_per_replica(three)
         log.info("6 sessions over 3 replicas: %s", got)
         assert sum(got) == 6
         assert min(got) >= 1 and max(got) <= 3, got  # pick_first would put all 6 on one
@@ -69,7 +67,7 @@ def test_round_robin_spreads_new_sessions_over_the_replicas(three: list[Daemon],
         for p in pipes:
             p.close()
         split.close()
-    wait_until(lambda: counts(three) == [0, 0, 0], what="sessions closed")
+    wait_until(lambda: sessions_per_replica(three) == [0, 0, 0], what="sessions closed")
 
 
 def test_a_drained_replica_gets_no_new_sessions_while_its_own_go_on(
@@ -92,7 +90,7 @@ def test_a_drained_replica_gets_no_new_sessions_while_its_own_go_on(
             what="the drained replica out of the rotation",
         )
         pipes = [split.pipeline() for _ in range(6)]
-        got = counts(three)
+        got = sessions_per_replica(three)
         assert got[1] == 1 and got[0] + got[2] == 6, got  # only its own session
         run_ids(own, PROMPT, 3)  # the drained replica still serves its own session
         three[1].proc.send_signal(signal.SIGUSR2)
@@ -107,7 +105,7 @@ def test_a_drained_replica_gets_no_new_sessions_while_its_own_go_on(
         own.close()
         held.close()
         split.close()
-    wait_until(lambda: counts(three) == [0, 0, 0], what="sessions closed")
+    wait_until(lambda: sessions_per_replica(three) == [0, 0, 0], what="sessions closed")
 
 
 def test_replicas_that_refuse_sessions_pass_them_on_or_fail_clearly(
@@ -131,7 +129,7 @@ def test_replicas_that_refuse_sessions_pass_them_on_or_fail_clearly(
         every.info()  # as a front end does before it opens a session
         pipes = [prepare.split_pipeline(on_c.parts, every, retry=FAST_RETRY) for _ in range(4)]
         try:
-            assert counts([a, b, c]) == [1, 0, 4]
+            assert sessions_per_replica([a, b, c]) == [1, 0, 4]
         finally:
             for p in pipes:
                 p.close()
@@ -150,7 +148,7 @@ def test_replicas_that_refuse_sessions_pass_them_on_or_fail_clearly(
     finally:
         for d in made:
             d.stop()
-    wait_until(lambda: counts(three) == [0, 0, 0], what="sessions closed")
+    wait_until(lambda: sessions_per_replica(three) == [0, 0, 0], what="sessions closed")
 
 
 def test_kill9_of_the_replica_holding_a_session_moves_it_token_identical(
@@ -159,49 +157,24 @@ def test_kill9_of_the_replica_holding_a_session_moves_it_token_identical(
     """One of three replicas is SIGKILLed mid-reply and not restarted: the session moves to
     another at the first attempt, without a backoff wait, and every step's logits equal an
     uninterrupted run's bit for bit. Last in the file: it kills one of the module's replicas."""
-    model = tiny_models["llama"]
-    ds = three
-    n, kill_at = 30, 9
-    ref_split = connect(ds[0].address, model)
-    ref = Recording(ref_split.pipeline())
-    want = run_ids(ref, PROMPT, n)
-    ref.close()
-    ref_split.close()
-    wait_until(lambda: counts(ds) == [0, 0, 0], what="the reference session closed")
-
-    split = connect(replica_target([d.address for d in ds]), model)
     events: list[object] = []
-    victims: list[int] = []
-
-    def on_token(ev: TokenEvent) -> None:
-        if ev.index == kill_at:
-            held = counts(ds)
-            victims.append(held.index(1))
-            ds[victims[0]].proc.kill()
-            ds[victims[0]].proc.wait()
-
-    pipe = Recording(split.pipeline(RetryPolicy(), events.append))  # the default backoff
-    try:
-        got = run_ids(pipe, PROMPT, n, on_token=on_token)
-        assert got.token_ids == want.token_ids
-        for i, (a, b) in enumerate(zip(pipe.logits, ref.logits)):
-            assert torch.equal(a, b), f"step {i} differs after moving replicas"
-        session = pipe.inner.session
-        assert isinstance(session, FailoverSession) and len(session.resumes) == 1
-        resumed = session.resumes[0]
-        attempts = [e for e in events if isinstance(e, Reconnecting)]
-        assert resumed.attempts == 1 and attempts[0].delay_s == 0.0  # round_robin had another READY
-        assert resumed.replayed_steps == kill_at + 2
-        survivors = [d for i, d in enumerate(ds) if i != victims[0]]
-        assert sum(counts(survivors)) == 1
-        log.info(
-            "replica %d of 3 killed after token %d: moved in %.0f ms (replay of %d steps, %.0f ms)",
-            victims[0], kill_at, resumed.downtime_s * 1e3, resumed.replayed_steps, resumed.replay_s * 1e3,
-        )
-        assert [e for e in events if isinstance(e, Resumed)] == [resumed]
-    finally:
-        pipe.close()
-        split.close()
+    n, kill_at = 30, 9
+    moved = reply_with_its_replica_killed(
+        three, replica_target([d.address for d in three]), tiny_models["llama"], n, kill_at,
+        RetryPolicy(), events.append,  # the default backoff
+    )
+    assert moved.identical(), "the reply or a step's logits differ after moving replicas"
+    assert len(moved.session.resumes) == 1
+    resumed = moved.session.resumes[0]
+    attempts = [e for e in events if isinstance(e, Reconnecting)]
+    assert resumed.attempts == 1 and attempts[0].delay_s == 0.0  # round_robin had another READY
+    assert resumed.replayed_steps == kill_at + 2
+    assert moved.survivor_sessions == 1
+    log.info(
+        "replica %d of 3 killed after token %d: moved in %.0f ms (replay of %d steps, %.0f ms)",
+        moved.victim, kill_at, resumed.downtime_s * 1e3, resumed.replayed_steps, resumed.replay_s * 1e3,
+    )
+    assert [e for e in events if isinstance(e, Resumed)] == [resumed]
 
 
 def test_sigterm_of_the_replica_holding_a_session_moves_it_and_the_reply_is_identical(
@@ -219,14 +192,14 @@ def test_sigterm_of_the_replica_holding_a_session_moves_it_and_the_reply_is_iden
     want = run_ids(ref, PROMPT, n)
     ref.close()
     ref_split.close()
-    wait_until(lambda: counts(live) == [0] * len(live), what="the reference session closed")
+    wait_until(lambda: sessions_per_replica(live) == [0] * len(live), what="the reference session closed")
 
     split = connect(replica_target([d.address for d in three]), model)
     stopped: list[Daemon] = []
 
     def on_token(ev: TokenEvent) -> None:
         if ev.index == stop_at:
-            holder = live[counts(live).index(1)]
+            holder = live[sessions_per_replica(live).index(1)]
             holder.proc.send_signal(signal.SIGTERM)
             holder.proc.wait(60)
             stopped.append(holder)
@@ -240,7 +213,7 @@ def test_sigterm_of_the_replica_holding_a_session_moves_it_and_the_reply_is_iden
         assert isinstance(session, FailoverSession) and len(session.resumes) == 1
         assert stopped[0].proc.returncode == 0  # a clean stop, not a crash
         assert "stopping: 1 sessions open" in stopped[0].log.read_text()
-        assert sum(counts([d for d in live if d is not stopped[0]])) == 1
+        assert sum(sessions_per_replica([d for d in live if d is not stopped[0]])) == 1
     finally:
         pipe.close()
         split.close()
