@@ -228,10 +228,10 @@ def test_image_runs_quantised_weights_with_its_own_compiler(
     grpc_port, health_port = free_port(), free_port()
     name = f"splitlm-test-{os.getpid()}-gguf"
     containers.append(name)
+    inside = f"/models/{smollm2_path.name}"  # the file's name is part of the weights' identity
     r = subprocess.run(
         run_container(name, image, smollm2_path, secrets, {grpc_port: 50051, health_port: 50052},
-                      "-e", "SPLITLM_MODEL=/models/smollm2.gguf", "-e", "SPLITLM_WEIGHTS=gguf",
-                      mount="/models/smollm2.gguf"),
+                      "-e", f"SPLITLM_MODEL={inside}", "-e", "SPLITLM_WEIGHTS=gguf", mount=inside),
         capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0, r.stderr
