@@ -152,7 +152,7 @@ def containers() -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        subprocess.run([*podman(), "rm", "-f", "-t", "0", name], capture_output=True, timeout=120)
+        subprocess.run([*podman(), "rm", "-f", "-v", "-t", "0", name], capture_output=True, timeout=120)
 
 
 def logs(name: str) -> str:
