@@ -10,6 +10,8 @@ Kubernetes pod would run (read-only root, all capabilities dropped, no new privi
 token as mounted files, the TOML mounted, the model on a read-only volume), and from the host:
 health answers SERVING on the plaintext port, a split generation over TLS with the token gives
 the full model's tokens, a refused start (no token file) is one line, and SIGTERM exits 0.
+The CPU image also runs quantised weights: ``--weights gguf`` on the SmolLM2 GGUF (its C kernel
+compiled inside the container) gives ``generate --full --weights gguf``'s tokens.
 Settings for a machine like this project's (README, "Containers and Kubernetes"):
 ``SPLITLM_CONTAINER_BASE`` (a base image; default: the Containerfile's), ``SPLITLM_PODMAN``
 (the podman command with global flags, e.g. ``podman --runtime runc``) and
@@ -130,13 +132,14 @@ class Secrets:
 
 
 def run_container(
-    name: str, image: str, model: Path, secrets: Secrets, ports: dict[int, int], *extra: str
+    name: str, image: str, model: Path, secrets: Secrets, ports: dict[int, int], *extra: str,
+    mount: str = "/models/model",
 ) -> list[str]:
     return [
         *podman(), "run", "-d", "--name", name, *podman_args(),
         "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
         *[a for host, inside in ports.items() for a in ("-p", f"127.0.0.1:{host}:{inside}")],
-        "-v", f"{model}:/models/model:ro",
+        "-v", f"{model}:{mount}:ro",
         "-v", f"{secrets.tls}:/run/secrets/splitlm-tls:ro",
         "-v", f"{secrets.token}:/run/secrets/splitlm-token:ro",
         "-v", f"{ROOT / 'deploy' / 'container' / 'trunkd.toml'}:/etc/splitlm/trunkd.toml:ro",
@@ -149,7 +152,7 @@ def containers() -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        subprocess.run([*podman(), "rm", "-f", "-t", "0", name], capture_output=True, timeout=120)
+        subprocess.run([*podman(), "rm", "-f", "-v", "-t", "0", name], capture_output=True, timeout=120)
 
 
 def logs(name: str) -> str:
@@ -164,6 +167,15 @@ def state(name: str) -> tuple[bool, int]:
     )
     running, code = r.stdout.split()
     return running == "true", int(code)
+
+
+def wait_serving(name: str, health: str) -> None:
+    """Until the container's health port answers SERVING; fails at once if it exited."""
+    deadline = time.monotonic() + 300
+    while check(health, timeout_s=2.0)[0] != 0:
+        assert state(name)[0], logs(name)
+        assert time.monotonic() < deadline, logs(name)
+        time.sleep(0.5)
 
 
 @needs_engine
@@ -182,12 +194,7 @@ def test_image_serves_a_split_generation_equal_to_the_full_model(
         capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0, r.stderr
-    health = f"127.0.0.1:{health_port}"
-    deadline = time.monotonic() + 300
-    while check(health, timeout_s=2.0)[0] != 0:
-        assert state(name)[0], logs(name)
-        assert time.monotonic() < deadline, logs(name)
-        time.sleep(0.5)
+    wait_serving(name, f"127.0.0.1:{health_port}")
     # the image's own HEALTHCHECK command, inside the container
     hc = subprocess.run([*podman(), "healthcheck", "run", name], capture_output=True, text=True, timeout=120)
     assert hc.returncode == 0, hc.stdout + hc.stderr
@@ -207,6 +214,43 @@ def test_image_serves_a_split_generation_equal_to_the_full_model(
     stop = subprocess.run([*podman(), "stop", "-t", "30", name], capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0 and state(name) == (False, 0), logs(name)
     assert "stopped" in logs(name)
+
+
+@needs_engine
+@pytest.mark.realmodel
+def test_image_runs_quantised_weights_with_its_own_compiler(
+    image: str, smollm2_path: Path, tmp_path: Path, containers: list[str]
+) -> None:
+    """``--weights gguf`` (SmolLM2's own Q4_1/Q8_0 blocks) in the CPU image: the C kernel is
+    compiled inside the container on first use, as uid 10001 on the read-only root, into the cache
+    volume; the split equals ``generate --full --weights gguf`` run on the host."""
+    secrets = Secrets(tmp_path)
+    grpc_port, health_port = free_port(), free_port()
+    name = f"splitlm-test-{os.getpid()}-gguf"
+    containers.append(name)
+    inside = f"/models/{smollm2_path.name}"  # the file's name is part of the weights' identity
+    r = subprocess.run(
+        run_container(name, image, smollm2_path, secrets, {grpc_port: 50051, health_port: 50052},
+                      "-e", f"SPLITLM_MODEL={inside}", "-e", "SPLITLM_WEIGHTS=gguf", mount=inside),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    wait_serving(name, f"127.0.0.1:{health_port}")
+    args = ("--model", str(smollm2_path), "--no-chat", "--max-new-tokens", "8", "--json", "The lighthouse")
+    split = run_cli(
+        "generate", "--trunk", f"127.0.0.1:{grpc_port}", "--tls-ca", str(secrets.pki.cert),
+        "--token-file", str(secrets.pki.token), "--trunk-weights", "gguf", *args,
+    )
+    assert split.returncode == 0, split.stderr + logs(name)
+    full = run_cli("generate", "--full", "--weights", "gguf", *args)
+    assert full.returncode == 0, full.stderr
+    tokens = json.loads(split.stdout)["token_ids"]
+    assert len(tokens) == 8 and tokens == json.loads(full.stdout)["token_ids"]
+    # the trunk ran the GGUF's blocks with a kernel compiled in the container, into the volume
+    served = logs(name)
+    assert "weights gguf" in served and "quantized-weight kernel /var/cache/splitlm/kernels/" in served, served
+    stop = subprocess.run([*podman(), "stop", "-t", "30", name], capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0 and state(name) == (False, 0), logs(name)
 
 
 @needs_engine

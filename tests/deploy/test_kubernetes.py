@@ -232,7 +232,9 @@ def test_image_user_is_the_pods_user() -> None:
     users = re.findall(r"^USER (\d+):(\d+)$", text, re.M)
     sts = one(base_docs(), "StatefulSet")
     sc = container(sts)["securityContext"]
-    assert users == [(str(sc["runAsUser"]), str(sc["runAsGroup"]))]
+    pods = (str(sc["runAsUser"]), str(sc["runAsGroup"]))
+    # root only for the CPU stage's compiler install, and the image ends as the pod's user
+    assert {u for u in users if u != ("0", "0")} == {pods} and users[-1] == pods, users
 
 
 # ---- policy: checkov
