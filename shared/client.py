@@ -25,6 +25,7 @@ from .deadline import StepClock, StepDeadline, StepDeadlineExceeded, Watchdog
 from .errors import DaemonUnreachable, StepRefused, TrunkError
 from .replicas import (
     DNS_REPLICA_TRIES,
+    REPLICA_ROUND_PAUSE_S,
     is_replica_set,
     replica_addresses,
     replica_target,
@@ -355,10 +356,14 @@ class TrunkClient:
         """``open_one()``; on a replica set, a replica that refuses the new session (full,
         another plan, stopping) passes it on to the next one round_robin picks, up to twice per
         replica (a replica still connecting is not in the rotation yet: the first round may
-        miss it), and the last refusal, naming every code, is raised."""
-        tries = 2 * (self.replica_count or DNS_REPLICA_TRIES) if self.replicas else 1
+        miss it, so the second round starts after ``REPLICA_ROUND_PAUSE_S``), and the last
+        refusal, naming every code, is raised."""
+        per_round = self.replica_count or DNS_REPLICA_TRIES
+        tries = 2 * per_round if self.replicas else 1
         refusals: list[str] = []
         for attempt in range(tries):
+            if attempt and attempt % per_round == 0:
+                time.sleep(REPLICA_ROUND_PAUSE_S)  # a replica still connecting joins the rotation
             try:
                 return open_one()
             except (TrunkError, DaemonUnreachable) as e:

@@ -47,6 +47,12 @@ DNS_REPLICA_TRIES = 4
 """How many replicas a new session tries when the target's size is unknown (``dns:``) and each
 one picked refuses it."""
 
+REPLICA_ROUND_PAUSE_S = 0.2
+"""The pause between two rounds of tries at a replica set whose every replica picked so far
+refused a new session: round_robin only picks replicas that are connected and SERVING, so one
+still connecting (a channel just made, a replica just restarted) joins the rotation only after
+its connect and first health answer, which the second round, run at once, would miss too."""
+
 
 def service_config(health_service: str = HEALTH_SERVICE) -> str:
     """The channel's service config for a replica set: ``round_robin`` over every address, each
