@@ -53,16 +53,21 @@ def replied(screen: str, tokens: int) -> bool:
     return any("assistant" in line and f"· {tokens} tok" in line for line in screen.splitlines())
 
 
-def start_chat(tmux: Tmux, address: str, model: object, tmp_path, max_new_tokens: int = 24) -> None:  # type: ignore[no-untyped-def]
-    """Run ``splitlm chat`` in the tmux session at 80x24, without COLORTERM, logging to tmp_path."""
+def start_chat(tmux: Tmux, address: str, model: object, tmp_path, max_new_tokens: int = 24,  # type: ignore[no-untyped-def]
+               cache_dir: object = None) -> None:
+    """Run ``splitlm chat`` in the tmux session at 80x24, without COLORTERM, logging to tmp_path;
+    ``cache_dir``: its model cache (unset: the tmux server's environment's)."""
     cmd = shlex.join([
         sys.executable, "-m", "splitlm.tui.cli", "--log-level", "INFO", "chat", "--trunk", address,
         "--model", str(model), "--max-new-tokens", str(max_new_tokens), "--data-dir", str(tmp_path / "data"),
     ])
     env = {k: v for k, v in os.environ.items() if k != "COLORTERM"}
     env.update(TERM="xterm-256color", XDG_STATE_HOME=str(tmp_path / "state"), OMP_NUM_THREADS="1")
+    if cache_dir is not None:
+        env["SPLITLM_CACHE_DIR"] = str(cache_dir)
     env_args = ["env", "-u", "COLORTERM", *[f"{k}={v}" for k, v in env.items() if k in
-                                             ("TERM", "XDG_STATE_HOME", "OMP_NUM_THREADS", "PATH", "HOME")]]
+                                             ("TERM", "XDG_STATE_HOME", "OMP_NUM_THREADS", "PATH", "HOME",
+                                              "SPLITLM_CACHE_DIR")]]
     tmux.run("new-session", "-d", "-s", tmux.name, "-x", "80", "-y", "24",
              shlex.join(env_args) + f" {cmd}; echo EXITED $?; sleep 60")
 
@@ -144,7 +149,10 @@ def test_smollm2_start_keeps_the_first_prompt_and_quits_mid_load(tmux, tmp_path)
         tmux.wait_for(lambda s: "EXITED 0" in s, "a clean exit", timeout=30)
 
         tmux.run("kill-session", "-t", tmux.name)
-        start_chat(tmux, d.address, "smollm2", tmp_path, max_new_tokens=8)
+        # a cold model cache: the GGUF is read and converted again (seconds), so the load is
+        # still in its GGUF stage when the screen shows it; from a warm cache the load can end
+        # between two looks at the screen
+        start_chat(tmux, d.address, "smollm2", tmp_path, max_new_tokens=8, cache_dir=tmp_path / "cold-cache")
         tmux.wait_for(lambda s: "reading the model" in s, "the load's GGUF stage", timeout=120)
         tmux.keys("C-q")
         t_quit = time.monotonic()
