@@ -493,8 +493,9 @@ def generate(
         position += len(step_ids) - len(draft.tokens) + accepted  # the positions kept
         for j, token in enumerate(tokens):
             # a verified chunk's j-th token was chosen from its j-th row; a plain step's from the last
-            row = out.logits[j] if draft.tokens else out.logits[-1]
-            lp = None if logprobs is None else token_logprobs(row, token, logprobs)
+            lp = None if logprobs is None else token_logprobs(
+                out.logits[j] if draft.tokens else out.logits[-1], token, logprobs
+            )
             latency = clock.tick()
             result.add_token(token, latency, client_s, trunk_s)
             context.append(token)

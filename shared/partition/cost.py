@@ -153,8 +153,8 @@ def layer_tensors(config: PretrainedConfig) -> list[Tensor]:
     return out
 
 
-def _attention_shape(config: PretrainedConfig) -> tuple[int, int, int]:
-    """(heads, kv heads, head dim)."""
+def attention_shape(config: PretrainedConfig) -> tuple[int, int, int]:
+    """(heads, kv heads, head dim) of any family's config (GPT-2's names included)."""
     h = _int(config, "hidden_size", "n_embd")
     heads = _int(config, "num_attention_heads", "n_head")
     kv = _int(config, "num_key_value_heads", default=heads)
@@ -267,7 +267,7 @@ def model_cost(
     h = _int(config, "hidden_size", "n_embd")
     vocab = _int(config, "vocab_size")
     ctx = max_context or _int(config, "max_position_embeddings", "n_positions", default=8192)
-    heads, kv, hd = _attention_shape(config)
+    heads, kv, hd = attention_shape(config)
     cache_bytes = FLOAT_BYTES.get(precision, 4)  # int8/int4/gguf compute (and cache) in float32
     tensors = layer_tensors(config)
     params = sum(t.numel for t in tensors)

@@ -140,16 +140,9 @@ def bytes_per_position(config: Any, trunk_layers: int, client_layers: int, trunk
     """Cache bytes one position costs a kept session: keys and values of every layer (the
     trunk's in the daemon at ``trunk_bytes`` an element, the bottom's and top's here at 4), and
     the hidden state failover records per position (``hidden_bytes`` an element)."""
-    def field(*names: str, default: int) -> int:
-        for name in names:
-            value = getattr(config, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return default
+    from ...shared.partition.cost import attention_shape
 
-    heads = field("num_attention_heads", "n_head", default=1)
-    kv = field("num_key_value_heads", default=heads)
-    hidden = field("hidden_size", "n_embd", default=1)
-    head_dim = field("head_dim", default=hidden // heads)
+    _, kv, head_dim = attention_shape(config)
+    hidden = int(getattr(config, "hidden_size", None) or config.n_embd)
     per_layer = 2 * kv * head_dim
     return per_layer * (trunk_layers * trunk_bytes + client_layers * 4) + hidden * hidden_bytes
