@@ -43,6 +43,12 @@ install:
 $(STAMP): pyproject.toml
 	$(MAKE) install VENV=$(VENV)
 
+# checkov's own venv, beside the project's; the stamp is its executable (defined
+# before `test`, whose prerequisites make expands as it reads them)
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_VERSION ?= 3.3.30
+CHECKOV := $(CHECKOV_VENV)/bin/checkov
+
 # two pytest workers (pytest-xdist), each taking whole files, so a file's module-scoped daemons
 # start once and its tests keep their order: most of the suite's time is spent waiting on the
 # daemons and CLI processes it starts (importing torch and transformers, one core each), so one
@@ -50,11 +56,6 @@ $(STAMP): pyproject.toml
 TEST_WORKERS ?= 2
 test: $(STAMP) $(CHECKOV)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
-
-# checkov's own venv, beside the project's; the stamp is its executable
-CHECKOV_VENV ?= .venv-checkov
-CHECKOV_VERSION ?= 3.3.30
-CHECKOV := $(CHECKOV_VENV)/bin/checkov
 
 checkov: $(CHECKOV)
 
