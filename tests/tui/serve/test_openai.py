@@ -107,6 +107,28 @@ def test_greedy_chat_equals_splitlm_generate(served: Served) -> None:
     assert out.stdout == r.choices[0].message.content + "\n"
 
 
+def test_drafts_give_generates_reply_in_fewer_round_trips(served: Served, tmp_path: Path) -> None:
+    """A gateway with ``--draft ngram`` verifies drafted chunks through the shared generation loop:
+    the greedy reply is the undrafted ``splitlm generate``'s, and the daemon took fewer steps than
+    the reply has tokens (a verified chunk is one round trip)."""
+    prompt = "one two three one two three one two three"
+    want = run_cli("generate", "--trunk", served.daemon.address, "--model", str(served.model), "--temperature",
+                   "0", "--max-new-tokens", "24", "--json", prompt)
+    assert want.returncode == 0, want.stderr
+    want_text = json.loads(want.stdout)["text"]
+    proc, url = start_serve(served.daemon.address, served.model, tmp_path / "draft.log", "--draft", "ngram")
+    try:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        steps0 = served.metric("splitlm_steps_total", served.daemon_metrics)
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],  # type: ignore[arg-type]
+                                      temperature=0, max_tokens=24)
+        steps = served.metric("splitlm_steps_total", served.daemon_metrics) - steps0
+    finally:
+        stop_serve(proc)
+    assert r.choices[0].message.content == want_text
+    assert r.usage is not None and steps < r.usage.completion_tokens, (steps, r.usage)
+
+
 def test_completions_and_a_stop_string(served: Served) -> None:
     c = served.client()
     whole = c.completions.create(model="tiny", prompt="the water is", temperature=0, max_tokens=8)
