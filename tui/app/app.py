@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
 from dataclasses import replace
 from functools import partial
@@ -101,7 +102,10 @@ class SplitlmApp(App[None]):
         self.engine = engine or ChatEngine(config)
         self.comparer = Comparer(self.engine)
         self.store = ConversationStore(config.db_path)
-        self.monitor = MonitorHistory(minutes=5, interval_s=config.monitor_interval_s)
+        self.monitors = [MonitorHistory(minutes=5, interval_s=config.monitor_interval_s)
+                         for _ in config.monitor_addresses]
+        """One window of samples per daemon (``AppConfig.monitor_addresses``: a route's each)."""
+        self.monitor = self.monitors[0]
         self.last_reply: ReplyOutcome | None = None
         self.plan: PlanInfo | None = None
         self.draft_figures: DraftFigures | None = None
@@ -109,6 +113,9 @@ class SplitlmApp(App[None]):
         self._start_monitor = start_monitor
         self.autoload = autoload
         self._feed: MonitorFeed | None = None
+        """The first daemon's feed; ``_feeds`` has every daemon's."""
+        self._feeds: list[MonitorFeed] = []
+        self._feed_states: dict[int, tuple[str, str]] = {}
         self._engine_down = False
         if not config.animations:
             self.animation_level = "none"
@@ -123,8 +130,8 @@ class SplitlmApp(App[None]):
             self.follow_monitor()
 
     def on_unmount(self) -> None:
-        if self._feed is not None:
-            self._feed.stop()
+        for feed in self._feeds:
+            feed.stop()
         chat = self.chat_screen()
         if chat is not None:
             chat.action_stop()
@@ -227,31 +234,63 @@ class SplitlmApp(App[None]):
 
     @work(thread=True, exclusive=True, group="monitor", exit_on_error=False)
     def follow_monitor(self) -> None:
+        """Follow each daemon's monitor stream: one feed (on its own thread) per address of a
+        route, through the route client's own per-address clients; one for a single daemon."""
         try:
             client = self.config.new_client()
         except SplitlmError as e:
             self.post_message(MonitorUnavailable(str(e)))
             return
-        self._feed = MonitorFeed(
-            client,
-            self.config.monitor_interval_s,
-            on_sample=lambda s: self._post(MonitorSampled(s)),
-            on_state=lambda state, detail: self._post(ConnectionChanged(state, detail)),
-            on_unavailable=lambda reason: self._post(MonitorUnavailable(reason)),
-        )
+        addresses = self.config.monitor_addresses
+        members = list(getattr(client, "clients", ()))
+        targets = members if len(addresses) > 1 and len(members) == len(addresses) else [client]
+
+        def feed(i: int, target: Any) -> MonitorFeed:
+            where = f"{addresses[i]}: " if len(targets) > 1 else ""
+            return MonitorFeed(
+                target,
+                self.config.monitor_interval_s,
+                on_sample=lambda s: self._post(MonitorSampled(s, i)),
+                on_state=lambda state, detail: self._post(ConnectionChanged(state, detail, i)),
+                on_unavailable=lambda reason: self._post(MonitorUnavailable(where + reason)),
+            )
+
+        self._feeds = [feed(i, t) for i, t in enumerate(targets)]
+        self._feed = self._feeds[0]
+        threads = [threading.Thread(target=f.run, name=f"splitlm-monitor-{i}", daemon=True)
+                   for i, f in enumerate(self._feeds[1:], 1)]
         try:
-            self._feed.run()
+            for t in threads:
+                t.start()
+            self._feeds[0].run()
+            for t in threads:
+                t.join()
         finally:
             client.close()
 
     def on_monitor_sampled(self, msg: MonitorSampled) -> None:
-        self.monitor.add(msg.sample)
+        self.monitors[msg.index].add(msg.sample)
         self.monitor_samples += 1
 
     def on_monitor_unavailable(self, msg: MonitorUnavailable) -> None:
         self.monitor_note = msg.reason
 
+    def _route_state(self, msg: ConnectionChanged) -> tuple[str, str]:
+        """The route's state from each daemon's: the worst of them (down, reconnecting,
+        connecting, connected), with the address of the daemon that makes it so when several."""
+        self._feed_states[msg.index] = (msg.state, msg.detail)
+        if len(self._feeds) <= 1:
+            return msg.state, msg.detail
+        order = (DOWN, RECONNECTING, CONNECTING, CONNECTED)
+        states = [self._feed_states.get(i, (CONNECTING, "")) for i in range(len(self._feeds))]
+        worst = min(range(len(states)), key=lambda i: order.index(states[i][0]))
+        state, detail = states[worst]
+        address = self.config.monitor_addresses[worst]
+        return state, f"{address}: {detail}" if detail else detail
+
     def on_connection_changed(self, msg: ConnectionChanged) -> None:
+        state, detail = self._route_state(msg)
+        msg = ConnectionChanged(state, detail, msg.index)
         chat = self.chat_screen()
         if msg.state == CONNECTED:
             self.monitor_note = ""
@@ -306,8 +345,8 @@ class SplitlmApp(App[None]):
         self.push_screen(ConversationsScreen(self.store), chosen)
 
     def action_retry(self) -> None:
-        if self._feed is not None:
-            self._feed.retry_now()
+        for feed in self._feeds:
+            feed.retry_now()
         chat = self.chat_screen()
         if chat is not None:
             chat.retry()

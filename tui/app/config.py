@@ -150,6 +150,8 @@ class AppConfig:
         monitor_interval_s: the server monitor's sampling interval.
         connect: makes a client with the CLI's token and TLS settings (None: a plain client for
             ``trunk``).
+        trunks: each ``--trunk`` address when several were given (a route: the server view
+            follows each daemon's monitor stream); empty for one, which is ``trunk``.
     """
 
     trunk: str
@@ -167,6 +169,12 @@ class AppConfig:
     retry: RetryPolicy | None = None
     monitor_interval_s: float = 1.0
     connect: Callable[[], TrunkClient] | None = None
+    trunks: tuple[str, ...] = ()
+
+    @property
+    def monitor_addresses(self) -> tuple[str, ...]:
+        """The daemons the server view follows, one monitor stream each."""
+        return self.trunks or (self.trunk,)
 
     def local_weights(self) -> str | None:
         """The precision asked of the local parts (None: the daemon's); see ``client_weights``."""

@@ -233,6 +233,7 @@ def _run_chat(args: argparse.Namespace, connect: Callable[[], Any] | None, trunk
         retry=retry,
         monitor_interval_s=args.monitor_interval,
         connect=connect,
+        trunks=tuple(args.trunk) if len(args.trunk) > 1 else (),
     )
     from .app import SplitlmApp
 

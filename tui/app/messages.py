@@ -79,19 +79,20 @@ class Failover(Message, bubble=False):
 
 
 class ConnectionChanged(Message, bubble=False):
-    """The daemon's state as the monitor feed sees it: connected, reconnecting or down."""
+    """A daemon's state as its monitor feed sees it: connected, reconnecting or down; ``index``
+    is the daemon's place in ``AppConfig.monitor_addresses``."""
 
-    def __init__(self, state: str, detail: str) -> None:
+    def __init__(self, state: str, detail: str, index: int = 0) -> None:
         super().__init__()
-        self.state, self.detail = state, detail
+        self.state, self.detail, self.index = state, detail, index
 
 
 class MonitorSampled(Message, bubble=False):
-    """One ``MonitorSample`` from the daemon."""
+    """One ``MonitorSample`` from the daemon at ``index`` of ``AppConfig.monitor_addresses``."""
 
-    def __init__(self, sample: Any) -> None:
+    def __init__(self, sample: Any, index: int = 0) -> None:
         super().__init__()
-        self.sample = sample
+        self.sample, self.index = sample, index
 
 
 class MonitorUnavailable(Message, bubble=False):

@@ -1,4 +1,4 @@
-"""The daemon's host, live from the monitor stream."""
+"""The daemon's host, live from the monitor stream; over a route, each daemon's, one after another."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, cast
 
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Label
 
@@ -18,7 +19,8 @@ if TYPE_CHECKING:
 
 
 class ServerScreen(Screen[None]):
-    """CPU, memory, GPUs, sessions, queue and trunk speed, with sparklines of the last minutes.
+    """CPU, memory, GPUs, sessions, queue and trunk speed, with sparklines of the last minutes;
+    a panel per daemon when the trunk is a route of several (``--trunk`` given more than once).
 
     | Key | Action |
     | :- | :- |
@@ -36,9 +38,19 @@ class ServerScreen(Screen[None]):
 
     def compose(self) -> ComposeResult:
         yield StatusBar()
-        yield Label("Server: the trunk daemon's host (monitor stream)", classes="screen-title")
-        yield Label("", id="monitor-note")
-        yield MonitorPanel()
+        addresses = self.splitlm.config.monitor_addresses
+        if len(addresses) == 1:
+            yield Label("Server: the trunk daemon's host (monitor stream)", classes="screen-title")
+            yield Label("", id="monitor-note")
+            yield MonitorPanel()
+        else:
+            yield Label(f"Server: the hosts of the route's {len(addresses)} trunk daemons (monitor streams)",
+                        classes="screen-title")
+            yield Label("", id="monitor-note")
+            with VerticalScroll(id="monitor-route"):
+                for i, address in enumerate(addresses):
+                    yield Label(f"daemon {i + 1} of {len(addresses)}: {address}", classes="monitor-heading")
+                    yield MonitorPanel(id=f"monitor-panel-{i}")
         yield KeyFooter()
 
     def on_mount(self) -> None:
@@ -51,4 +63,5 @@ class ServerScreen(Screen[None]):
         label.display = bool(note)
 
     def refresh_panel(self) -> None:
-        self.query_one(MonitorPanel).show(self.splitlm.monitor)
+        for panel, history in zip(self.query(MonitorPanel), self.splitlm.monitors):
+            panel.show(history)
