@@ -150,3 +150,23 @@ def test_int8_weights_are_batched_and_equal_solo(tiny_models, daemon_factory) ->
     assert together == solo
     assert stats.batches > 0
     assert "Traceback" not in d.log_text()
+
+
+def test_a_trunk_over_devices_is_batched_and_equal_solo(tiny_models, daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """``--batch --devices cpu,cpu``: the batched steps cross the device boundary (each device's
+    layers with their own caches), and every session gives its solo tokens; Gemma 2, whose
+    alternating sliding and global layers put one of each on each device."""
+    model = tiny_models["gemma2"]
+    d = daemon_factory(model, "--split", "1:5", "--batch", "--batch-window", "20ms", "--devices", "cpu,cpu",
+                       "--strategy", "uniform")
+    solo = [_tokens(d.address, model, p) for p in PROMPTS]
+    client = TrunkClient(d.address)
+    try:
+        assert [(p.start, p.end) for p in client.info().plan.placement] == [(1, 3), (3, 5)]
+        together = _together(d.address, model, PROMPTS)
+        stats = client.info().batching
+    finally:
+        client.close()
+    assert together == solo
+    assert stats.batches > 0 and stats.batched_steps >= 2 * stats.batches
+    assert "Traceback" not in d.log_text()
