@@ -172,7 +172,7 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _one_trunk(args: argparse.Namespace, command: str) -> str:
-    """The one ``--trunk`` address of a command that talks to one daemon (monitor, relay).
+    """The one ``--trunk`` address of a command that talks to one daemon (relay).
 
     Raises:
         UsageError: several were given.
@@ -767,12 +767,14 @@ def _info_route(args: argparse.Namespace, client: Any) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    """Print the daemon's monitor stream until Ctrl-C (exit 0) or the reader goes away."""
+    """Print the daemon's monitor stream until Ctrl-C (exit 0) or the reader goes away; with
+    several ``--trunk`` addresses, every daemon's, each line led by its address."""
     from ..shared.monitor import check_interval, format_line
 
     interval = check_interval(args.interval)
-    _one_trunk(args, "monitor")
     client = _client(args)
+    if len(args.trunk) > 1:
+        return _monitor_each(args, list(client.clients), interval)
     if not args.json:  # a trunk cut over devices (splitlm-trunkd --devices): which serves which layers
         placement = client.info().plan.placement
         if placement:
@@ -792,6 +794,62 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         stream.cancel()
         client.close()
     return ExitCode.FAILURE  # unreachable: the stream ends with an error or by cancel
+
+
+def _monitor_each(args: argparse.Namespace, clients: list[Any], interval: float) -> int:
+    """``splitlm monitor`` over several addresses: one stream per daemon, each read on its own
+    thread; lines as they come, each led by its daemon's address (``--json``: an ``address``
+    field). A daemon that fails or ends its stream ends the command with its error (exit 1)."""
+    import queue
+    import threading
+
+    from ..shared.errors import DaemonUnreachable
+    from ..shared.monitor import format_line
+
+    lines: queue.Queue[tuple[str, Any]] = queue.Queue()
+    streams: list[Any] = []
+    lock = threading.Lock()
+    stopping = threading.Event()
+
+    def follow(c: Any) -> None:
+        try:
+            stream = c.monitor(interval)
+            with lock:
+                streams.append(stream)
+            if stopping.is_set():
+                stream.cancel()
+                return
+            for sample in stream:
+                lines.put((c.address, sample))
+            lines.put((c.address, DaemonUnreachable(f"the daemon at {c.address} ended its monitor stream")))
+        except SplitlmError as e:
+            lines.put((c.address, e))
+
+    for c in clients:
+        threading.Thread(target=follow, args=(c,), name=f"splitlm-monitor-{c.address}", daemon=True).start()
+    try:
+        while True:
+            try:
+                address, item = lines.get(timeout=0.5)  # a timeout, so Ctrl-C is seen at once
+            except queue.Empty:
+                continue
+            if isinstance(item, SplitlmError):
+                if stopping.is_set():
+                    continue
+                raise item
+            line = json.dumps({"address": address, **item.to_dict()}) if args.json else f"{address}  {format_line(item)}"
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return ExitCode.OK
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.OK
+    finally:
+        stopping.set()
+        with lock:
+            for stream in streams:
+                stream.cancel()  # the clients themselves are closed by main(), as every command's
 
 
 if __name__ == "__main__":

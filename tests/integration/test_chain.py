@@ -10,6 +10,7 @@ overlap, another model and a dead address are clear errors with their exit codes
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from splitlm.shared.failover import FailoverSession, Resumed
 from splitlm.shared.generation import TokenEvent
 from splitlm.shared.route import ChainSession, RouteClient
 from tests.conftest import Daemon, reference_generate, run_cli, start_daemon
+from tests.integration.test_monitor import monitor_cli, read_lines
 from tests.reliability.helpers import FAST_RETRY, Recording, run_ids
 from tests.shared.test_engine import PROMPT, _NoText
 
@@ -124,9 +126,32 @@ def test_a_dead_address_is_named(chain: dict[str, Daemon], tmp_path: Path) -> No
     assert r.returncode == 1 and chain["a13"].address in r.stdout and dead in r.stdout
 
 
-def test_monitor_takes_one_address(chain: dict[str, Daemon]) -> None:
-    r = run_cli("monitor", *_trunks(chain, "a13", "a35"), timeout=60)
-    assert r.returncode == 2 and "splitlm monitor talks to one daemon" in r.stderr
+def test_monitor_follows_each_daemon(chain: dict[str, Daemon], tmp_path: Path) -> None:
+    """``splitlm monitor --trunk A --trunk B``: both daemons' samples, each line with its address;
+    Ctrl-C ends it with 0. A daemon that does not answer ends it with exit 1, named; ``relay``
+    still takes one address."""
+    a, b = chain["a13"].address, chain["a35"].address
+    proc = monitor_cli(a, "--trunk", b, "--interval", "0.25", "--json")
+    try:
+        lines = read_lines(proc, 8)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    samples = [json.loads(line) for line in lines]
+    assert {s["address"] for s in samples} == {a, b} and all("cpu_percent" in s for s in samples)
+    proc = monitor_cli(a, "--trunk", b, "--interval", "0.25")
+    try:
+        text = read_lines(proc, 4)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert {line.split("  ")[0] for line in text} == {a, b} and all(" cpu " in line for line in text)
+    dead = f"unix:{tmp_path / 'nobody.sock'}"
+    r = run_cli("monitor", "--trunk", a, "--trunk", dead, timeout=60)
+    assert r.returncode == 1 and dead in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("relay", *_trunks(chain, "a13", "a35"), "--listen", "127.0.0.1:0", timeout=60)
+    assert r.returncode == 2 and "splitlm relay talks to one daemon" in r.stderr
 
 
 def test_a_hop_killed_mid_reply_is_rebuilt_by_replay(
