@@ -67,16 +67,13 @@ def _together(address: str, model_dir, prompts) -> list:  # type: ignore[no-unty
         client.close()
 
 
-@pytest.mark.parametrize("kind", FAMILY_KINDS)
-def test_concurrent_sessions_are_batched_and_equal_solo(tiny_models, daemon_factory, kind) -> None:  # type: ignore[no-untyped-def]
-    model = tiny_models[kind]
-    # a window so that the steps of the concurrent clients surely meet in the daemon
-    d = daemon_factory(model, "--split", "1:5", "--batch", "--batch-window", "20ms")
+def _batched_equal_solo(d, model, check_info) -> None:  # type: ignore[no-untyped-def]
+    """Each prompt alone, then all at once: the same tokens, and the daemon batched steps.
+    ``check_info`` looks at the daemon's ``Info`` before the concurrent run."""
     solo = [_tokens(d.address, model, p) for p in PROMPTS]  # one session at a time: nothing to batch
     client = TrunkClient(d.address)
     try:
-        assert client.info().batching.enabled
-        assert client.info().batching.batches == 0
+        check_info(client.info())
         together = _together(d.address, model, PROMPTS)
         stats = client.info().batching
     finally:
@@ -84,6 +81,18 @@ def test_concurrent_sessions_are_batched_and_equal_solo(tiny_models, daemon_fact
     assert together == solo
     assert stats.batches > 0 and stats.batched_steps >= 2 * stats.batches
     assert "Traceback" not in d.log_text()
+
+
+def _batching_on_nothing_batched(info) -> None:  # type: ignore[no-untyped-def]
+    assert info.batching.enabled and info.batching.batches == 0
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_concurrent_sessions_are_batched_and_equal_solo(tiny_models, daemon_factory, kind) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_models[kind]
+    # a window so that the steps of the concurrent clients surely meet in the daemon
+    d = daemon_factory(model, "--split", "1:5", "--batch", "--batch-window", "20ms")
+    _batched_equal_solo(d, model, _batching_on_nothing_batched)
 
 
 def test_a_bad_step_fails_alone_while_others_are_batched(tiny_models, daemon_factory) -> None:
@@ -139,17 +148,12 @@ def test_int8_weights_are_batched_and_equal_solo(tiny_models, daemon_factory) ->
     int8): the client takes the daemon's int8, sessions are batched and give their solo tokens."""
     model = tiny_models["llama"]
     d = daemon_factory(model, "--split", "1:5", "--batch", "--batch-window", "20ms", "--weights", "int8")
-    solo = [_tokens(d.address, model, p) for p in PROMPTS]
-    client = TrunkClient(d.address)
-    try:
-        assert client.info().plan.weights == "int8" and client.info().batching.enabled
-        together = _together(d.address, model, PROMPTS)
-        stats = client.info().batching
-    finally:
-        client.close()
-    assert together == solo
-    assert stats.batches > 0
-    assert "Traceback" not in d.log_text()
+
+    def int8(info) -> None:  # type: ignore[no-untyped-def]
+        assert info.plan.weights == "int8"
+        _batching_on_nothing_batched(info)
+
+    _batched_equal_solo(d, model, int8)
 
 
 def test_a_trunk_over_devices_is_batched_and_equal_solo(tiny_models, daemon_factory) -> None:  # type: ignore[no-untyped-def]
@@ -159,14 +163,9 @@ def test_a_trunk_over_devices_is_batched_and_equal_solo(tiny_models, daemon_fact
     model = tiny_models["gemma2"]
     d = daemon_factory(model, "--split", "1:5", "--batch", "--batch-window", "20ms", "--devices", "cpu,cpu",
                        "--strategy", "uniform")
-    solo = [_tokens(d.address, model, p) for p in PROMPTS]
-    client = TrunkClient(d.address)
-    try:
-        assert [(p.start, p.end) for p in client.info().plan.placement] == [(1, 3), (3, 5)]
-        together = _together(d.address, model, PROMPTS)
-        stats = client.info().batching
-    finally:
-        client.close()
-    assert together == solo
-    assert stats.batches > 0 and stats.batched_steps >= 2 * stats.batches
-    assert "Traceback" not in d.log_text()
+
+    def two_devices(info) -> None:  # type: ignore[no-untyped-def]
+        assert [(p.start, p.end) for p in info.plan.placement] == [(1, 3), (3, 5)]
+        _batching_on_nothing_batched(info)
+
+    _batched_equal_solo(d, model, two_devices)
