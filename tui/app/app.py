@@ -105,15 +105,12 @@ class SplitlmApp(App[None]):
         self.monitors = [MonitorHistory(minutes=5, interval_s=config.monitor_interval_s)
                          for _ in config.monitor_addresses]
         """One window of samples per daemon (``AppConfig.monitor_addresses``: a route's each)."""
-        self.monitor = self.monitors[0]
         self.last_reply: ReplyOutcome | None = None
         self.plan: PlanInfo | None = None
         self.draft_figures: DraftFigures | None = None
         """The streaming or last reply's draft figures."""
         self._start_monitor = start_monitor
         self.autoload = autoload
-        self._feed: MonitorFeed | None = None
-        """The first daemon's feed; ``_feeds`` has every daemon's."""
         self._feeds: list[MonitorFeed] = []
         self._feed_states: dict[int, tuple[str, str]] = {}
         self._engine_down = False
@@ -121,6 +118,16 @@ class SplitlmApp(App[None]):
             self.animation_level = "none"
         self.set_reactive(SplitlmApp.address, config.trunk)
         self.set_reactive(SplitlmApp.draft_text, draft_status(self.settings.draft, None))
+
+    @property
+    def monitor(self) -> MonitorHistory:
+        """The first (or only) daemon's samples."""
+        return self.monitors[0]
+
+    @property
+    def _feed(self) -> MonitorFeed | None:
+        """The first daemon's feed (None before the monitor worker starts)."""
+        return self._feeds[0] if self._feeds else None
 
     async def on_mount(self) -> None:
         # Mounted (and its prompt focused) before the queued input is handled: keys typed while
@@ -256,7 +263,6 @@ class SplitlmApp(App[None]):
             )
 
         self._feeds = [feed(i, t) for i, t in enumerate(targets)]
-        self._feed = self._feeds[0]
         threads = [threading.Thread(target=f.run, name=f"splitlm-monitor-{i}", daemon=True)
                    for i, f in enumerate(self._feeds[1:], 1)]
         try:
@@ -290,9 +296,8 @@ class SplitlmApp(App[None]):
 
     def on_connection_changed(self, msg: ConnectionChanged) -> None:
         state, detail = self._route_state(msg)
-        msg = ConnectionChanged(state, detail, msg.index)
         chat = self.chat_screen()
-        if msg.state == CONNECTED:
+        if state == CONNECTED:
             self.monitor_note = ""
             if self._engine_down and chat is not None:
                 chat.daemon_back()
@@ -301,9 +306,9 @@ class SplitlmApp(App[None]):
             return
         if chat is not None and chat.generating:
             return  # the reply's own failover reports what happens to it
-        self.connection = msg.state
-        self.connection_hint = RETRY_HINT if msg.state == DOWN else ""
-        self.monitor_note = f"monitor stream: {msg.detail}" if msg.detail else ""
+        self.connection = state
+        self.connection_hint = RETRY_HINT if state == DOWN else ""
+        self.monitor_note = f"monitor stream: {detail}" if detail else ""
 
     # --- actions ---
 
