@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..shared.errors import ExitCode, SplitlmError, UsageError
@@ -768,22 +768,30 @@ def _info_route(args: argparse.Namespace, client: Any) -> int:
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     """Print the daemon's monitor stream until Ctrl-C (exit 0) or the reader goes away; with
-    several ``--trunk`` addresses, every daemon's, each line led by its address."""
+    several ``--trunk`` addresses, every daemon's, each line led by its address (``--json``: an
+    ``address`` field)."""
     from ..shared.monitor import check_interval, format_line
 
     interval = check_interval(args.interval)
     client = _client(args)
-    if len(args.trunk) > 1:
-        return _monitor_each(args, list(client.clients), interval)
-    if not args.json:  # a trunk cut over devices (splitlm-trunkd --devices): which serves which layers
-        placement = client.info().plan.placement
-        if placement:
-            print("trunk over devices: " + "; ".join(f"layers {p.start}:{p.end} on {p.device}" for p in placement),
-                  flush=True)
-    stream = client.monitor(interval)
+    several = len(args.trunk) > 1
+    if several:
+        samples, cancel = _merged_monitors(client.clients, interval)
+    else:
+        if not args.json:  # a trunk cut over devices (splitlm-trunkd --devices): which serves which layers
+            placement = client.info().plan.placement
+            if placement:
+                print("trunk over devices: " + "; ".join(f"layers {p.start}:{p.end} on {p.device}"
+                                                         for p in placement), flush=True)
+        stream = client.monitor(interval)
+        samples, cancel = ((client.address, s) for s in stream), stream.cancel
     try:
-        for sample in stream:
-            sys.stdout.write((json.dumps(sample.to_dict()) if args.json else format_line(sample)) + "\n")
+        for address, sample in samples:
+            if args.json:
+                line = json.dumps({"address": address, **sample.to_dict()} if several else sample.to_dict())
+            else:
+                line = f"{address}  {format_line(sample)}" if several else format_line(sample)
+            sys.stdout.write(line + "\n")
             sys.stdout.flush()
     except KeyboardInterrupt:
         return ExitCode.OK
@@ -791,65 +799,45 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return ExitCode.OK
     finally:
-        stream.cancel()
-        client.close()
-    return ExitCode.FAILURE  # unreachable: the stream ends with an error or by cancel
+        cancel()  # main() closes the clients
+    return ExitCode.FAILURE  # unreachable: the streams end with an error or by cancel
 
 
-def _monitor_each(args: argparse.Namespace, clients: list[Any], interval: float) -> int:
-    """``splitlm monitor`` over several addresses: one stream per daemon, each read on its own
-    thread; lines as they come, each led by its daemon's address (``--json``: an ``address``
-    field). A daemon that fails or ends its stream ends the command with its error (exit 1)."""
+def _merged_monitors(clients: Sequence[Any], interval: float) -> tuple[Iterator[tuple[str, Any]], Callable[[], None]]:
+    """Every daemon's monitor stream, each read on its own thread, merged as the samples come:
+    ``(address, sample)``; the first stream to fail (or end) raises its error from the iteration.
+    The second value cancels every stream (any thread)."""
     import queue
     import threading
 
-    from ..shared.errors import DaemonUnreachable
-    from ..shared.monitor import format_line
+    merged: queue.Queue[tuple[str, Any]] = queue.Queue()
+    streams = [(c.address, c.monitor(interval)) for c in clients]
 
-    lines: queue.Queue[tuple[str, Any]] = queue.Queue()
-    streams: list[Any] = []
-    lock = threading.Lock()
-    stopping = threading.Event()
-
-    def follow(c: Any) -> None:
+    def follow(address: str, stream: Any) -> None:
         try:
-            stream = c.monitor(interval)
-            with lock:
-                streams.append(stream)
-            if stopping.is_set():
-                stream.cancel()
-                return
-            for sample in stream:
-                lines.put((c.address, sample))
-            lines.put((c.address, DaemonUnreachable(f"the daemon at {c.address} ended its monitor stream")))
+            for sample in stream:  # a cancelled stream ends quietly
+                merged.put((address, sample))
         except SplitlmError as e:
-            lines.put((c.address, e))
+            merged.put((address, e))
 
-    for c in clients:
-        threading.Thread(target=follow, args=(c,), name=f"splitlm-monitor-{c.address}", daemon=True).start()
-    try:
+    for address, stream in streams:
+        threading.Thread(target=follow, args=(address, stream), name=f"splitlm-monitor-{address}", daemon=True).start()
+
+    def samples() -> Iterator[tuple[str, Any]]:
         while True:
             try:
-                address, item = lines.get(timeout=0.5)  # a timeout, so Ctrl-C is seen at once
+                address, item = merged.get(timeout=0.5)  # a timeout, so Ctrl-C is seen at once
             except queue.Empty:
                 continue
             if isinstance(item, SplitlmError):
-                if stopping.is_set():
-                    continue
                 raise item
-            line = json.dumps({"address": address, **item.to_dict()}) if args.json else f"{address}  {format_line(item)}"
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
-    except KeyboardInterrupt:
-        return ExitCode.OK
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return ExitCode.OK
-    finally:
-        stopping.set()
-        with lock:
-            for stream in streams:
-                stream.cancel()  # the clients themselves are closed by main(), as every command's
+            yield address, item
+
+    def cancel() -> None:
+        for _, stream in streams:
+            stream.cancel()
+
+    return samples(), cancel
 
 
 if __name__ == "__main__":
