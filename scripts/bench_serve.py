@@ -35,6 +35,9 @@ from typing import Any
 
 from _common import start_daemon, stop
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.tui.serve.helpers import start_serve, stop_serve  # noqa: E402  (a gateway subprocess, waited for)
+
 USER_TURNS = (
     "Name one planet of the solar system.",
     "Tell me one fact about it.",
@@ -43,37 +46,6 @@ USER_TURNS = (
     "Thank you. Summarise what you said in one sentence.",
 )
 LONG_PROMPT = "Write a long story about a dragon who learns to cook."
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_gateway(trunk: str, threads: int, log: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    import httpx
-
-    port = free_port()
-    fh = log.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "splitlm.tui.cli", "serve", "--trunk", trunk, "--listen", f"127.0.0.1:{port}",
-         "--threads", str(threads), *extra],
-        stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"),
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        if proc.poll() is not None:
-            raise SystemExit(f"splitlm serve exited: {log.read_text()[-500:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise SystemExit("splitlm serve did not answer")
 
 
 def stream(url: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
@@ -156,8 +128,9 @@ def main() -> int:
     daemon = start_daemon(args.model, trunk, tmp / "d.log", "--threads", str(args.threads))
     gateways: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     try:
-        gateways["reuse"] = start_gateway(trunk, args.threads, tmp / "reuse.log")
-        gateways["fresh"] = start_gateway(trunk, args.threads, tmp / "fresh.log", "--keep-bytes", "0")
+        gateways["reuse"] = start_serve(trunk, args.model, tmp / "reuse.log", threads=args.threads)
+        gateways["fresh"] = start_serve(trunk, args.model, tmp / "fresh.log", "--keep-bytes", "0",
+                                        threads=args.threads)
         for _, url in gateways.values():  # warm up: first-call costs out of the figures
             stream(url, [{"role": "user", "content": "Hi"}], 4)
         turns: dict[str, list[list[float]]] = {"reuse": [], "fresh": []}
@@ -173,8 +146,7 @@ def main() -> int:
             print(f"round {k + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:
         for proc, _ in gateways.values():
-            proc.terminate()
-            proc.wait(30)
+            stop_serve(proc)
         stop(daemon)
 
     def med(xs: list[float]) -> float:

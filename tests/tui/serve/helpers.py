@@ -1,8 +1,9 @@
-"""Starting a real ``splitlm serve`` for the tests: a subprocess on a free loopback port, ready
-once ``/health`` answers 200."""
+"""Starting a real ``splitlm serve`` for the tests (and ``scripts/bench_serve.py``): a subprocess
+on a free loopback port, ready once ``/health`` answers 200."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -13,8 +14,11 @@ import httpx
 from tests.conftest import free_port
 
 
-def start_serve(trunk: str, model: Path, log: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    """``splitlm serve --trunk TRUNK --model MODEL *extra`` on a free port; its process and base URL.
+def start_serve(
+    trunk: str, model: str | Path, log: Path, *extra: str, threads: int = 1
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``splitlm serve --trunk TRUNK --model MODEL --threads THREADS *extra`` on a free port (its
+    idle OpenMP threads passive, as the launcher's daemons); its process and base URL.
 
     Raises:
         AssertionError: it exited, or never answered (with its log's tail).
@@ -23,8 +27,8 @@ def start_serve(trunk: str, model: Path, log: Path, *extra: str) -> tuple[subpro
     with log.open("wb") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "splitlm.tui.cli", "serve", "--trunk", trunk, "--model", str(model),
-             "--listen", f"127.0.0.1:{port}", "--threads", "1", *extra],
-            stdout=fh, stderr=subprocess.STDOUT,
+             "--listen", f"127.0.0.1:{port}", "--threads", str(threads), *extra],
+            stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"),
         )
     url = f"http://127.0.0.1:{port}"
     for _ in range(1500):
