@@ -278,7 +278,7 @@ class RouteClient:
     Args:
         clients: one client per address, in the order given.
         stage_client: the client of a stage with several replica addresses (from the
-            addresses' own clients); None refuses such a stage.
+            addresses' own clients); default ``TrunkClient.replica_set``.
     """
 
     def __init__(
@@ -288,6 +288,10 @@ class RouteClient:
     ) -> None:
         self.clients = tuple(clients)
         self.address = " -> ".join(c.address for c in self.clients)
+        if stage_client is None:
+            from .client import TrunkClient
+
+            stage_client = TrunkClient.replica_set
         self._stage_client = stage_client
         self._route: Route | None = None
         self._stages: list[TrunkClient] = []
@@ -311,12 +315,6 @@ class RouteClient:
             for stage in route.stages:
                 if len(stage.addresses) == 1:
                     stages.append(by_address[stage.addresses[0]])
-                elif self._stage_client is None:
-                    raise RouteError(
-                        f"{', '.join(stage.addresses)} all serve layers {stage.start}:{stage.end}: "
-                        "replicas of one stage are not supported yet in this build; give one "
-                        "address per layer range"
-                    )
                 else:
                     stages.append(self._stage_client([by_address[a] for a in stage.addresses]))
             self._route, self._stages = route, stages
@@ -396,9 +394,7 @@ def connect(
         if a in seen:
             raise RouteError(f"--trunk {a} is given twice")
         seen.add(a)
-    from .client import TrunkClient
-
-    return RouteClient([make(a) for a in addresses], stage_client=TrunkClient.replica_set)
+    return RouteClient([make(a) for a in addresses])
 
 
 def from_settings(settings: ClientSettings, source: str = "--trunk") -> TrunkClient | RouteClient:
